@@ -1,0 +1,403 @@
+"""Typed experiment configuration: YAML in, validated dataclasses out.
+
+A config file is a nested mapping whose sections mirror the dataclasses below. Two optional
+tables of *dotted overrides* make one file describe a whole grid:
+
+    scale: 69M                      # which entry of `scales` to apply
+    scales:
+      69M: {model.n_embd: 624, model.n_layer: 8, train.lr: 6.0e-4}
+
+Resolution order: file values, then the selected scale's overrides, then command-line
+overrides (`model.n_embd=128`). The result is validated once; nothing mutates it afterwards
+(run state lives in checkpoints, not in the config).
+
+Every error is a `ConfigError` whose message is a single line naming the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; the message is one line that names the key."""
+
+
+# --------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded concept-driven language (see `cocomix.data.synthetic`)."""
+
+    n_tokens: int = 3_000_000
+    """Approximate number of words to generate (train + val)."""
+    n_topics: int = 12
+    """Number of latent topics; each owns its own nouns, verbs and adjectives."""
+    words_per_topic: int = 40
+    """Content words per part of speech per topic."""
+    n_professions: int = 8
+    """Entity attributes: each entity introduced in a document has one profession."""
+    seed: int = 1234
+
+
+@dataclass
+class DataConfig:
+    """Where the corpus comes from and where tokenised shards go."""
+
+    source: Literal["synthetic", "text", "hf"] = "synthetic"
+    paths: list[str] = field(default_factory=list)
+    """`text` source: .txt/.jsonl/.parquet files or folders of them."""
+    text_field: str = "text"
+    """Field holding the document text in .jsonl/.parquet/hf rows."""
+    strip_gutenberg: bool = False
+    """Strip Project Gutenberg licence headers and footers (`text` source)."""
+    hf_path: str | None = None
+    """`hf` source: a dataset name or local path for `datasets.load_dataset`."""
+    hf_name: str | None = None
+    hf_split: str = "train"
+    val_fraction: float = 0.05
+    """Fraction of documents held out for validation (OpenWebText recipe: 0.0005)."""
+    split_seed: int = 2357
+    max_docs: int | None = None
+    """Use only the first N documents (smoke runs)."""
+    shard_tokens: int = 50_000_000
+    """Maximum tokens per shard file."""
+    dir: str | None = None
+    """Output folder; default `<results_dir>/<experiment>/data`."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class TokenizerConfig:
+    """Train a byte-level BPE on the corpus, or load an existing tokenizer folder."""
+
+    path: str | None = None
+    """Existing tokenizer folder (e.g. GPT-2's); when set nothing is trained."""
+    vocab_size: int = 2048
+    train_max_chars: int = 200_000_000
+    """Characters of training documents fed to the BPE trainer (bounds time and memory)."""
+
+
+@dataclass
+class ModelConfig:
+    """The shared GPT-2-style backbone (`cocomix.model`)."""
+
+    n_embd: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_positions: int | None = None
+    """Learned position table size; default `train.block_size`."""
+    vocab_size: int | None = None
+    """Default: the tokenizer's vocabulary size."""
+    dropout: float = 0.0
+    """Applied to embeddings, attention probabilities and residual branches."""
+    init_std: float = 0.02
+    layer_norm_eps: float = 1e-5
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the token budget. Batch sizes count sequences of `block_size`."""
+
+    tokens: int = 2_000_000
+    """Training budget in tokens; steps = tokens // (global_batch_size * block_size)."""
+    block_size: int = 128
+    global_batch_size: int = 32
+    """Sequences per optimizer step summed over processes and accumulation steps."""
+    micro_batch_size: int = 16
+    """Sequences per forward pass on one process."""
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr * min_lr_ratio (spec section 2: 10% of peak)."""
+    warmup_steps: int | None = None
+    """Default: max(1, steps // 300), as in the paper."""
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 elsewhere."""
+    compile: bool = False
+    resume: str = "auto"
+    """auto: continue from the latest checkpoint in the run folder; never; or a checkpoint path."""
+    data_seed: int = 0
+    """Seed of the block permutation; identical across methods so all see the same order."""
+    log_every_steps: int = 10
+
+
+@dataclass
+class EvalConfig:
+    """Held-out loss during training (non-overlapping blocks of the validation shards)."""
+
+    every_tokens: int = 500_000
+    max_blocks: int | None = 200
+    """Evaluate on the first N validation blocks (None: all)."""
+    batch_size: int = 16
+
+
+@dataclass
+class CheckpointConfig:
+    every_tokens: int = 1_000_000
+    keep_last: int = 2
+    """Older checkpoints are deleted; 0 keeps all."""
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None
+    """MLflow tracking URI; default MLFLOW_TRACKING_URI or sqlite under results_dir."""
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    """A whole experiment. `run_dir` = results_dir/experiment/runs/<method>-<scale>-s<seed>."""
+
+    experiment: str = "tiny"
+    results_dir: str = "results"
+    method: str = "ntp"
+    seed: int = 0
+    scale: str | None = None
+    scales: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Named sets of dotted overrides; `scale` picks one."""
+    run_name: str | None = None
+    """Default: <method>-<scale or 'base'>-s<seed>."""
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    # ---- derived locations (pure functions of the config) ----
+    @property
+    def experiment_dir(self) -> Path:
+        return Path(self.results_dir) / self.experiment
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data.dir) if self.data.dir else self.experiment_dir / "data"
+
+    @property
+    def resolved_run_name(self) -> str:
+        return self.run_name or f"{self.method}-{self.scale or 'base'}-s{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.experiment_dir / "runs" / self.resolved_run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------
+# Building and validation
+# --------------------------------------------------------------------------------------
+
+KNOWN_METHODS = ("ntp",)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and lightly coerce) `value` against the annotation `tp`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key '{key}': expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{key}': expected one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected bool, got {value!r}")
+    if tp in (int, float) and isinstance(value, str):
+        # YAML 1.1 reads `1e6` (no dot) as a string; accept numbers written that way.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected int, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # allow 2e6 in YAML
+        raise ConfigError(f"config key '{key}': expected int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}': expected float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': expected str, got {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}' (expected one of: {', '.join(sorted(names))})")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse a command-line override value with YAML rules (`1e-3`, `true`, `[a, b]`, `null`)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' is not a section; cannot set '{dotted}'")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value (e.g. model.n_embd=128)")
+        key, text = item.split("=", 1)
+        out.append((key.strip(), _parse_scalar(text)))
+    return out
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that types alone cannot express."""
+
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"config key '{key}': {msg}")
+
+    m, t = cfg.model, cfg.train
+    need(cfg.method in KNOWN_METHODS, "method", f"expected one of {list(KNOWN_METHODS)}, got {cfg.method!r}")
+    need(m.n_embd > 0, "model.n_embd", "must be positive")
+    need(m.n_head > 0, "model.n_head", "must be positive")
+    need(m.n_embd % m.n_head == 0, "model.n_embd", f"{m.n_embd} is not divisible by model.n_head={m.n_head}")
+    need(m.n_layer > 0, "model.n_layer", "must be positive")
+    need(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    need(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size", "must be positive")
+    need(t.block_size >= 2, "train.block_size", "must be at least 2")
+    need(
+        m.n_positions is None or m.n_positions >= t.block_size,
+        "model.n_positions",
+        f"{m.n_positions} is smaller than train.block_size={t.block_size}",
+    )
+    need(t.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
+    need(
+        t.global_batch_size > 0 and t.global_batch_size % t.micro_batch_size == 0,
+        "train.global_batch_size",
+        f"{t.global_batch_size} is not a positive multiple of train.micro_batch_size={t.micro_batch_size}",
+    )
+    need(t.tokens >= t.global_batch_size * t.block_size, "train.tokens", "budget is smaller than one optimizer step")
+    need(t.lr > 0, "train.lr", "must be positive")
+    need(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
+    need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    need(cfg.eval.every_tokens > 0, "eval.every_tokens", "must be positive")
+    need(cfg.checkpoint.every_tokens > 0, "checkpoint.every_tokens", "must be positive")
+    need(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
+    need(cfg.data.shard_tokens > 0, "data.shard_tokens", "must be positive")
+    if cfg.data.source == "text":
+        need(bool(cfg.data.paths), "data.paths", "the text source needs at least one file or folder")
+    if cfg.data.source == "hf":
+        need(bool(cfg.data.hf_path), "data.hf_path", "the hf source needs a dataset name or local path")
+    if cfg.tokenizer.path is None:
+        need(cfg.tokenizer.vocab_size >= 260, "tokenizer.vocab_size", "must be at least 260 (256 bytes + specials)")
+    if cfg.scale is not None:
+        need(cfg.scale in cfg.scales, "scale", f"{cfg.scale!r} is not defined under 'scales' ({sorted(cfg.scales)})")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML file (or the defaults), apply the selected scale and CLI overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' not found")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file '{p}': expected a mapping at the top level")
+    cli = parse_overrides(overrides or [])
+    # The scale may itself be chosen on the command line.
+    for key, value in cli:
+        if key == "scale":
+            tree["scale"] = value
+    base = _build(Config, tree)  # validates keys and types of the file itself
+    if base.scale is not None:
+        if base.scale not in base.scales:
+            raise ConfigError(f"config key 'scale': {base.scale!r} is not defined under 'scales' ({sorted(base.scales)})")
+        for key, value in base.scales[base.scale].items():
+            _set_dotted(tree, key, value)
+    for key, value in cli:
+        _set_dotted(tree, key, value)
+    return validate(_build(Config, tree))
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a resolved config (e.g. from a run folder's `config.yaml`)."""
+    return validate(_build(Config, tree))
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,334 @@
+"""The one backbone every method trains: a compact GPT-2 as a Hugging Face model.
+
+Architecture (spec §2): token + learned absolute position embeddings, pre-LN blocks
+(LayerNorm -> causal self-attention -> residual; LayerNorm -> 4d MLP with tanh-GELU -> residual),
+final LayerNorm, LM head tied to the token embedding, biases everywhere, GPT-2 init
+N(0, init_std) with the residual output projections scaled by 1/sqrt(2 * n_layer).
+Module names follow GPT-2 (`transformer.h.{i}.attn.c_attn`, ...) so weights map one-to-one,
+but every projection is a plain `nn.Linear` (GPT-2's `Conv1D` stores weights transposed).
+
+Extension points for the methods (not implemented here): new config fields go on
+`CocomixConfig`; modules that act on the residual stream between blocks (CoCoMix's concept
+head + interleaving after `insert_layer` blocks, pause tokens) hook into the block loop in
+`CocomixForCausalLM.forward`; extra losses (KD, concept CE) live in the method objects.
+
+This file must stay self-contained (imports: stdlib, math, torch, transformers only): saved
+checkpoints ship a copy of it so they load with `trust_remote_code=True` without this package.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+
+class CocomixConfig(PreTrainedConfig):
+    """Backbone hyper-parameters. transformers 5 turns config subclasses into keyword-only
+    dataclasses, so fields are declared as annotated class attributes (like `GPT2Config`)."""
+
+    model_type = "cocomix"
+    # Standard HF names -> ours, so generation utilities, DynamicCache and lm-eval find them.
+    attribute_map = {
+        "hidden_size": "n_embd",
+        "num_hidden_layers": "n_layer",
+        "num_attention_heads": "n_head",
+        "max_position_embeddings": "n_positions",
+    }
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    dropout: float = 0.0  # one rate for embeddings, attention probabilities and residual branches
+    init_std: float = 0.02
+    layer_norm_eps: float = 1e-5
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = True
+    use_cache: bool = True
+    # Which training method built this model ("ntp", later "kd", "pause", "cocomix"). Methods
+    # that add modules to this model also add their fields here, so a checkpoint rebuilds itself.
+    method: str = "ntp"
+
+    def __post_init__(self, **kwargs):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        super().__post_init__(**kwargs)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: CocomixConfig, layer_idx: int):
+        super().__init__()
+        self.n_head = config.n_head
+        self.layer_idx = layer_idx  # which slot of the KV cache this layer owns
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.is_residual_projection = True  # gets the 1/sqrt(2L) init, see _init_weights
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, attn_mask=None, past_key_values: Cache | None = None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if past_key_values is not None:
+            # Appends this step's keys/values and returns the whole history: (B, n_head, past + T, head_dim)
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        # attn_mask=None means "no padding": plain causal attention when queries and keys are the same
+        # positions (training, prefill), no mask at all for a single new query over a cache.
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_mask is None and T == k.shape[2],
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, n_head, T, head_dim) -> (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: CocomixConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.is_residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # GPT-2's "gelu_new" is the tanh approximation of GELU.
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: CocomixConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, past_key_values=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, past_key_values)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+def build_attention_mask(padding_mask, query_len: int, past_len: int, device):
+    """Boolean SDPA mask (True = may attend), or None when SDPA's own causal path suffices.
+
+    padding_mask: optional (B, past_len + query_len) with 1 for real tokens, 0 for padding (HF
+    convention, covers the cached tokens too). Returns None, (1, 1, T, S) or (B, 1, T, S), S = past + T.
+    """
+    key_len = past_len + query_len
+    if padding_mask is not None and padding_mask.dim() != 2:
+        raise ValueError("attention_mask must be a 2-D (batch, length) padding mask; 4-D masks are built here")
+    if padding_mask is not None and padding_mask.shape[-1] != key_len:
+        raise ValueError(f"attention_mask has length {padding_mask.shape[-1]}, expected past + new = {key_len}")
+    no_padding = padding_mask is None or bool(padding_mask.all())
+    if no_padding and (query_len == key_len or query_len == 1):
+        return None  # is_causal (T == S) or a single query that may see every cached key
+
+    query_pos = torch.arange(past_len, key_len, device=device)  # absolute position of each query
+    key_pos = torch.arange(key_len, device=device)
+    mask = (key_pos[None, :] <= query_pos[:, None])[None, None]  # (1, 1, T, S) causal, offset by the cache
+    if not no_padding:
+        mask = mask & padding_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+        # With left padding a query on a pad slot sees no key at all, and softmax over nothing is NaN.
+        # Letting every query see itself fixes that and changes nothing for real tokens (they already do).
+        mask = mask | (key_pos[None, :] == query_pos[:, None])
+    return mask
+
+
+class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = CocomixConfig
+    # Plain-attribute layout (no separate base model), so the HF "base model" is the model itself.
+    base_model_prefix = ""
+    _no_split_modules = ["Block"]
+    # transformers 5 ties these after init and on load; the checkpoint stores only the embedding.
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: CocomixConfig):
+        super().__init__(config)
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.n_positions, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()  # runs _init_weights on every module, then ties lm_head to wte
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # GPT-2 / nanoGPT init. The `init` helpers from transformers skip tensors already loaded from a
+        # checkpoint; plain torch.nn.init would overwrite them when from_pretrained calls this.
+        from transformers import initialization as init
+
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_projection", False):
+                # Two residual additions per block: scale so the residual stream's variance doesn't grow with depth.
+                std = std / math.sqrt(2 * self.config.n_layer)
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    def get_input_embeddings(self):
+        return self.transformer.wte
+
+    def set_input_embeddings(self, value):
+        self.transformer.wte = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids=None,          # (B, T) token ids
+        attention_mask=None,     # (B, past + T), 1 = token, 0 = padding
+        position_ids=None,       # (B, T) or (1, T); generate() derives them from attention_mask
+        past_key_values=None,    # transformers Cache (DynamicCache) or None
+        inputs_embeds=None,      # (B, T, d) instead of input_ids
+        labels=None,             # (B, T); shifted inside, -100 ignored (HF convention)
+        use_cache=None,
+        return_dict=True,
+        output_hidden_states=None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.transformer.wte(input_ids)
+        B, T, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+
+        # A cache only pays off at inference; training never reuses one.
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_len + T > self.config.n_positions:
+            raise ValueError(f"sequence length {past_len + T} exceeds n_positions={self.config.n_positions}")
+
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + T, device=device)[None]  # (1, T)
+        attn_mask = build_attention_mask(attention_mask, T, past_len, device)
+
+        x = self.transformer.drop(inputs_embeds + self.transformer.wpe(position_ids))  # (B, T, d)
+        # hidden_states follow GPT-2's convention: the input to each block, then ln_f of the last output.
+        all_hidden_states = () if output_hidden_states else None
+        for block in self.transformer.h:
+            # Extension point: methods that edit the residual stream between blocks insert here.
+            if output_hidden_states:
+                all_hidden_states += (x,)
+            x = block(x, attn_mask, past_key_values if use_cache else None)
+        x = self.transformer.ln_f(x)
+        if output_hidden_states:
+            all_hidden_states += (x,)
+        logits = self.lm_head(x)  # (B, T, vocab)
+
+        loss = None
+        if labels is not None:
+            # Position t predicts token t+1; fp32 for a stable log-softmax under bf16 autocast.
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.size(-1)),  # (B*(T-1), vocab)
+                labels[:, 1:].reshape(-1).to(device),                 # (B*(T-1),)
+                ignore_index=-100,
+            )
+
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+    # ---- helpers for the trainer -------------------------------------------------------------
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (the tied LM head counts once). non_embedding drops wte and wpe."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() already de-duplicates tied tensors
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs (forward + backward) per token at context length seq_len.
+
+        PaLM (App. B) / nanoGPT convention:
+          6 * N                          every weight does a multiply-add (2 FLOPs) forward and twice
+                                         that backward; N = non-embedding params (blocks + ln_f, biases and
+                                         LayerNorms included) + vocab * d for the LM-head matmul, counted
+                                         once although its weight is shared with wte. Embedding lookups and
+                                         position embeddings are gathers: 0 FLOPs.
+          + 12 * n_layer * n_embd * T    attention scores q.k and the weighted sum of v: 2 * 2 * T * d
+                                         forward per layer, x3 with backward; full T x T, i.e. the causal
+                                         mask's halving is not credited.
+        Softmax, LayerNorm, GELU and the loss are not counted.
+        """
+        cfg = self.config
+        n = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.n_embd
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+    @classmethod
+    def from_gpt2(cls, gpt2_model) -> "CocomixForCausalLM":
+        """Copy a `transformers.GPT2LMHeadModel` (e.g. GPT-2 124M, the teacher) into this class."""
+        g = gpt2_model.config
+        n_inner = g.n_inner if g.n_inner is not None else 4 * g.n_embd
+        if (n_inner != 4 * g.n_embd or g.activation_function != "gelu_new" or not g.scale_attn_weights
+                or g.scale_attn_by_inverse_layer_idx or g.add_cross_attention):
+            raise ValueError("from_gpt2 supports only the standard GPT-2 block (4d gelu_new MLP, 1/sqrt(d_head) attention)")
+        config = CocomixConfig(
+            vocab_size=g.vocab_size, n_positions=g.n_positions, n_embd=g.n_embd, n_layer=g.n_layer, n_head=g.n_head,
+            dropout=g.resid_pdrop,  # one rate for all; GPT-2 ships 0.1 for resid, embd and attn alike
+            init_std=g.initializer_range, layer_norm_eps=g.layer_norm_epsilon,
+            bos_token_id=g.bos_token_id, eos_token_id=g.eos_token_id, pad_token_id=g.pad_token_id,
+            tie_word_embeddings=True,
+        )
+        model = cls(config).to(gpt2_model.dtype)
+        source = gpt2_model.state_dict()
+        converted = {}
+        for name in model.state_dict():
+            tensor = source[name]
+            # GPT-2's Conv1D stores (in, out); nn.Linear wants (out, in).
+            if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+                tensor = tensor.t()
+            converted[name] = tensor
+        model.load_state_dict(converted, strict=True)
+        return model
+
+
+# Saving copies this file next to the weights and writes `auto_map` into config.json, so a checkpoint
+# loads with AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) and no `cocomix` package.
+CocomixConfig.register_for_auto_class()
+CocomixForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+
+def register_auto_classes() -> None:
+    """Make model_type "cocomix" known to the Auto classes in this process (called by `import cocomix`).
+
+    An `auto_map` in config.json does not force trust_remote_code once this ran: transformers 5.23
+    resolves trust_remote_code=None to False when the model type is registered locally, and even with
+    trust_remote_code=True a class registered from outside the `transformers` package wins over the
+    copied file (`explicit_local_code` in auto_factory.py / configuration_auto.py).
+    """
+    AutoConfig.register("cocomix", CocomixConfig, exist_ok=True)
+    AutoModelForCausalLM.register(CocomixConfig, CocomixForCausalLM, exist_ok=True)

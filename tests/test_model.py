@@ -1,0 +1,246 @@
+"""The backbone against independent references: transformers' GPT-2, full forwards, hand formulas."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers.cache_utils import DynamicCache
+
+import cocomix  # registers the "cocomix" model type
+from cocomix.model import CocomixConfig, CocomixForCausalLM
+
+VOCAB, N_POSITIONS, PAD = 300, 64, 0
+
+
+def tiny_config(**overrides):
+    fields = dict(vocab_size=VOCAB, n_positions=N_POSITIONS, n_embd=64, n_layer=2, n_head=4,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=PAD)
+    return CocomixConfig(**(fields | overrides))
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=N_POSITIONS,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model(gpt2):
+    return CocomixForCausalLM.from_gpt2(gpt2).eval()
+
+
+@pytest.fixture(scope="module")
+def generator():
+    # At init_std=0.02 a tiny random model greedily repeats one token whatever the context, which would
+    # hide cache or padding bugs; large weights make each continuation depend on the whole prefix.
+    torch.manual_seed(0)
+    return CocomixForCausalLM(tiny_config(init_std=1.0)).eval()
+
+
+def random_ids(batch, length, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)  # 0..2 are pad/bos/eos
+
+
+# ---- parity with transformers' GPT-2 ----------------------------------------------------------
+
+@torch.no_grad()
+def test_logits_match_gpt2(gpt2, model):
+    ids = random_ids(3, 20)
+    assert (model(ids).logits - gpt2(ids).logits).abs().max() < 1e-4
+    # inputs_embeds is the same computation entered one step later
+    embeds = model.transformer.wte(ids)
+    assert (model(inputs_embeds=embeds).logits - model(ids).logits).abs().max() == 0
+
+
+@torch.no_grad()
+def test_logits_match_gpt2_with_left_padding(gpt2, model):
+    ids = random_ids(3, 20)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0   # left padding
+    mask[2, :19] = 0  # a single real token
+    ids = ids.masked_fill(mask == 0, PAD)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate() passes
+    ours = model(ids, attention_mask=mask, position_ids=positions).logits
+    theirs = gpt2(ids, attention_mask=mask, position_ids=positions).logits
+    assert torch.isfinite(ours).all()  # fully masked rows (pad queries) must not produce NaN
+    real = mask.bool()  # outputs at pad slots are meaningless; compare real tokens only
+    assert (ours[real] - theirs[real]).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_loss_and_hidden_states_match_gpt2(gpt2, model):
+    ids = random_ids(2, 16)
+    labels = ids.clone()
+    labels[0, 3:7] = -100
+    ours = model(ids, labels=labels, output_hidden_states=True)
+    theirs = gpt2(ids, labels=labels, output_hidden_states=True)
+    assert abs(ours.loss.item() - theirs.loss.item()) < 1e-5
+    # and against a hand-written shifted cross-entropy
+    manual = torch.nn.functional.cross_entropy(
+        ours.logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert abs(ours.loss.item() - manual.item()) < 1e-6
+    assert len(ours.hidden_states) == len(theirs.hidden_states) == 3
+    for mine, ref in zip(ours.hidden_states, theirs.hidden_states):
+        assert (mine - ref).abs().max() < 1e-4
+
+
+def test_from_gpt2_ties_and_transposes(gpt2, model):
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.config.n_layer == 2 and model.config.dropout == 0.0
+    torch.testing.assert_close(model.transformer.h[1].mlp.c_fc.weight, gpt2.transformer.h[1].mlp.c_fc.weight.t())
+
+
+# ---- causality, cache, generation -------------------------------------------------------------
+
+@torch.no_grad()
+def test_changing_a_future_token_leaves_the_past_unchanged(model):
+    ids = random_ids(2, 16)
+    t = 9
+    changed = ids.clone()
+    changed[:, t + 1] = (changed[:, t + 1] + 1) % VOCAB
+    before, after = model(ids).logits, model(changed).logits
+    assert (before[:, : t + 1] - after[:, : t + 1]).abs().max() == 0
+    assert (before[:, t + 1] - after[:, t + 1]).abs().max() > 0
+
+
+@torch.no_grad()
+def test_chunked_prefill_with_cache_equals_full_forward(model):
+    ids = random_ids(2, 14)
+    full = model(ids, use_cache=False).logits
+    cache = DynamicCache(config=model.config)
+    first = model(ids[:, :6], past_key_values=cache, use_cache=True).logits
+    second = model(ids[:, 6:], past_key_values=cache, use_cache=True).logits  # 8 queries over 14 keys
+    assert cache.get_seq_length() == 14
+    assert (torch.cat([first, second], dim=1) - full).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_greedy_generate_cached_equals_uncached_equals_manual_loop(generator):
+    model = generator
+    prompt = random_ids(2, 5, seed=1)
+    new_tokens = 12
+    cached = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, use_cache=True)
+    uncached = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, use_cache=False)
+    manual = prompt
+    for _ in range(new_tokens):
+        next_token = model(manual, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        manual = torch.cat([manual, next_token], dim=1)
+    assert cached.shape == (2, 5 + new_tokens)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, manual)
+    assert all(len(set(row[5:].tolist())) > 3 for row in cached)  # a non-degenerate continuation
+
+
+@torch.no_grad()
+def test_left_padded_batch_generation_equals_one_prompt_at_a_time(generator):
+    model = generator
+    prompts = [random_ids(1, n, seed=n)[0] for n in (3, 8, 5)]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), PAD)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], max_new_tokens=10, do_sample=False, pad_token_id=PAD)
+        assert torch.equal(batched[row, width:], alone[0, len(prompt):]), f"row {row}"
+        assert len(set(alone[0, len(prompt):].tolist())) > 3  # a non-degenerate continuation
+
+
+# ---- save / load in a fresh process ------------------------------------------------------------
+
+LOAD_AND_DUMP = """
+import sys, torch
+{prelude}
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], {kwargs}).eval()
+with torch.no_grad():
+    logits = model(torch.load(sys.argv[2])).logits
+torch.save({{"logits": logits, "module": type(model).__module__,
+             "cocomix_imported": sys.modules.get("cocomix") is not None}}, sys.argv[3])
+"""
+
+
+def load_in_subprocess(tmp_path, checkpoint, ids, prelude, kwargs, name):
+    ids_file, out_file = tmp_path / "ids.pt", tmp_path / f"{name}.pt"
+    torch.save(ids, ids_file)
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                        "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}  # keep copied code out of ~/.cache
+    script = LOAD_AND_DUMP.format(prelude=prelude, kwargs=kwargs)
+    subprocess.run([sys.executable, "-c", script, str(checkpoint), str(ids_file), str(out_file)],
+                   check=True, cwd=tmp_path, env=env, capture_output=True)
+    return torch.load(out_file)
+
+
+@pytest.mark.slow
+def test_save_and_load_in_a_fresh_process_both_ways(tmp_path):
+    torch.manual_seed(0)
+    original = CocomixForCausalLM(tiny_config()).eval()
+    checkpoint = tmp_path / "checkpoint"
+    original.save_pretrained(checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["model_type"] == "cocomix" and "AutoModelForCausalLM" in config["auto_map"]
+    assert (checkpoint / "model.py").exists()
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        expected = original(ids).logits
+
+    # (a) the package is imported: its registration wins over auto_map, no trust_remote_code needed
+    local = load_in_subprocess(tmp_path, checkpoint, ids, "import cocomix", "", "local")
+    assert local["module"] == "cocomix.model"
+    assert (local["logits"] - expected).abs().max() == 0
+
+    # (b) the package is made unimportable: the copied model.py is used
+    remote = load_in_subprocess(tmp_path, checkpoint, ids, "sys.modules['cocomix'] = None  # import fails",
+                                "trust_remote_code=True", "remote")
+    assert remote["module"].startswith("transformers_modules.")
+    assert not remote["cocomix_imported"]
+    assert (remote["logits"] - expected).abs().max() == 0
+
+
+def test_auto_class_round_trip_in_process(tmp_path):
+    original = CocomixForCausalLM(tiny_config()).eval()
+    original.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is CocomixForCausalLM
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    ids = random_ids(1, 8)
+    with torch.no_grad():
+        assert (loaded(ids).logits - original(ids).logits).abs().max() == 0
+
+
+# ---- accounting and init -----------------------------------------------------------------------
+
+def test_num_params_and_flops_per_token():
+    model = CocomixForCausalLM(tiny_config(n_embd=48, n_layer=3, n_head=4))
+    unique = {id(p): p.numel() for p in model.parameters()}
+    assert model.num_params() == sum(unique.values())
+    # by hand: each block = 2 LayerNorms + qkv + attn proj + mlp in + mlp out, all with biases
+    d, layers, vocab, seq_len = 48, 3, VOCAB, 32
+    per_block = 2 * (2 * d) + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    non_embedding = layers * per_block + 2 * d  # + ln_f
+    assert model.num_params(non_embedding=True) == non_embedding
+    assert model.num_params() == non_embedding + vocab * d + N_POSITIONS * d
+    expected_flops = 6 * (non_embedding + vocab * d) + 12 * layers * d * seq_len
+    assert model.flops_per_token(seq_len) == expected_flops
+
+
+def test_init_scales_residual_projections():
+    layers, std = 4, 0.02
+    model = CocomixForCausalLM(tiny_config(n_embd=128, n_layer=layers, n_head=4, init_std=std))
+    residual = torch.cat([torch.cat([b.attn.c_proj.weight.flatten(), b.mlp.c_proj.weight.flatten()])
+                          for b in model.transformer.h])
+    assert residual.std().item() == pytest.approx(std / math.sqrt(2 * layers), rel=0.05)
+    assert model.transformer.h[0].attn.c_attn.weight.std().item() == pytest.approx(std, rel=0.05)
+    assert model.transformer.wte.weight.std().item() == pytest.approx(std, rel=0.05)
+    assert (model.transformer.h[0].mlp.c_fc.bias == 0).all()
+    assert (model.transformer.ln_f.weight == 1).all()
