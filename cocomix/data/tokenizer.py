@@ -1,0 +1,78 @@
+"""Tokenizers: train a byte-level BPE on the corpus, or load an existing folder.
+
+Byte-level BPE (as in GPT-2) never produces unknown tokens, so any text round-trips. The single
+special token `<|endoftext|>` separates documents and doubles as bos/unk/pad.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import DataError
+
+EOS = "<|endoftext|>"
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, max_chars: int | None = None):
+    """Train a byte-level BPE on `texts` (streamed, at most `max_chars` characters)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    def capped() -> Iterator[str]:
+        used = 0
+        for t in texts:
+            if max_chars is not None and used + len(t) > max_chars:
+                if used < max_chars:
+                    yield t[: max_chars - used]
+                return
+            used += len(t)
+            yield t
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(capped(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS)
+
+
+def load_tokenizer(path: str | Path):
+    """Load a tokenizer folder. A missing folder is an error at once, never a hub id lookup."""
+    p = Path(path)
+    has_files = (p / "tokenizer.json").is_file() or (p / "vocab.json").is_file()
+    if not p.is_dir() or not has_files:
+        raise DataError(f"tokenizer folder {p}: not found (expected a folder with tokenizer.json)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(p))
+    if tok.eos_token_id is None:
+        raise DataError(f"tokenizer folder {p}: has no eos token (expected e.g. {EOS})")
+    return tok
+
+
+def _canonical_hash(tokenizer_json: str) -> str:
+    spec = json.loads(tokenizer_json)
+    # Padding/truncation settings do not change token ids and may be touched on load; ignore them.
+    spec.pop("padding", None)
+    spec.pop("truncation", None)
+    blob = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def tokenizer_hash(tok_or_dir) -> str:
+    """sha256 of the canonical tokenizer.json content of a tokenizer object or folder."""
+    if isinstance(tok_or_dir, (str, Path)):
+        f = Path(tok_or_dir) / "tokenizer.json"
+        if not f.is_file():
+            raise DataError(f"tokenizer folder {tok_or_dir}: no tokenizer.json")
+        return _canonical_hash(f.read_text(encoding="utf-8"))
+    backend = getattr(tok_or_dir, "backend_tokenizer", tok_or_dir)  # HF wrapper or raw tokenizers.Tokenizer
+    return _canonical_hash(backend.to_str())

@@ -1,0 +1,56 @@
+"""Shared fixtures: one tiny synthetic corpus per test session, tiny configs on top of it."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+GUTENBERG = SHARED / "data" / "corpus" / "gutenberg_top100_authors_subset"
+
+# A model and budget small enough for seconds per run on 2 CPU cores.
+TINY = [
+    "data.synthetic.n_tokens=400000",
+    "tokenizer.vocab_size=512",
+    "model.n_embd=64",
+    "model.n_layer=2",
+    "model.n_head=4",
+    "train.block_size=64",
+    "train.global_batch_size=16",
+    "train.micro_batch_size=8",
+    "train.tokens=163840",  # 160 steps of 1024 tokens
+    "train.lr=3e-3",
+    "train.warmup_steps=10",
+    "eval.every_tokens=40960",
+    "eval.max_blocks=128",
+    "checkpoint.every_tokens=40960",
+    "tracking.enabled=false",
+]
+
+
+def tiny_overrides(results_dir: Path, data_dir: Path, *extra: str) -> list[str]:
+    return TINY + [f"results_dir={results_dir}", f"data.dir={data_dir}", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A prepared synthetic corpus (tokenizer + shards + manifest), built once per session."""
+    from cocomix.config import load_config
+    from cocomix.data.shards import prepare_data
+
+    root = tmp_path_factory.mktemp("tiny")
+    data_dir = root / "data"
+    cfg = load_config(ROOT / "config/tiny.yaml", tiny_overrides(root, data_dir))
+    prepare_data(cfg, progress=False)
+    return data_dir
+
+
+def cli(*args: str) -> list[str]:
+    """The `cocomix` command for subprocesses, independent of PATH."""
+    return [sys.executable, "-m", "cocomix.cli", *args]

@@ -1,0 +1,421 @@
+"""The data pipeline: synthetic language, sources, tokenizer, shards, blocks and order."""
+
+import json
+import os
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from cocomix.config import Config, DataConfig, SyntheticConfig, TokenizerConfig
+from cocomix.data import (
+    BlockOrder,
+    DataError,
+    SyntheticLanguage,
+    TokenBlocks,
+    check_tokenizer_matches,
+    iter_documents,
+    load_concepts,
+    load_manifest,
+    load_tokenizer,
+    prepare_data,
+    strip_gutenberg,
+    tokenizer_hash,
+    train_bpe,
+)
+
+GUTENBERG = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus" / "gutenberg_top100_authors_subset"
+
+
+def _synthetic_cfg(data_dir: Path, **data_kw) -> Config:
+    data = DataConfig(source="synthetic", dir=str(data_dir), synthetic=SyntheticConfig(n_tokens=50_000), **data_kw)
+    return Config(data=data, tokenizer=TokenizerConfig(vocab_size=400))
+
+
+@pytest.fixture(scope="module")
+def data_synth(tmp_path_factory):
+    """A small synthetic data folder with several shards per split (shard_tokens is tiny)."""
+    cfg = _synthetic_cfg(tmp_path_factory.mktemp("data_synth") / "data", shard_tokens=8_000, val_fraction=0.1)
+    return cfg, prepare_data(cfg, progress=False)
+
+
+def _read_split(data_dir: Path, split: str) -> np.ndarray:
+    m = load_manifest(data_dir)
+    return np.concatenate([np.fromfile(data_dir / s["file"], dtype="<u2") for s in m["splits"][split]["shards"]])
+
+
+# --------------------------------------------------------------------------------------
+# Synthetic language
+# --------------------------------------------------------------------------------------
+
+
+def test_synthetic_is_deterministic_per_seed():
+    def texts(seed):
+        return [d.text for d in SyntheticLanguage(SyntheticConfig(seed=seed)).documents(20_000)]
+
+    a, b, c = texts(1), texts(1), texts(2)
+    assert a == b
+    assert a != c
+    assert sum(len(t.split()) for t in a) >= 20_000
+
+
+def test_synthetic_generation_speed():
+    lang = SyntheticLanguage(SyntheticConfig())
+    t0 = time.perf_counter()
+    n = sum(len(d.word_ends) for d in lang.documents(1_000_000))
+    assert n >= 1_000_000
+    assert time.perf_counter() - t0 < 30  # measured ~1 s on one core
+
+
+def test_topics_shape_word_choice_across_the_document():
+    """Topic words of a document mostly come from one topic, unlike a shuffled baseline."""
+    lang = SyntheticLanguage(SyntheticConfig(n_tokens=100_000))
+    docs = list(lang.documents())
+    per_doc = [d.word_concepts[d.word_concepts[:, 0] > 0, 0] for d in docs]
+
+    def majority_share(topic_lists):
+        return np.mean([Counter(t.tolist()).most_common(1)[0][1] / len(t) for t in topic_lists if len(t)])
+
+    rng = np.random.default_rng(0)
+    pooled = rng.permutation(np.concatenate(per_doc))
+    shuffled = np.split(pooled, np.cumsum([len(t) for t in per_doc])[:-1])
+    real, base = majority_share(per_doc), majority_share(shuffled)
+    assert real > 0.75, real  # 1-2 topics per doc, main topic weight 0.7
+    assert base < 0.3, base  # 12 topics mixed at random
+
+
+def test_entity_profession_recurs_after_introduction():
+    """'NAME the TITLE' introduces a profession; later 'NAME <word>' uses that profession's words."""
+    lang = SyntheticLanguage(SyntheticConfig(n_tokens=100_000))
+    table = lang.concept_table()
+    profs = [c for c in table["concepts"] if c["kind"] == "profession"]
+    title_of = {c["title"]: c["id"] for c in profs}
+    word_prof = {w: c["id"] for c in profs for w in c["words"][1:]}
+    names = set(table["entity_names"])
+    checked = 0
+    for doc in lang.documents():
+        w = doc.text.split()
+        known = {}
+        for i in range(len(w) - 2):
+            if w[i] in names and w[i + 1] == "the" and w[i + 2] in title_of:
+                known[w[i]] = title_of[w[i + 2]]
+            elif w[i] in names and w[i + 1] in word_prof:
+                assert w[i] in known, "an entity is used before its introduction"
+                assert word_prof[w[i + 1]] == known[w[i]]
+                checked += 1
+    assert checked > 500
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------
+
+
+def test_bpe_trains_and_round_trips_any_text(tmp_path):
+    texts = [d.text for d in SyntheticLanguage(SyntheticConfig(n_tokens=20_000)).documents()]
+    tok = train_bpe(texts, vocab_size=300)
+    assert len(tok) == 300 and tok.eos_token == "<|endoftext|>"
+    for s in [texts[0], "Héllo wörld 🙂\n\n  tabs\tand CAPS!"]:
+        assert tok.decode(tok.encode(s)) == s
+    tok.save_pretrained(str(tmp_path / "tok"))
+    again = load_tokenizer(tmp_path / "tok")
+    assert tokenizer_hash(tok) == tokenizer_hash(tmp_path / "tok") == tokenizer_hash(again)
+    assert again.encode(texts[1]) == tok.encode(texts[1])
+
+
+def test_missing_tokenizer_folder_is_an_error_not_a_hub_id(tmp_path):
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match="gpt2-missing"):
+        load_tokenizer(tmp_path / "gpt2-missing")
+    assert time.perf_counter() - t0 < 2
+
+
+# --------------------------------------------------------------------------------------
+# Shards, manifest, blocks
+# --------------------------------------------------------------------------------------
+
+
+def test_shards_hold_every_document_plus_eos_split_by_document(data_synth):
+    cfg, d = data_synth
+    m = load_manifest(d)
+    tok = load_tokenizer(d / "tokenizer")
+    docs = list(iter_documents(cfg.data))
+    for split in ("train", "val"):
+        want = [doc.text for doc in docs if doc.split == split]
+        ids = _read_split(d, split)
+        assert m["splits"][split]["n_docs"] == len(want) >= 1
+        assert m["splits"][split]["n_tokens"] == len(ids) == sum(len(tok.encode(t)) + 1 for t in want)
+        # Cutting at EOS gives back exactly the split's documents, in order.
+        cuts = np.flatnonzero(ids == m["eos_id"])
+        assert len(cuts) == len(want) and cuts[-1] == len(ids) - 1
+        got = [tok.decode(part) for part in np.split(ids, cuts + 1)[:-1]]
+        assert [g.removesuffix("<|endoftext|>") for g in got] == want
+    train_texts = {doc.text for doc in docs if doc.split == "train"}
+    assert not train_texts & {doc.text for doc in docs if doc.split == "val"}
+    assert len(m["splits"]["train"]["shards"]) > 3  # shard_tokens=8000 forces several
+    assert all(s["n_tokens"] <= 8_000 for s in m["splits"]["train"]["shards"])
+    assert m["dtype"] == "uint16" and m["tokenizer_hash"] == tokenizer_hash(d / "tokenizer")
+
+
+def test_concept_shards_align_with_tokens(data_synth):
+    """Every token carries the concepts the generator gave the word it is part of; EOS carries 0.
+
+    Words are rebuilt from decoded tokens independently of the offsets used when writing.
+    """
+    _, d = data_synth
+    table = load_concepts(d)
+    n_topics = sum(c["kind"] == "topic" for c in table["concepts"])
+    expected = {w: [0, 0] for w in table["concepts"][0]["words"]}
+    for c in table["concepts"][1:]:
+        for w in c["words"]:
+            expected[w] = [c["id"], 0] if c["kind"] == "topic" else [0, c["id"]]
+    names = set(table["entity_names"])
+    tok = load_tokenizer(d / "tokenizer")
+    blocks = TokenBlocks(d, "train", 256)
+    ids = blocks.get_batch(range(8)).numpy().ravel()  # consecutive tokens of the first shard
+    con = blocks.get_concepts(range(8)).reshape(-1, 2)
+    eos = tok.eos_token_id
+    # Group tokens into words: a word starts at a piece with a leading space, or right after EOS.
+    words, cur = [], []
+    for i, t in enumerate(ids):
+        piece = tok.decode([int(t)])
+        if t == eos or piece.startswith(" ") or (i > 0 and ids[i - 1] == eos):
+            if cur:
+                words.append(cur)
+            cur = []
+        if t == eos:
+            assert con[i].tolist() == [0, 0]
+        else:
+            cur.append((i, piece))
+    checked = Counter()
+    for group in words[1:]:  # the first may begin before the block
+        word = "".join(p for _, p in group).strip()
+        for i, _ in group:
+            if word in names:  # an entity name carries its profession in this document
+                assert con[i, 0] == 0 and n_topics < con[i, 1] < table["n_concepts"], (word, con[i])
+                checked["name"] += 1
+            else:
+                assert con[i].tolist() == expected[word], (word, con[i])
+                checked["topic" if con[i, 0] else "profession" if con[i, 1] else "none"] += 1
+    assert min(checked.values()) > 10 and len(checked) == 4, checked
+
+
+def test_manifest_detects_corruption_truncation_and_absence(tmp_path):
+    cfg = _synthetic_cfg(tmp_path / "data")
+    d = prepare_data(cfg, progress=False)
+    shard = d / "train_000.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[100] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    load_manifest(d, verify="size")  # same size: the fast check cannot see it
+    with pytest.raises(DataError, match=r"train_000\.bin: sha256 mismatch"):
+        load_manifest(d)
+    shard.write_bytes(bytes(raw[:-2]))
+    with pytest.raises(DataError, match=r"train_000\.bin: size mismatch"):
+        load_manifest(d, verify="size")
+    # A damaged folder is rebuilt (not skipped) by the next prepare_data.
+    prepare_data(cfg, progress=False)
+    load_manifest(d)
+    (d / "manifest.json").unlink()
+    with pytest.raises(DataError, match="manifest.json.*prepare-data"):
+        load_manifest(d)
+    with pytest.raises(DataError, match="manifest.json"):
+        TokenBlocks(d, "train", 16)
+
+
+def test_prepare_skips_when_current_and_rebuilds_on_change(tmp_path):
+    cfg = _synthetic_cfg(tmp_path / "data")
+    d = prepare_data(cfg, progress=False)
+    stamp = (d / "manifest.json").stat().st_mtime_ns
+    t0 = time.perf_counter()
+    prepare_data(cfg, progress=False)
+    assert time.perf_counter() - t0 < 0.5 and (d / "manifest.json").stat().st_mtime_ns == stamp
+    prepare_data(cfg, progress=False, force=True)
+    assert (d / "manifest.json").stat().st_mtime_ns != stamp
+    before = load_manifest(d)["splits"]["val"]["n_docs"]
+    cfg.data.val_fraction = 0.3
+    prepare_data(cfg, progress=False)
+    assert load_manifest(d)["splits"]["val"]["n_docs"] > before
+    assert not (d / ".prepare.tmp").exists()
+
+
+def test_token_blocks_are_non_overlapping_and_never_cross_shards(data_synth):
+    _, d = data_synth
+    m = load_manifest(d)
+    bs = 100
+    blocks = TokenBlocks(d, "train", bs)
+    shards = [np.fromfile(d / s["file"], dtype="<u2") for s in m["splits"]["train"]["shards"]]
+    assert len(blocks) == sum(len(s) // bs for s in shards)
+    # Blocks in order = each shard's tokens minus its tail shorter than a block.
+    expected = np.concatenate([s[: len(s) // bs * bs] for s in shards])
+    got = np.concatenate([blocks[i] for i in range(len(blocks))])
+    assert np.array_equal(got, expected)
+    batch = blocks.get_batch([3, 0, len(blocks) - 1])
+    assert batch.dtype.is_floating_point is False and tuple(batch.shape) == (3, bs)
+    assert np.array_equal(batch[1].numpy(), blocks[0]) and np.array_equal(batch[2].numpy(), blocks[-1])
+    assert blocks.get_concepts([0, 1]).shape == (2, bs, 2)
+    with pytest.raises(IndexError):
+        blocks[len(blocks)]
+
+
+def test_unigram_entropy_matches_direct_computation(data_synth):
+    _, d = data_synth
+    ids = _read_split(d, "val")
+    p = np.bincount(ids) / len(ids)
+    p = p[p > 0]
+    assert TokenBlocks(d, "val", 32).unigram_entropy() == pytest.approx(-(p * np.log(p)).sum(), rel=1e-9)
+
+
+def test_block_order_is_a_seeded_permutation_per_epoch():
+    order = BlockOrder(10, seed=3)
+    e0, e1 = order.take(0, 10), order.take(10, 10)
+    assert sorted(e0) == sorted(e1) == list(range(10)) and not np.array_equal(e0, e1)
+    assert np.array_equal(e0, np.random.default_rng([3, 0]).permutation(10))
+    assert np.array_equal(order.take(7, 25), np.concatenate([e0, e1, order.take(20, 20)])[7:32])
+    assert np.array_equal(BlockOrder(10, seed=3).take(13, 4), order.take(13, 4))  # resume = same stream
+    assert not np.array_equal(BlockOrder(10, seed=4).take(0, 10), e0)
+
+
+def test_tokenizer_mismatch_is_detected(data_synth, tmp_path):
+    _, d = data_synth
+    check_tokenizer_matches(d, d / "tokenizer", model_vocab_size=400)
+    check_tokenizer_matches(d, tokenizer_hash(d / "tokenizer"))
+    other = train_bpe(["some other text entirely"] * 50, vocab_size=270)
+    other.save_pretrained(str(tmp_path / "other"))
+    with pytest.raises(DataError, match="does not match"):
+        check_tokenizer_matches(d, tmp_path / "other")
+    with pytest.raises(DataError, match="exceeds the model vocab_size 300"):
+        check_tokenizer_matches(d, d / "tokenizer", model_vocab_size=300)
+
+
+# --------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------
+
+
+def _text_cfg(paths, **kw) -> DataConfig:
+    return DataConfig(source="text", paths=[str(p) for p in paths], **kw)
+
+
+def test_bad_corpus_paths_raise_one_line_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "book.pdf").write_text("x")
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text("  \n")
+    cases = [
+        (tmp_path / "nope", "not found"),
+        (tmp_path / "empty", "no .txt/.jsonl/.parquet files"),
+        (tmp_path / "book.pdf", "unknown extension"),
+        (tmp_path / "blank", "no documents"),
+    ]
+    for path, what in cases:
+        with pytest.raises(DataError, match=what) as e:
+            list(iter_documents(_text_cfg([path])))
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "a.txt").write_text("a single document")
+    cfg = Config(data=_text_cfg([one], dir=str(tmp_path / "out")), tokenizer=TokenizerConfig(vocab_size=260))
+    with pytest.raises(DataError, match="at least 2 documents"):
+        prepare_data(cfg, progress=False)
+
+
+GUTENBERG_SAMPLE = (
+    "The Project Gutenberg EBook of Foo\r\nlicence blah\r\n"
+    "*** START OF THIS PROJECT GUTENBERG EBOOK FOO ***\r\n\r\nChapter 1\r\nIt was a dark night.\r\n\r\n"
+    "End of the Project Gutenberg EBook of Foo\r\n*** END OF THIS PROJECT GUTENBERG EBOOK FOO ***\r\nmore licence\r\n"
+)
+
+
+def test_gutenberg_stripping_on_sample_markers(tmp_path):
+    (tmp_path / "b.txt").write_bytes(GUTENBERG_SAMPLE.encode())
+    (tmp_path / "c.txt").write_text("no markers\r\nat all\r\n")
+    old = "header\n***START**THE SMALL PRINT!**FOR PUBLIC DOMAIN ETEXTS**START***\nlegal\n"
+    old += "*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*\nBody text.\nEnd of Project Gutenberg Etext x\n"
+    (tmp_path / "d.txt").write_text(old)
+    docs = [d.text for d in iter_documents(_text_cfg([tmp_path], strip_gutenberg=True))]
+    assert docs == ["Chapter 1\nIt was a dark night.\n", "no markers\nat all\n", "Body text.\n"]
+    raw = [d.text for d in iter_documents(_text_cfg([tmp_path / "b.txt", tmp_path / "c.txt"]))]
+    assert raw[0] == GUTENBERG_SAMPLE.replace("\r\n", "\n")
+
+
+@pytest.mark.parametrize("book", ["Alcott_Louisa_May__An_Old_Fashioned_Girl.txt",
+                                  "Shakespeare_William__The_History_of_King_Henry_the_Sixth_Third_Part.txt"])
+def test_gutenberg_stripping_on_a_real_book(book):
+    path = GUTENBERG / book
+    if not path.is_file():
+        pytest.skip(f"Gutenberg book not found: {path}")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    (text,) = [d.text for d in iter_documents(_text_cfg([path], strip_gutenberg=True))]
+    assert "\r" not in text
+    assert not re.search(r"\*\*\* ?(START|END) OF|SMALL PRINT|End of (the )?Project Gutenberg", text)
+    body = raw.replace("\r\n", "\n")
+    assert text.strip() in body and 0.5 * len(body) < len(text) < len(body)
+
+
+def test_jsonl_and_parquet_sources(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [f"document number {i}\r\nsecond line" for i in range(30)]
+    with (tmp_path / "a.jsonl").open("w") as f:
+        for r in rows[:10]:
+            f.write(json.dumps({"body": r, "id": 1}) + "\n")
+    pq.write_table(pa.table({"body": rows[10:]}), tmp_path / "b.parquet", row_group_size=7)
+    data = _text_cfg([tmp_path], text_field="body", val_fraction=0.2, split_seed=1)
+    docs = list(iter_documents(data))
+    assert [d.text for d in docs] == [r.replace("\r\n", "\n") for r in rows]
+    splits = Counter(d.split for d in docs)
+    assert splits["val"] >= 1 and splits["train"] >= 1
+    assert [d.split for d in iter_documents(data)] == [d.split for d in docs]  # deterministic
+    data.max_docs = 12
+    assert len(list(iter_documents(data))) == 12
+    with pytest.raises(DataError, match="'text'"):
+        list(iter_documents(_text_cfg([tmp_path / "b.parquet"])))
+
+
+def test_hf_source_offline_uses_the_train_test_split_recipe(tmp_path):
+    import datasets
+
+    folder = tmp_path / "owt"
+    folder.mkdir()
+    with (folder / "train.jsonl").open("w") as f:
+        for i in range(400):
+            f.write(json.dumps({"text": f"web page {i} says hello"}) + "\n")
+    data = DataConfig(source="hf", hf_path=str(folder), val_fraction=0.05, split_seed=2357)
+    docs = list(iter_documents(data))
+    val = [d.text for d in docs if d.split == "val"]
+    assert len(val) == 20 and len(docs) == 400
+    ref = datasets.load_dataset(str(folder), split="train").train_test_split(test_size=0.05, seed=2357)
+    assert val == ref["test"]["text"]
+    # A save_to_disk folder works too and gives the same split.
+    datasets.load_dataset(str(folder), split="train").save_to_disk(str(tmp_path / "saved"))
+    data.hf_path = str(tmp_path / "saved")
+    assert [d.text for d in iter_documents(data) if d.split == "val"] == val
+    with pytest.raises(DataError, match="missing-dataset"):
+        list(iter_documents(DataConfig(source="hf", hf_path=str(tmp_path / "missing-dataset"))))
+
+
+def test_prepare_text_source_end_to_end(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"book{i}.txt").write_bytes(GUTENBERG_SAMPLE.replace("dark", f"dark {i}").encode())
+    cfg = Config(
+        data=_text_cfg([corpus], strip_gutenberg=True, val_fraction=0.3, dir=str(tmp_path / "data")),
+        tokenizer=TokenizerConfig(vocab_size=300),
+    )
+    d = prepare_data(cfg, progress=False)
+    m = load_manifest(d)
+    assert m["concepts"] is None and not (d / "train_000.concepts.bin").exists()
+    assert m["splits"]["train"]["n_docs"] + m["splits"]["val"]["n_docs"] == 6
+    tok = load_tokenizer(d / "tokenizer")
+    assert tok.decode(_read_split(d, "val")).count("Chapter 1\nIt was a dark") == m["splits"]["val"]["n_docs"]
+    with pytest.raises(DataError, match="only the synthetic source"):
+        TokenBlocks(d, "train", 8).get_concepts([0])
