@@ -39,7 +39,11 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
     from cocomix.trainer import train
+
+    hf_logging.disable_progress_bar()  # one bar per checkpoint save is noise; ours shows progress
 
     extra = []
     if args.method:

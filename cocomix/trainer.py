@@ -164,8 +164,8 @@ class Trainer:
         data_dir = cfg.data_dir
         # sha256 of every shard on the main process; sizes only elsewhere (same files).
         self.manifest = load_manifest(data_dir, verify=True if self.dist.is_main else "size")
-        self.train_blocks = TokenBlocks(data_dir, "train", t.block_size)
-        self.val_blocks = TokenBlocks(data_dir, "val", t.block_size)
+        self.train_blocks = TokenBlocks(data_dir, "train", t.block_size, verify=False)  # verified just above
+        self.val_blocks = TokenBlocks(data_dir, "val", t.block_size, verify=False)
         if len(self.train_blocks) == 0:
             raise DataError(f"{data_dir}: the train split has fewer tokens than one block of {t.block_size}")
         if len(self.val_blocks) == 0:
@@ -185,7 +185,9 @@ class Trainer:
         # ---- model and optimizer ----
         torch.manual_seed(cfg.seed)  # identical initial weights on every process
         self.model = self.method.build_model(cfg, self.manifest["vocab_size"], self.manifest["eos_id"]).to(self.device)
-        check_tokenizer_matches(data_dir, data_dir / "tokenizer", self.model.config.vocab_size)
+        # The configured tokenizer (if any) must be the one the shards were made with, and every
+        # token id in the shards must fit the model's embedding table.
+        check_tokenizer_matches(data_dir, cfg.tokenizer.path or data_dir / "tokenizer", self.model.config.vocab_size)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),  # one group: decay on all parameters, as the official code
             lr=t.lr,
@@ -267,7 +269,7 @@ class Trainer:
         if self.dist.is_main and not final.exists():
             tmp = final.with_name(final.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(tmp)  # loadable by AutoModelForCausalLM as it stands
             shutil.copytree(self.cfg.data_dir / "tokenizer", tmp, dirs_exist_ok=True)
             torch.save(
                 {
