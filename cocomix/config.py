@@ -154,6 +154,76 @@ class CheckpointConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """The frozen LM whose SAE concepts supervise CoCoMix and whose logits KD distils."""
+
+    path: str | None = None
+    """A checkpoint folder: ours (e.g. an NTP run's checkpoint) or a transformers GPT-2 folder."""
+
+
+@dataclass
+class SAEConfig:
+    """TopK sparse autoencoder on the teacher's residual stream (spec section 1.1)."""
+
+    layer: int = 5
+    """0-based teacher block whose output is read (GPT-2 `blocks.5.hook_resid_post`, the 6th block)."""
+    n_latents: int = 32768
+    """Dictionary size C."""
+    k: int = 32
+    """Active latents per token (TopK)."""
+    aux_k: int = 256
+    """Dead latents used by the AuxK loss."""
+    aux_coef: float = 1.0 / 32
+    dead_after_tokens: int = 10_000_000
+    """A latent not active for this many tokens counts as dead."""
+    tokens: int = 50_000_000
+    """Activations (tokens) to train on."""
+    batch_tokens: int = 4096
+    buffer_tokens: int = 262_144
+    """Shuffle buffer of streamed activations (bounded memory)."""
+    lr: float = 2e-4
+    path: str | None = None
+    """Load a trained SAE instead of training one: ours, or OpenAI's GPT-2 state dict (.pt)."""
+
+
+@dataclass
+class ConceptConfig:
+    """Concept labels (spec 1.2) and CoCoMix's prediction, compression and mixing (spec 1.3-1.6).
+    Defaults follow the official code; the paper's variants are options."""
+
+    k_attr: int = 4
+    """Labels per token: top-K_attr attribution scores."""
+    scoring: Literal["attribution", "attribution_preact", "activation"] = "attribution"
+    """attribution: (dL/dh . W_dec) * c (code); attribution_preact: times the pre-TopK activation
+    (paper v1); activation: top activations (the paper's ablation)."""
+    loss_scope: Literal["sequence_mean", "next_token"] = "sequence_mean"
+    """Gradient of the whole-sequence mean loss (code) or of each position's next-token loss (paper)."""
+    labels: Literal["cached", "online"] = "cached"
+    """Read labels from the extracted cache, or recompute them with teacher + SAE every step."""
+    cache_dir: str | None = None
+    """Default: <experiment_dir>/concepts."""
+    insert_layer: int = 3
+    """Student blocks before the concept head / interleaving (code: 3 at 69M, 5 at 386M and 1.38B)."""
+    k: int = 32
+    """TopK of the predicted concept logits kept for compression."""
+    lam: float = 0.1
+    """Weight of the concept loss."""
+    mix: Literal["interleave", "add", "none"] = "interleave"
+    """How the continuous concept enters the stream: interleaved slots (CoCoMix), added to the
+    hidden state (the paper's intervention ablation), or not at all (prediction only)."""
+    target: Literal["concepts", "hidden_l2", "hidden_cosine"] = "concepts"
+    """Predict SAE concepts (CoCoMix) or regress the teacher's hidden state (ablation)."""
+
+
+@dataclass
+class KDConfig:
+    """Knowledge distillation (spec section 3): CE + lam * KL(teacher || student)."""
+
+    lam: float = 0.1
+    temperature: float = 1.0
+
+
+@dataclass
 class TrackingConfig:
     uri: str | None = None
     """MLflow tracking URI; default MLFLOW_TRACKING_URI or sqlite under results_dir."""
@@ -180,6 +250,10 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    concept: ConceptConfig = field(default_factory=ConceptConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
 
     # ---- derived locations (pure functions of the config) ----
     @property
@@ -197,6 +271,10 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return self.experiment_dir / "runs" / self.resolved_run_name
+
+    @property
+    def concept_dir(self) -> Path:
+        return Path(self.concept.cache_dir) if self.concept.cache_dir else self.experiment_dir / "concepts"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -360,6 +438,17 @@ def validate(cfg: Config) -> Config:
         need(bool(cfg.data.hf_path), "data.hf_path", "the hf source needs a dataset name or local path")
     if cfg.tokenizer.path is None:
         need(cfg.tokenizer.vocab_size >= 260, "tokenizer.vocab_size", "must be at least 260 (256 bytes + specials)")
+    c, sae = cfg.concept, cfg.sae
+    need(0 < c.insert_layer < m.n_layer, "concept.insert_layer",
+         f"{c.insert_layer} must be between 1 and model.n_layer-1={m.n_layer - 1}")
+    need(c.k_attr > 0, "concept.k_attr", "must be positive")
+    need(0 < c.k <= sae.n_latents, "concept.k", f"must be in [1, sae.n_latents={sae.n_latents}]")
+    need(c.lam >= 0, "concept.lam", "must be >= 0")
+    need(sae.layer >= 0, "sae.layer", "must be >= 0")
+    need(0 < sae.k <= sae.n_latents, "sae.k", f"must be in [1, sae.n_latents={sae.n_latents}]")
+    need(c.k_attr <= sae.k or c.scoring == "attribution_preact", "concept.k_attr",
+         f"{c.k_attr} labels cannot come from sae.k={sae.k} active latents")
+    need(cfg.kd.temperature > 0, "kd.temperature", "must be positive")
     if cfg.scale is not None:
         need(cfg.scale in cfg.scales, "scale", f"{cfg.scale!r} is not defined under 'scales' ({sorted(cfg.scales)})")
     return cfg

@@ -60,10 +60,28 @@ class Method:
 
         return CocomixForCausalLM(self.model_config(cfg, vocab_size, eos_id))
 
+    def setup(self, trainer) -> None:
+        """Called once after the model is built and moved to its device (load a teacher, a label
+        cache, ...). `trainer` exposes cfg, device, model, train_blocks and val_blocks."""
+
+    def extras(self, split: str, block_indices) -> dict[str, torch.Tensor]:
+        """Per-block side data for a micro-batch (e.g. cached concept labels), as CPU tensors
+        whose first two dimensions are (blocks, block_size). The trainer puts them on `Batch.extras`."""
+        return {}
+
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return (loss to minimise, named scalar parts for logging)."""
         out = model(input_ids=batch.input_ids, labels=batch.input_ids, use_cache=False)
         return out.loss, {"ntp_loss": out.loss.detach()}
+
+    def eval_metrics(self, model: torch.nn.Module, batch: Batch, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra held-out metrics for one validation batch, each a per-block tensor of shape (B,);
+        the trainer averages them over blocks and logs them as `val/<name>`."""
+        return {}
+
+    def teacher_flops_per_token(self) -> float:
+        """Training FLOPs per token spent outside the student (an online teacher), reported apart."""
+        return 0.0
 
 
 def get_method(name: str) -> Method:

@@ -205,6 +205,7 @@ class Trainer:
         )
         self.peak_flops = peak_flops(self.device)
         self.flops_per_token = self.model.flops_per_token(t.block_size)
+        self.method.setup(self)
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.resumed_from = self._maybe_resume()
@@ -309,10 +310,11 @@ class Trainer:
         indices = self.order.take(self.data_position, t.global_batch_size)
         per_rank = t.global_batch_size // self.dist.world_size
         mine = indices[self.dist.rank * per_rank : (self.dist.rank + 1) * per_rank]
-        return [
-            Batch(self.train_blocks.get_batch(mine[i : i + t.micro_batch_size]))
-            for i in range(0, per_rank, t.micro_batch_size)
-        ]
+        batches = []
+        for i in range(0, per_rank, t.micro_batch_size):
+            idx = mine[i : i + t.micro_batch_size]
+            batches.append(Batch(self.train_blocks.get_batch(idx), self.method.extras("train", idx)))
+        return batches
 
     # ---------------- evaluation ----------------
 
@@ -323,21 +325,29 @@ class Trainer:
         n = len(self.val_blocks) if ev.max_blocks is None else min(ev.max_blocks, len(self.val_blocks))
         mine = np.arange(self.dist.rank, n, self.dist.world_size)
         self.model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum of block losses, blocks)
+        sums: dict[str, torch.Tensor] = {}  # metric -> sum over blocks (float64)
+        blocks = torch.zeros((), dtype=torch.float64, device=self.device)
         for i in range(0, len(mine), ev.batch_size):
-            ids = self.val_blocks.get_batch(mine[i : i + ev.batch_size]).to(self.device)
+            idx = mine[i : i + ev.batch_size]
+            batch = Batch(self.val_blocks.get_batch(idx), self.method.extras("val", idx)).to(self.device)
+            ids = batch.input_ids
             with self.autocast:
                 logits = self.model(input_ids=ids, use_cache=False).logits
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none"
             ).view(ids.size(0), -1)
-            total[0] += nll.mean(dim=1).double().sum()
-            total[1] += ids.size(0)
+            per_block = {"loss": nll.mean(dim=1), **self.method.eval_metrics(self.model, batch, logits)}
+            for k, v in per_block.items():
+                sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=self.device)) + v.double().sum()
+            blocks += ids.size(0)
         self.model.train()
+        names = sorted(sums)
+        total = torch.stack([sums[k] for k in names] + [blocks])
         if self.dist.world_size > 1:
             dist.all_reduce(total)
-        loss = (total[0] / total[1]).item()
-        return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+        out = {f"val/{k}": (total[j] / total[-1]).item() for j, k in enumerate(names)}
+        out["val/ppl"] = math.exp(min(out["val/loss"], 50.0))
+        return out
 
     # ---------------- the loop ----------------
 
@@ -448,6 +458,7 @@ class Trainer:
                 "checkpoint": str(list_checkpoints(self.run_dir)[-1]) if self.dist.is_main else "",
                 "params": self.model.num_params(),
                 "flops_per_token": self.flops_per_token,
+                "teacher_flops_per_token": self.method.teacher_flops_per_token(),
                 "mlflow_run_id": self.tracker.run_id if self.tracker else None,
             }
             if self.dist.is_main:

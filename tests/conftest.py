@@ -31,6 +31,8 @@ TINY = [
     "eval.max_blocks=128",
     "checkpoint.every_tokens=40960",
     "tracking.enabled=false",
+    "concept.insert_layer=1",
+    "sae.layer=1",
 ]
 
 
@@ -54,3 +56,16 @@ def tiny_data(tmp_path_factory) -> Path:
 def cli(*args: str) -> list[str]:
     """The `cocomix` command for subprocesses, independent of PATH."""
     return [sys.executable, "-m", "cocomix.cli", *args]
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, tiny_data) -> Path:
+    """A trained 3-layer NTP teacher on the tiny corpus; returns its final checkpoint folder.
+    Concept tests read its residual stream after block `sae.layer=1` (the middle block)."""
+    from cocomix.config import load_config
+    from cocomix.trainer import train
+
+    root = tmp_path_factory.mktemp("teacher")
+    cfg = load_config(ROOT / "config/tiny.yaml",
+                      tiny_overrides(root, tiny_data, "model.n_layer=3", "train.tokens=327680", "run_name=teacher"))
+    return Path(train(cfg, progress=False)["checkpoint"])
