@@ -107,8 +107,13 @@ def setup_distributed() -> tuple[Dist, torch.device]:
         dist.init_process_group(backend)
     d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     if torch.cuda.is_available():
-        torch.cuda.set_device(d.local_rank)
-        device = torch.device("cuda", d.local_rank)
+        index = d.local_rank
+        if world == 1 and torch.cuda.device_count() > 1:
+            from cocomix.gpus import claim_device
+
+            index = claim_device(torch.cuda.device_count())  # concurrent DAG jobs: one GPU each
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
     return d, device
@@ -208,6 +213,9 @@ class Trainer:
         self.method.setup(self)
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        from cocomix.dag import fingerprint
+
+        self.config_fingerprint = fingerprint(cfg, self.method)
         self.resumed_from = self._maybe_resume()
         self.train_model = self.model
         if cfg.train.compile:
@@ -220,11 +228,33 @@ class Trainer:
 
     # ---------------- checkpoints ----------------
 
+    def _supersede_stale_run(self) -> None:
+        """A run folder whose checkpoints came from another config is moved aside, not resumed:
+        resuming it would silently mix two experiments (e.g. after a DAG rerun for a changed lr)."""
+        ckpts = list_checkpoints(self.run_dir)
+        if not ckpts:
+            return
+        meta = json.loads((ckpts[-1] / "checkpoint.json").read_text())
+        if meta.get("config_fingerprint") == self.config_fingerprint:
+            return
+        self._barrier()
+        if self.dist.is_main:
+            n = 1 + sum(1 for p in self.run_dir.iterdir() if p.name.startswith("superseded-"))
+            dest = self.run_dir / f"superseded-{n}"
+            dest.mkdir()
+            for name in ("checkpoints", "metrics.jsonl", "final_metrics.json", "mlflow_run_id", "config.yaml"):
+                if (self.run_dir / name).exists():
+                    os.replace(self.run_dir / name, dest / name)
+            warnings.warn(f"{self.run_dir}: its checkpoints were made with another config; moved to {dest}, "
+                          "starting over", stacklevel=2)
+        self._barrier()
+
     def _maybe_resume(self) -> Path | None:
         resume = self.cfg.train.resume
         if resume == "never":
             return None
         if resume == "auto":
+            self._supersede_stale_run()
             ckpts = list_checkpoints(self.run_dir)
             if not ckpts:
                 return None
@@ -284,7 +314,8 @@ class Trainer:
                 tmp / "trainer_state.pt",
             )
             (tmp / "checkpoint.json").write_text(
-                json.dumps({"step": self.step, "tokens_seen": self.tokens_seen, "method": self.method.name})
+                json.dumps({"step": self.step, "tokens_seen": self.tokens_seen, "method": self.method.name,
+                            "config_fingerprint": self.config_fingerprint})
             )
             os.replace(tmp, final)
             self._prune_checkpoints()

@@ -170,3 +170,19 @@ def test_mlflow_run_has_params_tags_and_metric_history(tmp_path, tiny_data):
     assert [m.step for m in history] == [5120 * i for i in range(1, 9)]
     jsonl = [r for r in _metrics(cfg.run_dir) if "train/loss" in r]
     assert [m.value for m in history] == pytest.approx([r["train/loss"] for r in jsonl])
+
+
+def test_changed_config_starts_over_instead_of_resuming(tmp_path, tiny_data):
+    """Auto-resume continues only a run made with the same config; a stale one is moved aside."""
+    first = train(_cfg(tmp_path, tiny_data, "train.tokens=20480"), progress=False)
+    cfg = _cfg(tmp_path, tiny_data, "train.tokens=20480", "train.lr=1e-3")
+    second = train(cfg, progress=False)
+    stale = cfg.run_dir / "superseded-1"
+    assert (stale / "checkpoints").is_dir() and (stale / "final_metrics.json").exists()
+    assert second["val/loss"] != first["val/loss"]
+    # The new run trained all 20 steps itself: its log starts again from the first steps.
+    assert _metrics(cfg.run_dir)[0]["step"] == 10
+    # Only execution settings changed: the run is resumed, not superseded.
+    again = train(_cfg(tmp_path, tiny_data, "train.tokens=20480", "train.lr=1e-3", "train.log_every_steps=5"),
+                  progress=False)
+    assert again["val/loss"] == second["val/loss"] and not (cfg.run_dir / "superseded-2").exists()

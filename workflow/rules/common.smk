@@ -1,0 +1,14 @@
+def run_dir(name):
+    return f"{EXP}/runs/{name}"
+
+
+def run_overrides(name):
+    """CLI overrides of a planned run (or the teacher), quoted for the shell."""
+    spec = TEACHER if name == "teacher" else RUNS[name]
+    return " ".join(f"'{o}'" for o in spec.overrides)
+
+
+def run_fingerprint(wildcards):
+    """Changes when (and only when) a config section this run's method reads changes."""
+    spec = TEACHER if wildcards.run == "teacher" else RUNS[wildcards.run]
+    return fingerprint(spec.config(CONFIG))
