@@ -60,6 +60,65 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_sae(args: argparse.Namespace) -> int:
+    from cocomix.sae import sae_path, train_sae
+
+    cfg = _load(args)
+    m = train_sae(cfg, progress=not args.no_progress)
+    print(f"done: SAE -> {sae_path(cfg)}  fvu {m['fvu']:.4f}  l0 {m['l0']:.2f}  dead {m['dead_fraction']:.3f}  "
+          f"loss increase {m['loss_increase']:.4f}"
+          + (f"  concept AUROC {m['recovery/best_auroc']:.3f} (random latent {m['recovery/random_auroc']:.3f})"
+             if "recovery/best_auroc" in m else ""))
+    return 0
+
+
+def cmd_extract_concepts(args: argparse.Namespace) -> int:
+    from cocomix.concepts import extract_concepts
+
+    cfg = _load(args)
+    print(extract_concepts(cfg, progress=not args.no_progress))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from evals.report import report
+
+    out = report(args.config)
+    print(f"tables: {out / 'tables'}  plots: {out / 'plots'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from evals.run import evaluate
+
+    extra = []  # shorthands for eval.* overrides
+    if args.tasks:
+        extra.append(f"eval.tasks=[{args.tasks}]")
+    if args.task_data:
+        extra.append("eval.task_data=null" if args.task_data == "hub" else f"eval.task_data={args.task_data}")
+    if args.limit is not None:
+        extra.append(f"eval.limit={args.limit}")
+    results = evaluate(args.path, extra + list(args.overrides), config_path=args.config, force=args.force,
+                       progress=not args.no_progress, device=args.device)
+    print(f"done: {len(results)} checkpoint(s) evaluated -> {args.path}")
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from cocomix.methods import get_method
+    from cocomix.params import count_params_for, matching_ntp_width
+
+    cfg = _load(args, [f"method={args.method}"] if args.method else [])
+    vocab = args.vocab or cfg.model.vocab_size or (50257 if cfg.tokenizer.path else cfg.tokenizer.vocab_size)
+    model_config = get_method(cfg.method).model_config(cfg, vocab, 0)
+    counts = count_params_for(model_config)
+    n_positions = model_config.n_positions
+    width = matching_ntp_width(counts.active, cfg.model.n_layer, vocab, n_positions)
+    print(f"{cfg.method} d={cfg.model.n_embd} L={cfg.model.n_layer} vocab={vocab}: total {counts.total:,} "
+          f"active {counts.active:,}; the NTP width matching these active parameters: {width}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cocomix", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +134,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="shorthand for seed=...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-sae", help="train the TopK SAE on the teacher's residual stream -> <experiment>/sae/")
+    _add_config_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train_sae)
+
+    p = sub.add_parser("extract-concepts", help="attribution concept labels for every block -> label cache (resumable)")
+    _add_config_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_extract_concepts)
+    p = sub.add_parser("report", help="main, sample-efficiency and ablation tables + plots for an experiment")
+    p.add_argument("--config", "-c", required=True, help="the experiment config the DAG ran")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("eval", help="held-out perplexity + lm-eval tasks for a checkpoint or every checkpoint of a run")
+    p.add_argument("path", help="a run folder (every checkpoint, each once) or one checkpoint folder")
+    _add_config_args(p)  # --config only matters for a checkpoint outside a run folder
+    p.add_argument("--tasks", default=None, help="comma-separated tasks or aliases (paper, synthetic); eval.tasks")
+    p.add_argument("--task-data", default=None, help="folder of local benchmark copies, or 'hub'; eval.task_data")
+    p.add_argument("--limit", type=int, default=None, help="documents per task (smoke runs); eval.limit")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--force", action="store_true", help="re-evaluate checkpoints that already have eval.json")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("params", help="total and active parameters (spec 1.7) and the matching NTP width")
+    _add_config_args(p)
+    p.add_argument("--method", default=None, help="shorthand for method=...")
+    p.add_argument("--vocab", type=int, default=None, help="default: model.vocab_size, 50257 with tokenizer.path, "
+                                                           "else tokenizer.vocab_size")
+    p.set_defaults(func=cmd_params)
     return parser
 
 

@@ -144,6 +144,20 @@ class EvalConfig:
     max_blocks: int | None = 200
     """Evaluate on the first N validation blocks (None: all)."""
     batch_size: int = 16
+    # ---- `cocomix eval` (evals/): held-out perplexity on all blocks + lm-evaluation-harness ----
+    tasks: list[str] = field(default_factory=lambda: ["paper", "synthetic"])
+    """lm-eval task names, `synth_topic` / `synth_recall`, or the aliases `paper` (the paper's seven)
+    and `synthetic` (tasks generated from the synthetic corpus; skipped for other sources)."""
+    task_data: str | None = "../shared/data/evals"
+    """Local copies of the paper's benchmarks (offline); null loads them from the Hugging Face Hub."""
+    harness_batch_size: int | Literal["auto"] = 64
+    """lm-eval batch size (the paper: 64); auto finds the largest that fits the device."""
+    limit: int | None = None
+    """Documents per lm-eval task (smoke runs); null = all."""
+    ppl_max_blocks: int | None = None
+    """Validation blocks for `cocomix eval` perplexity; null = all (the paper's protocol)."""
+    synthetic_docs: int = 500
+    """Documents per generated synthetic task."""
 
 
 @dataclass
@@ -202,6 +216,9 @@ class ConceptConfig:
     """Read labels from the extracted cache, or recompute them with teacher + SAE every step."""
     cache_dir: str | None = None
     """Default: <experiment_dir>/concepts."""
+    extract_batch_size: int = 64
+    """Blocks per teacher forward+backward in `extract-concepts`; also the chunk that is fsynced at
+    once (the resume granularity). Changing it restarts an interrupted extraction."""
     insert_layer: int = 3
     """Student blocks before the concept head / interleaving (code: 3 at 69M, 5 at 386M and 1.38B)."""
     k: int = 32
@@ -231,6 +248,20 @@ class TrackingConfig:
 
 
 @dataclass
+class DagConfig:
+    """What `snakemake` runs for this experiment (see `cocomix/dag.py` and the Snakefile)."""
+
+    methods: list[str] = field(default_factory=lambda: ["ntp"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    scales: list[str] = field(default_factory=list)
+    """Names from `scales`; empty: the config as it is (scale name 'base')."""
+    ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Name -> dotted overrides on top of method `cocomix` (run name <ablation>-<scale>-s<seed>)."""
+    teacher: dict[str, Any] = field(default_factory=dict)
+    """Dotted overrides for the teacher, an NTP run named 'teacher', trained when teacher.path is unset."""
+
+
+@dataclass
 class Config:
     """A whole experiment. `run_dir` = results_dir/experiment/runs/<method>-<scale>-s<seed>."""
 
@@ -241,6 +272,9 @@ class Config:
     scale: str | None = None
     scales: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Named sets of dotted overrides; `scale` picks one."""
+    method_overrides: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """method -> scale name ('base' when no scale is selected) -> dotted overrides, applied after the
+    scale's for the selected method; e.g. CoCoMix's 512 width where NTP uses the matched 624 (spec 2)."""
     run_name: str | None = None
     """Default: <method>-<scale or 'base'>-s<seed>."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -254,6 +288,7 @@ class Config:
     sae: SAEConfig = field(default_factory=SAEConfig)
     concept: ConceptConfig = field(default_factory=ConceptConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    dag: DagConfig = field(default_factory=DagConfig)
 
     # ---- derived locations (pure functions of the config) ----
     @property
@@ -284,7 +319,7 @@ class Config:
 # Building and validation
 # --------------------------------------------------------------------------------------
 
-KNOWN_METHODS = ("ntp",)
+KNOWN_METHODS = ("ntp", "kd", "pause", "kd_pause", "cocomix")
 
 
 def _type_name(tp: Any) -> str:
@@ -449,6 +484,15 @@ def validate(cfg: Config) -> Config:
     need(c.k_attr <= sae.k or c.scoring == "attribution_preact", "concept.k_attr",
          f"{c.k_attr} labels cannot come from sae.k={sae.k} active latents")
     need(cfg.kd.temperature > 0, "kd.temperature", "must be positive")
+    for i, name in enumerate(cfg.dag.scales):
+        need(name in cfg.scales, f"dag.scales[{i}]", f"{name!r} is not defined under 'scales' ({sorted(cfg.scales)})")
+    for i, name in enumerate(cfg.dag.methods):
+        need(name in KNOWN_METHODS, f"dag.methods[{i}]", f"expected one of {list(KNOWN_METHODS)}, got {name!r}")
+    for method, per_scale in cfg.method_overrides.items():
+        need(method in KNOWN_METHODS, f"method_overrides.{method}", f"expected one of {list(KNOWN_METHODS)}")
+        for scale in per_scale:
+            need(scale in cfg.scales or scale == "base", f"method_overrides.{method}.{scale}",
+                 f"not 'base' nor a scale under 'scales' ({sorted(cfg.scales)})")
     if cfg.scale is not None:
         need(cfg.scale in cfg.scales, "scale", f"{cfg.scale!r} is not defined under 'scales' ({sorted(cfg.scales)})")
     return cfg
@@ -468,16 +512,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(tree, dict):
             raise ConfigError(f"config file '{p}': expected a mapping at the top level")
     cli = parse_overrides(overrides or [])
-    # The scale may itself be chosen on the command line.
+    # The scale and the method (which pick override tables) may themselves be chosen on the command line.
     for key, value in cli:
-        if key == "scale":
-            tree["scale"] = value
+        if key in ("scale", "method"):
+            tree[key] = value
     base = _build(Config, tree)  # validates keys and types of the file itself
     if base.scale is not None:
         if base.scale not in base.scales:
             raise ConfigError(f"config key 'scale': {base.scale!r} is not defined under 'scales' ({sorted(base.scales)})")
         for key, value in base.scales[base.scale].items():
             _set_dotted(tree, key, value)
+    for key, value in base.method_overrides.get(base.method, {}).get(base.scale or "base", {}).items():
+        _set_dotted(tree, key, value)
     for key, value in cli:
         _set_dotted(tree, key, value)
     return validate(_build(Config, tree))

@@ -35,6 +35,9 @@ class Method:
     """Base class: next-token prediction on the plain backbone. Subclasses override hooks."""
 
     name = "base"
+    uses: tuple[str, ...] = ()
+    """Config sections (dotted) this method reads beyond the common ones (data, model, train, ...);
+    the DAG reruns a method's runs only when these or the common sections change."""
 
     def model_config(self, cfg: "Config", vocab_size: int, eos_id: int):
         from cocomix.model import CocomixConfig
@@ -90,4 +93,16 @@ def get_method(name: str) -> Method:
         from baselines.ntp import NTP
 
         return NTP()
+    if name == "kd":
+        from baselines.kd import KD
+
+        return KD()
+    if name in ("pause", "kd_pause"):
+        from baselines.pause import KDPause, Pause
+
+        return Pause() if name == "pause" else KDPause()
+    if name == "cocomix":
+        from cocomix.concept_mixing import CoCoMix
+
+        return CoCoMix()
     raise ValueError(f"unknown method {name!r}")

@@ -7,16 +7,28 @@ N(0, init_std) with the residual output projections scaled by 1/sqrt(2 * n_layer
 Module names follow GPT-2 (`transformer.h.{i}.attn.c_attn`, ...) so weights map one-to-one,
 but every projection is a plain `nn.Linear` (GPT-2's `Conv1D` stores weights transposed).
 
-Extension points for the methods (not implemented here): new config fields go on
-`CocomixConfig`; modules that act on the residual stream between blocks (CoCoMix's concept
-head + interleaving after `insert_layer` blocks, pause tokens) hook into the block loop in
-`CocomixForCausalLM.forward`; extra losses (KD, concept CE) live in the method objects.
+One optional *slot* acts on the residual stream after `insert_layer` blocks (`config.slot`):
+
+  "none"     the plain backbone (NTP, KD).
+  "concept"  CoCoMix (spec 1.3-1.5): predict concept logits z_t from h_t, keep the TopK raw logits,
+             compress them to a continuous concept c_t (a gather of k rows, never a C-wide matmul),
+             and interleave (h_1, c_1, ..., h_T, c_T) through the remaining blocks; the LM head reads
+             the concept slots. Ablations (spec 3): add c_t to h_t instead (`concept_mix="add"`), or
+             predict only (`"none"`); regress the teacher's hidden state (`concept_target="hidden"`).
+  "pause"    pause tokens (spec 3): one learnable vector interleaved after every token; the LM head
+             reads the pause slots.
+
+To the outside the model stays an ordinary causal LM: `forward(input_ids)` returns one row of logits
+per input token, and the KV cache holds T entries in the lower blocks and 2T in the interleaved upper
+ones, so cached generation equals uncached. Losses other than NTP live in the method objects.
 
 This file must stay self-contained (imports: stdlib, math, torch, transformers only): saved
 checkpoints ship a copy of it so they load with `trust_remote_code=True` without this package.
 """
 
 import math
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -55,11 +67,37 @@ class CocomixConfig(PreTrainedConfig):
     # Which training method built this model ("ntp", later "kd", "pause", "cocomix"). Methods
     # that add modules to this model also add their fields here, so a checkpoint rebuilds itself.
     method: str = "ntp"
+    # ---- the slot after `insert_layer` blocks (module docstring; spec 1.3-1.5 and 3) ----
+    slot: str = "none"               # "none" | "concept" | "pause"
+    insert_layer: int = 0            # blocks before the slot (code: 3 at 69M, 5 at 386M / 1.38B)
+    concept_mix: str = "interleave"  # concept slot: "interleave" (CoCoMix) | "add" (intervention) | "none"
+    concept_target: str = "concepts"  # "concepts": z_t over the SAE dictionary; "hidden": teacher hidden state
+    n_concepts: int = 0              # C, the SAE dictionary size (concept target)
+    concept_k: int = 32              # TopK of z_t kept for compression
+    concept_hidden_dim: int = 0      # hidden target: the teacher's width
 
     def __post_init__(self, **kwargs):
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.slot not in ("none", "concept", "pause"):
+            raise ValueError(f"slot must be 'none', 'concept' or 'pause', got {self.slot!r}")
+        if self.slot != "none" and not 0 < self.insert_layer < self.n_layer:
+            raise ValueError(f"insert_layer={self.insert_layer} must be between 1 and n_layer-1={self.n_layer - 1}")
+        if self.slot == "concept":
+            if self.concept_mix not in ("interleave", "add", "none"):
+                raise ValueError(f"concept_mix must be 'interleave', 'add' or 'none', got {self.concept_mix!r}")
+            if self.concept_target == "concepts" and not 0 < self.concept_k <= self.n_concepts:
+                raise ValueError(f"concept_k={self.concept_k} must be in [1, n_concepts={self.n_concepts}]")
+            if self.concept_target == "hidden" and self.concept_hidden_dim <= 0:
+                raise ValueError("concept_target='hidden' needs concept_hidden_dim (the teacher's width) > 0")
+            if self.concept_target not in ("concepts", "hidden"):
+                raise ValueError(f"concept_target must be 'concepts' or 'hidden', got {self.concept_target!r}")
         super().__post_init__(**kwargs)
+
+    @property
+    def interleaves(self) -> bool:
+        """Whether the blocks after `insert_layer` see 2T positions (a slot after every token)."""
+        return self.slot == "pause" or (self.slot == "concept" and self.concept_mix == "interleave")
 
 
 class CausalSelfAttention(nn.Module):
@@ -120,6 +158,104 @@ class Block(nn.Module):
         return x
 
 
+# ---- the concept head (spec 1.3-1.4) ----------------------------------------------------------
+
+
+def normalize_per_token(x, eps: float = 1e-5):
+    """The SAE's input normalisation (spec 1.1), reused by the concept head (spec 1.3): per-token mean
+    and *unbiased* std, no affine. Returns (x_tilde, mu, sigma), the latter two (..., 1)."""
+    mu = x.mean(-1, keepdim=True)
+    sigma = x.std(-1, keepdim=True)  # torch default: unbiased (N-1), as the official code
+    return (x - mu) / (sigma + eps), mu, sigma
+
+
+def sparse_compress(values, indices, table):
+    """W @ TopK(z) without the C-wide sparse vector: sum_j values[..., j] * table[indices[..., j]].
+
+    values, indices: (..., k); table: (C, d), row c = column c of the paper's W in R^{d x C}.
+    One fused gather-and-weighted-sum (embedding_bag); gradients flow to the k rows and the values.
+    """
+    k, d = indices.shape[-1], table.shape[-1]
+    flat = F.embedding_bag(indices.reshape(-1, k), table, mode="sum",
+                           per_sample_weights=values.reshape(-1, k).to(table.dtype))  # (N, d)
+    return flat.view(*indices.shape[:-1], d)
+
+
+@dataclass
+class ConceptPrediction:
+    logits: torch.Tensor           # (B, T, C) z_t, dense (the concept loss needs every logit); hidden target: (B, T, D)
+    indices: torch.Tensor | None   # (B, T, k) the TopK concepts kept for compression (None for the hidden target)
+    values: torch.Tensor | None    # (B, T, k) their raw logits (after steering)
+
+
+class ConceptHead(nn.Module):
+    """z_t = W_p (LN(h_t) - b_pre) + b_p; keep TopK_k(z_t) with raw values (no ReLU);
+    c_t = (W_c TopK(z_t) + b_c + b_pre) * sigma_t + mu_t. This mirrors the SAE encoder/decoder as
+    the official code does (spec 1.3-1.4); the paper's bare c_t = W TopK(z_t) + b is the same up to
+    the normalisation. mu_t, sigma_t are the student's own per-token statistics."""
+
+    def __init__(self, config: CocomixConfig):
+        super().__init__()
+        d, C = config.n_embd, config.n_concepts
+        self.k = config.concept_k
+        self.pre_bias = nn.Parameter(torch.zeros(d))
+        self.predictor = nn.Linear(d, C)
+        self.compress = nn.Embedding(C, d)  # (C, d): gathering k rows = using k columns of W (spec 1.7)
+        self.compress_bias = nn.Parameter(torch.zeros(d))
+
+    def forward(self, h, steering: dict[int, float] | None = None):
+        u, mu, sigma = normalize_per_token(h)
+        logits = self.predictor(u - self.pre_bias)  # (B, T, C)
+        if steering:
+            # The paper's steering (spec 4.7): scale chosen concept logits before TopK and compression.
+            scale = torch.ones(logits.shape[-1], device=logits.device, dtype=logits.dtype)
+            scale[list(steering)] = torch.tensor(list(steering.values()), device=logits.device, dtype=logits.dtype)
+            logits = logits * scale
+        values, indices = logits.topk(self.k, dim=-1)  # (B, T, k) raw values, may be negative (code)
+        concept = sparse_compress(values, indices, self.compress.weight) + self.compress_bias + self.pre_bias
+        concept = concept * sigma + mu  # de-normalise with h_t's own statistics
+        return concept.to(h.dtype), ConceptPrediction(logits, indices, values)
+
+
+class HiddenHead(nn.Module):
+    """Ablation (spec 3, "direct hidden-state prediction"): a 2-layer MLP g predicts the teacher's
+    normalised hidden state (D wide) instead of concept logits; g(h_t) is compressed to d by a dense
+    linear map and de-normalised like the concept path. MLP width 4d is our choice (paper: unstated)."""
+
+    def __init__(self, config: CocomixConfig):
+        super().__init__()
+        d, D = config.n_embd, config.concept_hidden_dim
+        self.pre_bias = nn.Parameter(torch.zeros(d))
+        self.predictor = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, D))
+        self.compress = nn.Linear(D, d)
+
+    def forward(self, h, steering=None):
+        if steering:
+            raise ValueError("steering needs concept logits; this model regresses hidden states")
+        u, mu, sigma = normalize_per_token(h)
+        prediction = self.predictor(u - self.pre_bias)  # (B, T, D)
+        concept = (self.compress(prediction) + self.pre_bias) * sigma + mu
+        return concept.to(h.dtype), ConceptPrediction(prediction, None, None)
+
+
+class PauseSlot(nn.Module):
+    """Pause tokens (spec 3): one learnable vector shared by every position."""
+
+    def __init__(self, config: CocomixConfig):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.zeros(config.n_embd))
+
+    def forward(self, h, steering=None):
+        return self.embedding.to(h.dtype).expand_as(h), None
+
+
+def interleave(h, slot):
+    """(h_1..h_T), (s_1..s_T) -> (h_1, s_1, ..., h_T, s_T): each slot right after its token (spec 1.5).
+    (B, T, d) x2 -> (B, 2T, d)"""
+    B, T, d = h.shape
+    return torch.stack([h, slot], dim=2).view(B, 2 * T, d)
+
+
 def build_attention_mask(padding_mask, query_len: int, past_len: int, device):
     """Boolean SDPA mask (True = may attend), or None when SDPA's own causal path suffices.
 
@@ -146,6 +282,16 @@ def build_attention_mask(padding_mask, query_len: int, past_len: int, device):
     return mask
 
 
+@dataclass
+class CocomixCausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus the concept head's prediction (slot="concept"), for the concept
+    loss and interpretability. hidden_states of interleaved blocks have 2T positions."""
+
+    concept_logits: torch.Tensor | None = None   # (B, T, C) z_t; hidden target: (B, T, D)
+    concept_indices: torch.Tensor | None = None  # (B, T, k) TopK concepts mixed into the stream
+    concept_values: torch.Tensor | None = None   # (B, T, k) their raw logits
+
+
 class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = CocomixConfig
     # Plain-attribute layout (no separate base model), so the HF "base model" is the model itself.
@@ -164,6 +310,16 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # With the same seed the backbone gets the same initial weights whatever the slot (a concept or
+        # pause model starts from exactly the NTP model's weights): the slot is registered after the
+        # backbone (post_init initialises in registration order) and built on a forked RNG, so the
+        # throw-away default init of its nn.Linear does not advance the global generator.
+        with torch.random.fork_rng(devices=[]):
+            if config.slot == "concept":
+                self.concept_head = ConceptHead(config) if config.concept_target == "concepts" else HiddenHead(config)
+            elif config.slot == "pause":
+                self.pause = PauseSlot(config)
+        self.concept_steering: dict[int, float] | None = None  # set by `steer_concepts`, read by forward
         self.post_init()  # runs _init_weights on every module, then ties lm_head to wte
 
     @torch.no_grad()
@@ -185,6 +341,12 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, (ConceptHead, HiddenHead)):
+            init.zeros_(module.pre_bias)  # official code: pre_bias and new biases start at 0
+            if isinstance(module, ConceptHead):
+                init.zeros_(module.compress_bias)
+        elif isinstance(module, PauseSlot):
+            init.normal_(module.embedding, mean=0.0, std=std)
 
     def get_input_embeddings(self):
         return self.transformer.wte
@@ -209,8 +371,9 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache=None,
         return_dict=True,
         output_hidden_states=None,
+        concept_steering=None,   # {concept index: factor}; default: the `steer_concepts` context
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CocomixCausalLMOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -232,13 +395,29 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
         attn_mask = build_attention_mask(attention_mask, T, past_len, device)
 
         x = self.transformer.drop(inputs_embeds + self.transformer.wpe(position_ids))  # (B, T, d)
+        cfg = self.config
+        prediction = None
         # hidden_states follow GPT-2's convention: the input to each block, then ln_f of the last output.
         all_hidden_states = () if output_hidden_states else None
-        for block in self.transformer.h:
-            # Extension point: methods that edit the residual stream between blocks insert here.
+        for i, block in enumerate(self.transformer.h):
+            if cfg.slot != "none" and i == cfg.insert_layer:
+                slot_module = self.concept_head if cfg.slot == "concept" else self.pause
+                slot, prediction = slot_module(x, concept_steering if concept_steering is not None
+                                               else self.concept_steering)
+                if cfg.interleaves:
+                    x = interleave(x, slot)  # (B, 2T, d)
+                    # Upper blocks attend causally over the interleaved sequence; a padded token's slot is
+                    # padding too, and the cache there holds 2 * past entries.
+                    padding = attention_mask.repeat_interleave(2, dim=1) if attention_mask is not None else None
+                    attn_mask = build_attention_mask(padding, 2 * T, 2 * past_len, device)
+                elif cfg.concept_mix == "add":
+                    x = x + slot  # the intervention ablation: h_t <- h_t + c_t
+                # concept_mix == "none": prediction only, the stream is unchanged
             if output_hidden_states:
                 all_hidden_states += (x,)
             x = block(x, attn_mask, past_key_values if use_cache else None)
+        if cfg.interleaves:
+            x = x[:, 1::2]  # (B, 2T, d) -> (B, T, d): the slot after token t predicts token t+1 (spec 1.5)
         x = self.transformer.ln_f(x)
         if output_hidden_states:
             all_hidden_states += (x,)
@@ -253,13 +432,45 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
                 ignore_index=-100,
             )
 
-        output = CausalLMOutputWithPast(
+        output = CocomixCausalLMOutput(
             loss=loss,
             logits=logits,
             past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden_states,
+            concept_logits=prediction.logits if prediction is not None else None,
+            concept_indices=prediction.indices if prediction is not None else None,
+            concept_values=prediction.values if prediction is not None else None,
         )
         return output if return_dict else output.to_tuple()
+
+    # ---- interpretability -----------------------------------------------------------------
+
+    def predict_concepts(self, input_ids, concept_steering=None) -> ConceptPrediction:
+        """The concept head's prediction per position, running only the first `insert_layer` blocks."""
+        if self.config.slot != "concept":
+            raise ValueError(f"predict_concepts needs a concept model, this one has slot={self.config.slot!r}")
+        T = input_ids.shape[1]
+        x = self.transformer.drop(self.transformer.wte(input_ids)
+                                  + self.transformer.wpe(torch.arange(T, device=input_ids.device))[None])
+        for block in self.transformer.h[: self.config.insert_layer]:
+            x = block(x)
+        steering = concept_steering if concept_steering is not None else self.concept_steering
+        return self.concept_head(x, steering)[1]
+
+    @contextmanager
+    def steer_concepts(self, factors: dict[int, float]):
+        """Within the block, every forward (generate() included) multiplies the predicted logit of each
+        concept index by its factor before TopK and compression, at every position (spec 4.7)."""
+        if self.config.slot != "concept" or self.config.concept_target != "concepts":
+            raise ValueError("steering needs a concept model that predicts SAE concepts")
+        bad = [i for i in factors if not 0 <= i < self.config.n_concepts]
+        if bad:
+            raise ValueError(f"concept indices {bad} are outside [0, n_concepts={self.config.n_concepts})")
+        previous, self.concept_steering = self.concept_steering, dict(factors)
+        try:
+            yield self
+        finally:
+            self.concept_steering = previous
 
     # ---- helpers for the trainer -------------------------------------------------------------
 
@@ -283,10 +494,28 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
                                          forward per layer, x3 with backward; full T x T, i.e. the causal
                                          mask's halving is not credited.
         Softmax, LayerNorm, GELU and the loss are not counted.
+
+        With a slot after `insert_layer` blocks: interleaving doubles the positions of the upper blocks,
+        so each token pays their weights twice and their attention four times (2 queries over 2T keys).
+        The concept head counts its dense predictor (d*C + C) and, for compression, only the k gathered
+        rows (k*d) plus its bias; the pause vector is a broadcast (0 FLOPs). The LM head reads T slots.
         """
         cfg = self.config
-        n = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.n_embd
-        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
+        d, T = cfg.n_embd, seq_len
+        per_block = [sum(p.numel() for p in block.parameters()) for block in self.transformer.h]
+        split = cfg.insert_layer if cfg.slot != "none" else cfg.n_layer
+        streams = 2 if cfg.interleaves else 1  # positions per token in blocks split..L-1
+        n = (sum(per_block[:split]) + streams * sum(per_block[split:])
+             + sum(p.numel() for p in self.transformer.ln_f.parameters()) + cfg.vocab_size * d)
+        if cfg.slot == "concept":
+            head = self.concept_head
+            n += sum(p.numel() for p in head.predictor.parameters()) + head.pre_bias.numel()
+            if cfg.concept_target == "concepts":
+                n += cfg.concept_k * d + head.compress_bias.numel()
+            else:
+                n += sum(p.numel() for p in head.compress.parameters())
+        attention = 12 * d * T * (split + streams**2 * (cfg.n_layer - split))
+        return 6 * n + attention
 
     @classmethod
     def from_gpt2(cls, gpt2_model) -> "CocomixForCausalLM":

@@ -211,6 +211,17 @@ class Trainer:
         self.peak_flops = peak_flops(self.device)
         self.flops_per_token = self.model.flops_per_token(t.block_size)
         self.method.setup(self)
+        # What every run records (final_metrics.json, MLflow params): total and active parameters
+        # (spec 1.7) and training FLOPs per token, the teacher's online cost apart (cocomix/flops.py).
+        from cocomix.params import count_params
+
+        counts = count_params(self.model)
+        self.accounting = {
+            "params": counts.total,
+            "active_params": counts.active,
+            "flops_per_token": self.flops_per_token,
+            "teacher_flops_per_token": self.method.teacher_flops_per_token(),
+        }
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         from cocomix.dag import fingerprint
@@ -408,7 +419,17 @@ class Trainer:
             if self.resumed_from is None:
                 self.tracker.log_artifact(self.run_dir / "config.yaml")
                 self.tracker.log_artifact(self.run_dir / "environment.json")
+                if self.tracker.client is not None:
+                    from mlflow.entities import Param
 
+                    self.tracker.client.log_batch(
+                        self.tracker.run_id, params=[Param(f"accounting.{k}", str(v)) for k, v in self.accounting.items()]
+                    )
+
+        if self.dist.is_main:
+            where = f"resumed from {self.resumed_from}" if self.resumed_from else "starting from scratch"
+            print(f"{cfg.resolved_run_name}: {where} (step {self.step}/{self.total_steps}, "
+                  f"tokens {self.tokens_seen:,}/{self.total_steps * self.tokens_per_step:,})", flush=True)
         bar = None
         if self.progress and self.dist.is_main:
             from tqdm import tqdm
@@ -487,9 +508,7 @@ class Trainer:
                 "tokens_seen": self.tokens_seen,
                 **last_val,
                 "checkpoint": str(list_checkpoints(self.run_dir)[-1]) if self.dist.is_main else "",
-                "params": self.model.num_params(),
-                "flops_per_token": self.flops_per_token,
-                "teacher_flops_per_token": self.method.teacher_flops_per_token(),
+                **self.accounting,
                 "mlflow_run_id": self.tracker.run_id if self.tracker else None,
             }
             if self.dist.is_main:

@@ -1,0 +1,180 @@
+"""CoCoMix (spec 1.3-1.6) as a method on the shared backbone and trainer.
+
+The model side (concept head, TopK, sparse compression, interleaving) lives in `cocomix/model.py`
+(`slot="concept"`); this file builds that model from the config, fetches the concept labels and
+computes the objective
+
+    L = CE_next_token + lam * mean_{i in I_t} CE(z_t, i)           (spec 1.6, Eq. 2)
+
+Labels I_t (K_attr per position) come from the extracted cache (`concept.labels: cached`) or are
+recomputed with teacher + SAE every step (`online`, as the official code). A position without a next
+token carries label -1 and is masked; the official code includes it with arbitrary labels (spec 1.2 iv).
+
+Ablation switches (spec 3), all in `cfg.concept`: `scoring` (labels), `mix` (interleave / add / none),
+`lam: 0` (mixing only, no labels needed), `target: hidden_l2 | hidden_cosine` (regress the teacher's
+normalised hidden state at `sae.layer` instead of predicting concepts), and `k`, `k_attr`, `insert_layer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cocomix.config import Config, ConfigError
+from cocomix.methods import Batch, Method
+from cocomix.model import normalize_per_token
+
+
+def concept_loss(logits: torch.Tensor, labels: torch.Tensor, per_block: bool = False) -> torch.Tensor:
+    """Mean over labelled positions of the mean over K_attr of CE(z_t, label) (spec 1.3, Eq. 2).
+
+    logits (B, T, C); labels (B, T, K) with -1 where a position has no label. Each label is its own
+    softmax cross-entropy over all C logits (not a multi-label loss), as the official code.
+    per_block: one mean per block, shape (B,), instead of one over the batch.
+    """
+    valid = labels >= 0  # (B, T, K)
+    logits = logits.float()  # a stable log-softmax under bf16 autocast
+    # -log softmax(z)[i] = logsumexp(z) - z[i]; one logsumexp per position serves all K labels.
+    nll = (logits.logsumexp(-1, keepdim=True) - logits.gather(-1, labels.clamp(min=0))) * valid  # (B, T, K)
+    if per_block:
+        return nll.sum((1, 2)) / valid.sum((1, 2)).clamp(min=1)
+    return nll.sum() / valid.sum().clamp(min=1)
+
+
+def hidden_regression_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """The direct hidden-state ablation (spec 3): prediction vs the teacher's per-token normalised
+    hidden state, both (B, T, D). l2: mean squared error (||.||^2 / D, so its scale is comparable to a
+    CE); cosine: 1 - cos."""
+    prediction = prediction.float()
+    if kind == "hidden_l2":
+        return (prediction - target).pow(2).mean()
+    return 1.0 - F.cosine_similarity(prediction, target, dim=-1).mean()
+
+
+class CoCoMix(Method):
+    name = "cocomix"
+    uses = ("teacher", "sae", "concept")  # the labels depend on all three
+
+    def __init__(self):
+        self.cfg: Config | None = None
+        self.label_cache = None
+        self.teacher = None
+        self.sae = None
+
+    # ---- model ----
+
+    def model_config(self, cfg: Config, vocab_size: int, eos_id: int):
+        c = cfg.concept
+        hidden = c.target != "concepts"
+        return dataclasses.replace(
+            super().model_config(cfg, vocab_size, eos_id),
+            slot="concept",
+            insert_layer=c.insert_layer,
+            concept_mix=c.mix,
+            concept_target="hidden" if hidden else "concepts",
+            n_concepts=cfg.sae.n_latents,
+            concept_k=c.k,
+            concept_hidden_dim=_teacher_width(cfg) if hidden else 0,
+        )
+
+    # ---- labels ----
+
+    @property
+    def _needs_labels(self) -> bool:
+        return self.cfg.concept.lam > 0 and self.cfg.concept.target == "concepts"
+
+    def setup(self, trainer) -> None:
+        self.cfg = cfg = trainer.cfg
+        if self._needs_labels and cfg.concept.labels == "cached":
+            from cocomix.concepts import LabelCache
+
+            self.label_cache = LabelCache(cfg)  # refuses a cache made for other data/teacher/SAE/k_attr
+        elif self._needs_labels or cfg.concept.target != "concepts":
+            from cocomix.teacher import load_teacher
+
+            self.teacher = load_teacher(cfg, trainer.device)
+            if cfg.concept.target == "concepts":
+                from cocomix.sae import load_sae
+
+                self.sae = load_sae(cfg, trainer.device)
+
+    def extras(self, split: str, block_indices) -> dict[str, torch.Tensor]:
+        if self.label_cache is None:
+            return {}
+        return {"concept_labels": self.label_cache.get(split, block_indices)}  # (B, T, K_attr)
+
+    def _labels(self, batch: Batch) -> torch.Tensor:
+        if "concept_labels" in batch.extras:
+            return batch.extras["concept_labels"]
+        from cocomix.concepts import concept_labels
+
+        with torch.enable_grad(), torch.autocast(batch.input_ids.device.type, enabled=False):  # fp32 attribution
+            return concept_labels(self.teacher, self.sae, batch.input_ids, self.cfg.concept, self.cfg.sae.layer)
+
+    def _teacher_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        from cocomix.teacher import run_teacher
+
+        with torch.no_grad(), torch.autocast(input_ids.device.type, enabled=False):
+            h = run_teacher(self.teacher, input_ids, self.cfg.sae.layer, stop_at_layer=True)[1]
+        return normalize_per_token(h)[0]  # (B, T, D): the scale-free target the head regresses
+
+    # ---- objective ----
+
+    def loss(self, model, batch: Batch):
+        out = model(input_ids=batch.input_ids, labels=batch.input_ids, use_cache=False)
+        parts = {"ntp_loss": out.loss.detach()}
+        c = self.cfg.concept if self.cfg is not None else None
+        if c is None or c.lam == 0:
+            return out.loss, parts  # "mixing only": the head is trained through the LM loss alone
+        if c.target == "concepts":
+            aux = concept_loss(out.concept_logits, self._labels(batch))
+        else:
+            aux = hidden_regression_loss(out.concept_logits, self._teacher_hidden(batch.input_ids), c.target)
+        parts["concept_loss"] = aux.detach()
+        return out.loss + c.lam * aux, parts
+
+    def eval_metrics(self, model, batch: Batch, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per held-out block: the concept loss, top-1 accuracy of z_t against the first (highest-scored)
+        label, and whether the top-1 concept is any of the K_attr labels."""
+        if self.cfg is None or not self._needs_labels:
+            return {}
+        labels = self._labels(batch)  # (B, T, K)
+        concept_logits = model.predict_concepts(batch.input_ids).logits  # only the first insert_layer blocks
+        valid = labels[..., 0] >= 0  # (B, T)
+        top1 = concept_logits.argmax(-1)  # (B, T)
+        per_position = {
+            "concept_acc": (top1 == labels[..., 0]).float(),
+            "concept_acc_any": (top1[..., None] == labels).any(-1).float(),
+        }
+        out = {k: (v * valid).sum(1) / valid.sum(1).clamp(min=1) for k, v in per_position.items()}
+        out["concept_loss"] = concept_loss(concept_logits, labels, per_block=True)
+        return out
+
+    def teacher_flops_per_token(self) -> float:
+        """Online labels: teacher forward + backward to the SAE layer + SAE (`cocomix.flops`);
+        hidden-state targets: the teacher's forward up to `sae.layer`. Cached labels: 0 (extracted before)."""
+        from cocomix.flops import block_params, concept_label_flops_per_token
+
+        if self.teacher is None:
+            return 0.0
+        T, layer = self.cfg.train.block_size, self.cfg.sae.layer
+        if self.sae is not None:
+            return float(concept_label_flops_per_token(self.teacher, layer, self.cfg.sae.n_latents, T,
+                                                       self.cfg.concept.scoring))
+        below, d = layer + 1, self.teacher.config.n_embd  # blocks 0..layer, forward only
+        return float(2 * below * block_params(self.teacher) + 4 * below * d * T)
+
+
+def _teacher_width(cfg: Config) -> int:
+    """The teacher's hidden width from its config.json (ours or GPT-2's; both call it n_embd)."""
+    if not cfg.teacher.path:
+        raise ConfigError(f"config key 'teacher.path': concept.target={cfg.concept.target} regresses the "
+                          "teacher's hidden state and needs a teacher")
+    config_file = Path(cfg.teacher.path) / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"config key 'teacher.path': {config_file} not found")
+    return int(json.loads(config_file.read_text())["n_embd"])

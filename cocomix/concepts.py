@@ -1,0 +1,319 @@
+"""Concept labels (spec 1.2): which SAE latents most influence the teacher's next-token loss,
+computed online or once for the whole corpus and cached.
+
+Default (official code): a_t = (∂L/∂h_t · W_dec) ⊙ c_t, with L the mean next-token loss over the
+whole block, h_t the teacher's residual stream after block `sae.layer` (the real activation, no
+reconstruction spliced in), c_t the post-TopK SAE code; labels = the K_attr largest scores
+(signed). Options (`concept.*`): `scoring: attribution_preact` multiplies by the pre-TopK code
+c_pre (paper v1, every latent can score), `scoring: activation` takes the top activations (the
+paper's ablation), `loss_scope: next_token` differentiates each position's own next-token loss.
+
+Code-vs-paper details (spec 1.2 (i)-(iv)):
+* the SAE's de-normalisation factor σ_t in ∂L/∂c_t is dropped as in the code (a positive
+  per-token scale: the ranking is unchanged);
+* with the post-TopK multiplier only the k active latents can score non-zero; the code's dense
+  topk then picks arbitrary zero-score latents when fewer than K_attr are positive. We rank the
+  k active latents instead (identical whenever K_attr of them score positive, deterministic
+  otherwise);
+* the last position of a block has no next token: its labels are -1 and the concept loss
+  downstream must ignore it (the code trains on arbitrary labels there).
+
+Cache layout (`cfg.concept_dir`), aligned with `TokenBlocks` (block i of a split = rows
+[i*T, (i+1)*T) of its file):
+
+    train.labels.bin, val.labels.bin   (n_blocks, block_size, k_attr) little-endian uint16 when
+                                       n_latents < 65535 (65535 = no label), else int32 (-1)
+    manifest.json                      written last: what the labels are a function of (data,
+                                       teacher and SAE hashes; layer, K_attr, scoring, loss scope,
+                                       block size), file sizes and sha256
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cocomix.config import Config, ConceptConfig, ConfigError
+from cocomix.data import DataError
+from cocomix.teacher import next_token_losses, run_teacher
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+SPLITS = ("train", "val")
+NO_LABEL = -1
+
+
+# --------------------------------------------------------------------------------------
+# Attribution and labels
+# --------------------------------------------------------------------------------------
+
+
+def loss_gradient(teacher, input_ids: torch.Tensor, layer: int, loss_scope: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, g): the teacher activation after block `layer` (B, T, d) and ∂L/∂h (B, T, d).
+
+    sequence_mean: L = mean over B and positions 0..T-2 of the next-token loss (code).
+    next_token:    g_t = ∂ℓ_t/∂h_t with ℓ_t the loss of predicting token t+1 (paper Eq. 1). Position
+                   t also influences later losses through attention, so this needs one backward
+                   pass per position (T-1 passes): an option for comparisons, not for scale.
+    """
+    with torch.enable_grad():
+        logits, h = run_teacher(teacher, input_ids, layer)
+        losses = next_token_losses(logits, input_ids)  # (B, T-1)
+        if loss_scope == "sequence_mean":
+            (g,) = torch.autograd.grad(losses.mean(), h)
+        elif loss_scope == "next_token":
+            g = torch.zeros_like(h)
+            T = input_ids.size(1)
+            for t in range(T - 1):  # the B sequences are independent, so one pass serves the batch
+                (gt,) = torch.autograd.grad(losses[:, t].sum(), h, retain_graph=t < T - 2)
+                g[:, t] = gt[:, t]
+        else:
+            raise ConfigError(f"config key 'concept.loss_scope': unknown value {loss_scope!r}")
+    return h.detach(), g
+
+
+def attribution_scores(sae, h: torch.Tensor, g: torch.Tensor, scoring: str):
+    """Scores and the latent each refers to: (scores (B, T, m), latents (B, T, m)).
+
+    attribution:         m = k, the active latents: (g · W_dec[:, j]) * c_j
+    attribution_preact:  m = C, every latent: (g · W_dec[:, j]) * c_pre_j
+    activation:          m = k, the top activations c_j
+    """
+    top_acts, top_indices, info = sae.encode(h)
+    if scoring == "activation":
+        return top_acts, top_indices
+    grad_dict = g.to(sae.W_dec.dtype) @ sae.W_dec  # (B, T, C): ∂L/∂c without the σ_t factor (spec 1.2 iii)
+    if scoring == "attribution":
+        return torch.gather(grad_dict, -1, top_indices) * top_acts, top_indices
+    if scoring == "attribution_preact":
+        pre = sae.encode_pre_act(sae.preprocess(h)[0])  # (B, T, C)
+        latents = torch.arange(sae.n_latents, device=h.device).expand_as(pre)
+        return grad_dict * pre, latents
+    raise ConfigError(f"config key 'concept.scoring': unknown value {scoring!r}")
+
+
+def concept_labels(teacher, sae, input_ids: torch.Tensor, concept: ConceptConfig, layer: int) -> torch.LongTensor:
+    """Top-K_attr concept labels of every position: LongTensor (B, T, k_attr), the largest score
+    first; -1 at the last position (no next token). Runs the teacher forward (and backward for
+    attribution scoring) itself; safe inside `torch.no_grad()`."""
+    with torch.no_grad():
+        if concept.scoring == "activation":
+            _, h = run_teacher(teacher, input_ids, layer, stop_at_layer=True)  # no loss needed
+            g = None
+        else:
+            h, g = loss_gradient(teacher, input_ids, layer, concept.loss_scope)
+        scores, latents = attribution_scores(sae, h, g, concept.scoring)
+        if concept.k_attr > scores.size(-1):
+            raise ConfigError(f"config key 'concept.k_attr': {concept.k_attr} labels from {scores.size(-1)} scored latents")
+        best = scores.float().topk(concept.k_attr, dim=-1, sorted=True).indices  # (B, T, k_attr)
+        labels = torch.gather(latents, -1, best).long()
+        labels[:, -1] = NO_LABEL
+    return labels
+
+
+# --------------------------------------------------------------------------------------
+# The cache
+# --------------------------------------------------------------------------------------
+
+
+def label_dtype(n_latents: int) -> np.dtype:
+    return np.dtype("<u2") if n_latents < 65535 else np.dtype("<i4")
+
+
+def _sentinel(dtype: np.dtype) -> int:
+    return 65535 if dtype == np.dtype("<u2") else NO_LABEL
+
+
+def data_fingerprint(data_dir: Path) -> str:
+    """sha256 over the tokenizer hash and every shard's sha256: the token content, not timestamps."""
+    from cocomix.data.shards import load_manifest
+
+    m = load_manifest(data_dir, verify=False)
+    parts = [m["tokenizer_hash"]] + [
+        f"{split}/{s['file']}/{s['sha256']}" for split in sorted(m["splits"]) for s in m["splits"][split]["shards"]
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def cache_key(cfg: Config) -> dict:
+    """Everything the labels are a function of; a cache is used only when all of it matches."""
+    from cocomix.sae import sae_hash
+    from cocomix.teacher import teacher_hash
+
+    c = cfg.concept
+    return {
+        "format_version": FORMAT_VERSION,
+        "data_sha256": data_fingerprint(cfg.data_dir),
+        "teacher_sha256": teacher_hash(cfg),
+        "sae_sha256": sae_hash(cfg),
+        "layer": cfg.sae.layer,
+        "n_latents": cfg.sae.n_latents,
+        "block_size": cfg.train.block_size,
+        "k_attr": c.k_attr,
+        "scoring": c.scoring,
+        "loss_scope": c.loss_scope,
+    }
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+class LabelCache:
+    """Read access to an extracted label cache, refused unless it was made from the data, teacher,
+    SAE and label settings of `cfg`."""
+
+    def __init__(self, cfg: Config):
+        self.dir = Path(cfg.concept_dir)
+        path = self.dir / MANIFEST
+        if not path.is_file():
+            raise DataError(f"concept cache {self.dir}: no {MANIFEST} (run `cocomix extract-concepts` first)")
+        try:
+            self.manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e}); re-run `cocomix extract-concepts`") from None
+        expected = cache_key(cfg)
+        for key, want in expected.items():
+            got = self.manifest.get(key)
+            if got != want:
+                show = (lambda v: v[:12] if isinstance(v, str) and len(v) == 64 else v)  # noqa: E731
+                raise DataError(f"concept cache {self.dir}: {key} {show(got)!r} does not match {show(want)!r} in use "
+                                f"(re-run `cocomix extract-concepts`)")
+        self._open()
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "LabelCache":
+        """Open a cache WITHOUT checking it against a config (inspection, benchmarks); training uses
+        `LabelCache(cfg)`."""
+        self = cls.__new__(cls)
+        self.dir = Path(folder)
+        self.manifest = json.loads((self.dir / MANIFEST).read_text())
+        self._open()
+        return self
+
+    def _open(self) -> None:
+        self.k_attr = int(self.manifest["k_attr"])
+        self.block_size = int(self.manifest["block_size"])
+        dtype = np.dtype(self.manifest["dtype"])
+        self._sentinel = _sentinel(dtype)
+        self._labels = {}
+        for split, entry in self.manifest["splits"].items():
+            f = self.dir / entry["file"]
+            if not f.is_file() or f.stat().st_size != entry["bytes"]:
+                raise DataError(f"concept cache {f}: missing or not {entry['bytes']} bytes (re-run `cocomix extract-concepts`)")
+            self._labels[split] = np.memmap(f, dtype=dtype, mode="r").reshape(entry["n_blocks"], self.block_size, self.k_attr)
+
+    def get(self, split: str, block_indices) -> torch.LongTensor:
+        """Labels of blocks `block_indices` of `split`: LongTensor (n, block_size, k_attr), -1 = none."""
+        if split not in self._labels:
+            raise DataError(f"concept cache {self.dir}: no split {split!r}")
+        arr = self._labels[split][np.asarray(block_indices, dtype=np.int64)].astype(np.int64)  # (n, T, k_attr)
+        arr[arr == self._sentinel] = NO_LABEL
+        return torch.from_numpy(arr)
+
+
+def extract_concepts(cfg: Config, progress: bool = True) -> Path:
+    """`cocomix extract-concepts`: labels for every train and val block, written to
+    `cfg.concept_dir` in chunks of `concept.extract_batch_size` blocks.
+
+    Resumable: each chunk is appended and fsynced before `progress.json` records it, so a killed run
+    restarts at the first unrecorded chunk, and (chunks being fixed batches) the result is
+    byte-identical to an uninterrupted run on the same hardware. A finished cache whose key matches
+    is left as it is.
+    """
+    from cocomix.data.shards import TokenBlocks, load_manifest
+    from cocomix.sae import load_sae
+    from cocomix.teacher import load_teacher
+
+    batch_blocks = cfg.concept.extract_batch_size
+    if batch_blocks <= 0:
+        raise ConfigError(f"config key 'concept.extract_batch_size': must be positive, got {batch_blocks}")
+    load_manifest(cfg.data_dir, verify=True)  # labels of corrupt shards would be wrong forever
+    key = cache_key(cfg)
+    out = Path(cfg.concept_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST).is_file():
+        try:
+            LabelCache(cfg)
+            return out  # already complete for exactly this key
+        except DataError:
+            (out / MANIFEST).unlink()  # stale: invalidate first, then rebuild below
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = load_teacher(cfg, device)
+    sae = load_sae(cfg, device)
+    if sae.d_model != teacher.config.n_embd:
+        raise ConfigError(f"config key 'sae.path': the SAE reads {sae.d_model}-wide activations, the teacher is {teacher.config.n_embd} wide")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    dtype = label_dtype(cfg.sae.n_latents)
+    T, k_attr = cfg.train.block_size, cfg.concept.k_attr
+    row_bytes = T * k_attr * dtype.itemsize  # one block
+
+    run_key = {**key, "extract_batch_size": batch_blocks, "dtype": dtype.str}
+    state = {"key": run_key, "blocks_done": {}}
+    if (out / PROGRESS).is_file():
+        previous = json.loads((out / PROGRESS).read_text())
+        if previous.get("key") == run_key:
+            state = previous
+    blocks = {s: TokenBlocks(cfg.data_dir, s, T, verify=False) for s in SPLITS}
+    total = sum(len(b) for b in blocks.values())
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=sum(state["blocks_done"].values()), desc="extract-concepts", unit="block")
+    entries = {}
+    for split in SPLITS:
+        n = len(blocks[split])
+        final = out / f"{split}.labels.bin"
+        partial = out / f"{split}.labels.bin.partial"
+        done = state["blocks_done"].get(split, 0)
+        if not (done == n and final.is_file() and final.stat().st_size == n * row_bytes):
+            if done == n:  # recorded complete but the file is gone: redo this split
+                done = 0
+            final.unlink(missing_ok=True)
+            mode = "r+b" if partial.is_file() and done > 0 else "wb"
+            with partial.open(mode) as f:
+                f.truncate(done * row_bytes)  # drops a chunk written but not recorded before a kill
+                f.seek(done * row_bytes)
+                for a in range(done, n, batch_blocks):
+                    ids = blocks[split].get_batch(range(a, min(n, a + batch_blocks))).to(device)
+                    with autocast:
+                        labels = concept_labels(teacher, sae, ids, cfg.concept, cfg.sae.layer)
+                    arr = labels.cpu().numpy()
+                    arr[arr == NO_LABEL] = _sentinel(dtype)
+                    f.write(arr.astype(dtype).tobytes())  # (n_chunk, T, k_attr) row-major
+                    f.flush()
+                    os.fsync(f.fileno())
+                    state["blocks_done"][split] = min(n, a + batch_blocks)
+                    _write_json_atomic(out / PROGRESS, state)
+                    if bar is not None:
+                        bar.update(min(n, a + batch_blocks) - a)
+            os.replace(partial, final)
+            state["blocks_done"][split] = n
+            _write_json_atomic(out / PROGRESS, state)
+        entries[split] = {"file": final.name, "n_blocks": n, "bytes": final.stat().st_size, "sha256": _file_sha256(final)}
+    if bar is not None:
+        bar.close()
+    manifest = {**key, "dtype": dtype.str, "no_label": _sentinel(dtype), "teacher_path": str(cfg.teacher.path),
+                "sae_path": str(cfg.sae.path or cfg.experiment_dir / "sae"), "splits": entries}
+    _write_json_atomic(out / MANIFEST, manifest)  # last: its presence means complete
+    (out / PROGRESS).unlink(missing_ok=True)
+    return out

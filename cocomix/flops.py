@@ -1,0 +1,64 @@
+"""FLOPs per training token: what the student costs, and what an online teacher costs on top.
+
+The student's training FLOPs per token come from the model itself (`CocomixForCausalLM.
+flops_per_token`, PaLM/nanoGPT convention: 6 FLOPs per matmul weight plus 12 * n_layer * d * T
+for attention; every variant of the backbone keeps that method correct). This module adds the
+cost spent *outside* the student, which every run reports separately as
+`teacher_flops_per_token` (spec section 6, question 10: the paper's compute figures appear to
+leave it out, so we never fold it into the student's number):
+
+    method                           teacher FLOPs per student training token
+    NTP, pause, CoCoMix (cached)     0            labels were extracted once, before training
+    KD, KD + pause                   forward      the teacher's logits at every position
+    CoCoMix (online labels)          forward + backward to the SAE layer + SAE (spec 1.2)
+
+Same convention as the student: a matmul weight costs 2 FLOPs per token forward; softmax,
+LayerNorm, GELU and losses are not counted; attention is counted over the full T x T square.
+"""
+
+from __future__ import annotations
+
+
+def block_params(model) -> int:
+    """Parameters of one transformer block (all blocks of our backbone have the same shape)."""
+    return sum(p.numel() for p in model.transformer.h[0].parameters())
+
+
+def forward_flops_per_token(model, seq_len: int) -> int:
+    """One forward pass of a plain backbone (a teacher) per token at context length seq_len.
+
+    2 FLOPs per weight of the blocks, ln_f and the LM-head matmul (the tied head is a matmul even
+    though its weight is the embedding table; embedding lookups are gathers, 0 FLOPs), plus
+    4 * d * T per layer for attention (q.k scores and the weighted sum of v, 2 * T * d each).
+    """
+    cfg = model.config
+    matmul_params = cfg.n_layer * block_params(model) + 2 * cfg.n_embd + cfg.vocab_size * cfg.n_embd  # + ln_f
+    return 2 * matmul_params + 4 * cfg.n_layer * cfg.n_embd * seq_len
+
+
+def concept_label_flops_per_token(teacher, sae_layer: int, n_latents: int, seq_len: int,
+                                  scoring: str = "attribution") -> int:
+    """Online concept labels (spec 1.2) per token: what `concept.labels=online` adds to every step.
+
+    attribution (the official code; attribution_preact is costed the same, its pre-activations come
+    from the same encode; the paper's per-position `concept.loss_scope=next_token`, T-1 backward
+    passes, is an analysis option and not covered):
+      teacher forward over the whole block                 forward_flops_per_token(teacher)
+      backward from the mean loss to the output of block `sae_layer`, activation gradients only
+      (the teacher is frozen, so no weight gradients):
+        LM head, ln_f and the blocks above sae_layer       2 FLOPs per weight (one matmul each)
+        attention in those blocks                          8 * d * T (dS.K, dS^T.Q, dO.V^T, P^T.dO)
+      SAE encode (W_enc, dense C x d)                      2 * d * C
+      g @ W_dec (dense, as in the code)                    2 * d * C
+    activation (the ablation): the forward up to and including block `sae_layer`, then the encode.
+    """
+    cfg = teacher.config
+    d, V, L = cfg.n_embd, cfg.vocab_size, cfg.n_layer
+    encode = 2 * d * n_latents
+    if scoring == "activation":
+        below = sae_layer + 1  # blocks 0..sae_layer
+        return 2 * below * block_params(teacher) + 4 * below * d * seq_len + encode
+    above = L - sae_layer - 1  # blocks the gradient flows back through
+    backward = 2 * (above * block_params(teacher) + 2 * d + V * d) + 8 * above * d * seq_len
+    return forward_flops_per_token(teacher, seq_len) + backward + encode + 2 * d * n_latents
+

@@ -1,0 +1,122 @@
+"""The frozen teacher: load it, fingerprint it, and read (or edit) its residual stream.
+
+The teacher is the LM whose SAE concepts supervise CoCoMix (spec 1.1: GPT-2 124M in the paper;
+in the tiny profile one of our own NTP checkpoints). `cfg.teacher.path` is either
+
+* one of our checkpoints (`config.json` with `model_type: "cocomix"`), or
+* a transformers GPT-2 folder (`model_type: "gpt2"`), imported with `CocomixForCausalLM.from_gpt2`.
+
+The residual stream "after block `layer`" (GPT-2 `blocks.{layer}.hook_resid_post`) is the output
+of `transformer.h[layer]`; `run_teacher` exposes it through a forward hook so the model's own
+forward stays the single source of truth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from cocomix.config import Config, ConfigError
+from cocomix.data import DataError
+from cocomix.model import CocomixForCausalLM
+
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _teacher_dir(cfg: Config) -> Path:
+    if not cfg.teacher.path:
+        raise ConfigError("config key 'teacher.path': not set (expected a checkpoint folder or a GPT-2 folder)")
+    path = Path(cfg.teacher.path)
+    if not (path / "config.json").is_file():
+        raise DataError(f"teacher {path}: not a model folder (no config.json); set teacher.path to a checkpoint")
+    return path
+
+
+def load_teacher(cfg: Config, device: torch.device | str = "cpu") -> CocomixForCausalLM:
+    """The frozen teacher of `cfg.teacher.path`, in eval mode (no dropout) and without gradients
+    on its weights (attribution differentiates w.r.t. activations only)."""
+    path = _teacher_dir(cfg)
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    try:
+        if model_type == "cocomix":
+            model = CocomixForCausalLM.from_pretrained(path)
+        elif model_type == "gpt2":
+            from transformers import GPT2LMHeadModel
+
+            model = CocomixForCausalLM.from_gpt2(GPT2LMHeadModel.from_pretrained(path))
+        else:
+            raise DataError(f"teacher {path}: model_type {model_type!r} is neither 'cocomix' nor 'gpt2'")
+    except OSError as e:  # missing or unreadable weights
+        raise DataError(f"teacher {path}: cannot load weights ({str(e).splitlines()[0]})") from None
+    if getattr(model.config, "slot", "none") not in ("none", None):
+        raise DataError(f"teacher {path}: a '{model.config.slot}'-slot model; the teacher must be a plain LM")
+    model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    return model
+
+
+def teacher_hash(cfg: Config) -> str:
+    """sha256 of the teacher's config.json and weight file: the teacher's identity in caches."""
+    path = _teacher_dir(cfg)
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    weights = [path / f for f in _WEIGHT_FILES if (path / f).is_file()]
+    if not weights:
+        raise DataError(f"teacher {path}: no weights (expected one of {list(_WEIGHT_FILES)})")
+    with weights[0].open("rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _Stop(Exception):
+    """Raised by the hook to skip the blocks above `layer` when only the activation is needed."""
+
+
+def run_teacher(
+    teacher: CocomixForCausalLM,
+    input_ids: torch.Tensor,
+    layer: int,
+    edit: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    stop_at_layer: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Run the teacher and return (logits (B, T, V) or None, h (B, T, d)).
+
+    h is the output of block `layer`, detached and made a leaf that requires grad, so
+    `torch.autograd.grad(loss, h)` gives dL/dh (spec 1.2 step 2) without any teacher weight in
+    the graph. `edit(h)` replaces the activation seen by the upper blocks (e.g. by the SAE
+    reconstruction). `stop_at_layer` skips everything above `layer` (logits come back None).
+    """
+    n_layer = teacher.config.n_layer
+    if not 0 <= layer < n_layer:
+        raise ConfigError(f"config key 'sae.layer': {layer} is not a block of the {n_layer}-block teacher")
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(module, args, output):
+        h = output.detach().requires_grad_(torch.is_grad_enabled())
+        captured["h"] = h
+        if stop_at_layer:
+            raise _Stop
+        return edit(h) if edit is not None else h
+
+    handle = teacher.transformer.h[layer].register_forward_hook(hook)
+    try:
+        logits = teacher(input_ids=input_ids, use_cache=False).logits
+    except _Stop:
+        logits = None
+    finally:
+        handle.remove()
+    return logits, captured["h"]
+
+
+def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per-position next-token cross-entropy (B, T-1), at least fp32: position t predicts token t+1."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)),  # (B*(T-1), V)
+        input_ids[:, 1:].reshape(-1),                         # (B*(T-1),)
+        reduction="none",
+    ).view(input_ids.size(0), -1)

@@ -1,0 +1,297 @@
+"""Baselines on the shared trainer: KD, pause tokens, KD + pause (spec section 3)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, tiny_overrides
+from cocomix.config import ConfigError, load_config
+from cocomix.methods import get_method
+from cocomix.trainer import Trainer, train
+
+SHORT = ["train.tokens=40960", "train.log_every_steps=5"]  # 40 steps of 1024 tokens
+
+
+def _cfg(tmp_path, data, *extra):
+    return load_config(ROOT / "config/tiny.yaml", tiny_overrides(tmp_path, data, *extra))
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(final: dict) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(final["checkpoint"]) / "model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# KD
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_kd_kl_equals_reference(temperature):
+    from baselines.kd import kd_kl
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7, generator=g) * 3, torch.randn(2, 5, 7, generator=g) * 3
+    # Reference: the textbook sum over the vocabulary, in float64, one position at a time.
+    total = 0.0
+    for b in range(2):
+        for t in range(5):
+            p = torch.softmax(teacher[b, t].double() / temperature, -1)
+            q = torch.softmax(student[b, t].double() / temperature, -1)
+            total += float((p * (p / q).log()).sum())
+    expected = temperature**2 * total / 10
+    assert kd_kl(student, teacher, temperature).item() == pytest.approx(expected, rel=1e-5)
+    # And torch's own KL between categoricals agrees.
+    dist = torch.distributions.Categorical
+    ref = torch.distributions.kl_divergence(dist(logits=teacher / temperature), dist(logits=student / temperature))
+    assert kd_kl(student, teacher, temperature).item() == pytest.approx(temperature**2 * ref.mean().item(), rel=1e-5)
+    assert kd_kl(teacher, teacher, temperature).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kd_teacher_equal_to_student_init_gives_zero_kl(tmp_path, tiny_data, tiny_teacher):
+    # The student's initial weights (same seed, same config), saved as a checkpoint: the teacher.
+    init = Trainer(_cfg(tmp_path, tiny_data, "run_name=init"), progress=False)
+    init_ckpt = init.save_checkpoint()
+
+    trainer = Trainer(_cfg(tmp_path, tiny_data, "method=kd", f"teacher.path={init_ckpt}"), progress=False)
+    for name, p in trainer.model.state_dict().items():
+        assert torch.equal(p, trainer.method.teacher.state_dict()[name]), name
+    batch = trainer._micro_batches()[0]
+    loss, parts = trainer.method.loss(trainer.model, batch)
+    assert parts["kd_loss"].item() == pytest.approx(0.0, abs=1e-6)
+    assert loss.item() == pytest.approx(parts["ntp_loss"].item() + 0.1 * parts["kd_loss"].item(), rel=1e-6)
+    assert not trainer.method.teacher.training
+    assert all(not p.requires_grad for p in trainer.method.teacher.parameters())
+
+    # Not vacuous: a trained teacher is far from the random student (its KL is large).
+    trained = Trainer(_cfg(tmp_path, tiny_data, "method=kd", f"teacher.path={tiny_teacher}"), progress=False)
+    _, parts = trained.method.loss(trained.model, batch)
+    assert parts["kd_loss"].item() > 0.5
+
+
+def test_kd_with_zero_weight_reproduces_ntp(tmp_path, tiny_data, tiny_teacher):
+    # Dropout on: the teacher must not shift the student's RNG stream either.
+    common = [*SHORT, "model.dropout=0.1"]
+    ntp = train(_cfg(tmp_path, tiny_data, *common), progress=False)
+    kd_cfg = _cfg(tmp_path, tiny_data, *common, "method=kd", "kd.lam=0", f"teacher.path={tiny_teacher}")
+    kd = train(kd_cfg, progress=False)
+
+    ntp_log, kd_log = _metrics(_cfg(tmp_path, tiny_data, *common).run_dir), _metrics(kd_cfg.run_dir)
+    assert len(ntp_log) == len(kd_log) > 2
+    for a, b in zip(ntp_log, kd_log):
+        for key in ("step", "train/loss", "train/ntp_loss", "val/loss"):
+            assert a.get(key) == b.get(key), (key, a, b)
+        assert "train/kd_loss" not in a and b["train/kd_loss"] > 0  # the teacher really ran
+    ntp_w, kd_w = _weights(ntp), _weights(kd)
+    assert ntp_w.keys() == kd_w.keys()
+    for name in ntp_w:
+        assert torch.equal(ntp_w[name], kd_w[name]), name
+    assert kd["teacher_flops_per_token"] > 0 and ntp["teacher_flops_per_token"] == 0
+
+
+def test_kd_refuses_a_teacher_with_another_vocabulary(tmp_path, tiny_data, tiny_teacher):
+    with pytest.raises(ConfigError, match=r"^config key 'teacher.path': .*vocab_size.*tokenizer"):
+        Trainer(_cfg(tmp_path, tiny_data, "method=kd", f"teacher.path={tiny_teacher}", "model.vocab_size=600"),
+                progress=False)
+
+
+def test_kd_refuses_a_teacher_with_another_tokenizer(tmp_path, tiny_data, tiny_teacher):
+    import shutil
+
+    from cocomix.data import DataError
+
+    other = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # same size, two ids swapped: a different tokenizer
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(DataError, match=r"tokenizer .*teacher.* does not match the tokenizer of"):
+        Trainer(_cfg(tmp_path, tiny_data, "method=kd", f"teacher.path={other}"), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pause tokens
+# ---------------------------------------------------------------------------------------------
+
+
+def _pause_model(tmp_path):
+    """A pause model as the `pause` method builds it: 3 blocks, pause slot after block 1."""
+    cfg = load_config(ROOT / "config/tiny.yaml", tiny_overrides(tmp_path, tmp_path, "model.n_layer=3",
+                                                                "concept.insert_layer=1", "train.block_size=32"))
+    torch.manual_seed(0)
+    model = get_method("pause").build_model(cfg, vocab_size=512, eos_id=0).eval()
+    assert model.config.slot == "pause" and model.config.insert_layer == 1
+    return model
+
+
+def test_pause_training_forward_is_causal(tmp_path):
+    model = _pause_model(tmp_path).train()  # dropout 0: train mode is deterministic
+    ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(1))
+    logits = model(input_ids=ids, use_cache=False).logits  # (1, T, V)
+    assert logits.shape == (1, 32, 512)
+    # Row t of `changed` differs from `ids` only at token t+1: one forward checks every t.
+    changed = ids.repeat(31, 1)  # (31, T)
+    rows = torch.arange(31)
+    changed[rows, rows + 1] = (ids[0, rows + 1] + 1) % 512
+    other = model(input_ids=changed, use_cache=False).logits  # (31, T, V)
+    for t in range(31):
+        torch.testing.assert_close(other[t, : t + 1], logits[0, : t + 1], rtol=0, atol=1e-6)
+        assert (other[t, t + 1] - logits[0, t + 1]).abs().max() > 1e-3  # position t+1 does see it
+    # The pause slot is really read: a different pause vector changes every prediction.
+    with torch.no_grad():
+        model.pause.embedding.add_(torch.randn(model.config.n_embd))  # not a constant: LayerNorm removes those
+    shifted = model(input_ids=ids, use_cache=False).logits
+    assert (shifted - logits).abs().amax(dim=-1).min() > 1e-3
+
+
+def test_pause_cached_generation_matches_and_is_causal(tmp_path):
+    model = _pause_model(tmp_path)
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        for prefill in (1, 10):
+            # Prefill, then one token at a time over the KV cache: the same logits at every position.
+            out = model(input_ids=ids[:, :prefill], use_cache=True)
+            steps, cache = [out.logits], out.past_key_values
+            for t in range(prefill, 24):
+                out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+                steps.append(out.logits)
+                cache = out.past_key_values
+            torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+        # Causality inside a cached prefill: changing token t+1 leaves positions <= t alone.
+        changed = ids.clone()
+        changed[:, 6] = (ids[:, 6] + 1) % 512
+        a = model(input_ids=ids[:, :10], use_cache=True).logits
+        b = model(input_ids=changed[:, :10], use_cache=True).logits
+        torch.testing.assert_close(b[:, :6], a[:, :6], rtol=0, atol=1e-6)
+        assert (b[:, 6] - a[:, 6]).abs().max() > 1e-3
+        # generate() with the cache picks the same tokens as without it.
+        prompt = ids[:, :5]
+        kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
+        cached = model.generate(prompt, use_cache=True, **kw)
+        uncached = model.generate(prompt, use_cache=False, **kw)
+    assert cached.shape == (2, 17) and torch.equal(cached, uncached)
+
+
+# ---------------------------------------------------------------------------------------------
+# Accounting: FLOPs per token by hand, parameter matching at the paper's scales
+# ---------------------------------------------------------------------------------------------
+
+
+def test_flops_per_token_of_every_method_by_hand(tmp_path, tiny_data, tiny_teacher):
+    from cocomix.flops import concept_label_flops_per_token
+
+    V, d, T, L, ell = 512, 64, 64, 2, 1      # TINY: vocab, width, block, student blocks, insert_layer
+    L_teacher = 3                            # the tiny teacher: same width, 3 blocks
+    P = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)  # one block
+    head = 2 * d + V * d                     # ln_f + the LM-head matmul (tied, still a matmul)
+    ntp = 6 * (L * P + head) + 12 * L * d * T
+    # Pause: the upper L - ell blocks run on 2 positions per token, attending over 2T keys.
+    pause = 6 * (ell * P + 2 * (L - ell) * P + head) + 12 * d * T * (ell + 4 * (L - ell))
+    teacher_forward = 2 * (L_teacher * P + head) + 4 * L_teacher * d * T
+    expected = {"ntp": (ntp, 0), "kd": (ntp, teacher_forward), "pause": (pause, 0),
+                "kd_pause": (pause, teacher_forward)}
+    for method, (student, teacher) in expected.items():
+        trainer = Trainer(_cfg(tmp_path, tiny_data, f"method={method}", f"teacher.path={tiny_teacher}"),
+                          progress=False)
+        got = trainer.accounting
+        assert (got["flops_per_token"], got["teacher_flops_per_token"]) == (student, teacher), method
+        # total = active for the baselines; the pause vector is d more parameters
+        extra = d if "pause" in method else 0
+        assert got["params"] == got["active_params"] == (V + T) * d + L * P + 2 * d + extra, method
+
+    # Online CoCoMix labels (cocomix/flops.py): teacher forward, activation-gradient backward from the
+    # loss to the output of block `layer` (LM head, ln_f, the blocks above; 8dT attention each), and the
+    # SAE's dense encode and g @ W_dec (2dC each). Activation labels: the forward to `layer` + encode.
+    from cocomix.teacher import load_teacher
+
+    teacher_model = load_teacher(_cfg(tmp_path, tiny_data, f"teacher.path={tiny_teacher}"))
+    C, layer = 256, 1
+    above = L_teacher - layer - 1
+    backward = 2 * (above * P + head) + 8 * above * d * T
+    assert concept_label_flops_per_token(teacher_model, layer, C, T) == teacher_forward + backward + 4 * d * C
+    assert concept_label_flops_per_token(teacher_model, layer, C, T, "activation") == \
+        2 * (layer + 1) * P + 4 * (layer + 1) * d * T + 2 * d * C
+
+
+@pytest.mark.parametrize("scale", ["69M", "386M", "1.38B"])
+def test_baselines_are_parameter_matched_to_cocomix_at_every_paper_scale(scale):
+    from cocomix.params import count_params_for, matching_ntp_width
+
+    def counts(method):
+        cfg = load_config(ROOT / "config/paper.yaml", [f"scale={scale}", f"method={method}"])
+        return cfg, count_params_for(get_method(method).model_config(cfg, 50257, 50256))
+
+    cocomix_cfg, cocomix = counts("cocomix")
+    for method in ("ntp", "kd", "pause", "kd_pause"):
+        cfg, got = counts(method)
+        assert cfg.model.n_layer == cocomix_cfg.model.n_layer and cfg.model.n_head == cocomix_cfg.model.n_head
+        # The width is the one whose parameters come closest to CoCoMix's active parameters (spec 1.7),
+        # and the pause slot sits where CoCoMix interleaves.
+        assert cfg.model.n_embd == matching_ntp_width(cocomix.active, cfg.model.n_layer, 50257, 1024), method
+        assert abs(got.active / cocomix.active - 1) < 0.02, (method, got.active, cocomix.active)
+        assert got.total == got.active
+        assert cfg.concept.insert_layer == cocomix_cfg.concept.insert_layer
+
+
+# ---------------------------------------------------------------------------------------------
+# Every method trains on the tiny config and logs the same metric names to MLflow
+# ---------------------------------------------------------------------------------------------
+
+
+def _random_sae(folder: Path, d_model: int, n_latents: int, k: int, layer: int) -> Path:
+    """An untrained SAE in `cocomix.sae`'s folder format: enough for online labels to be computed."""
+    from safetensors.torch import save_file
+
+    from cocomix.sae import SAE_CONFIG, WEIGHTS, TopKSAE
+
+    torch.manual_seed(0)
+    sae = TopKSAE(d_model, n_latents, k)
+    torch.nn.init.normal_(sae.encoder.weight)
+    torch.nn.init.normal_(sae.decoder.weight)
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in sae.state_dict().items()}, str(folder / WEIGHTS))
+    meta = {"format": "cocomix-topk-sae-v1", "d_model": d_model, "n_latents": n_latents, "k": k, "normalize": True,
+            "layer": layer}
+    (folder / SAE_CONFIG).write_text(json.dumps(meta))
+    return folder
+
+
+def test_every_method_trains_and_logs_the_same_metrics_to_mlflow(tmp_path, tiny_data, tiny_teacher):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sae = _random_sae(tmp_path / "sae", 64, 64, 8, layer=1)
+    common = ["train.tokens=16384", "eval.max_blocks=16", "tracking.enabled=true", f"tracking.uri={uri}",
+              f"teacher.path={tiny_teacher}", f"sae.path={sae}", "sae.n_latents=64", "sae.k=8", "concept.k=8",
+              "concept.labels=online"]
+    finals = {}
+    for method in ("ntp", "kd", "pause", "kd_pause", "cocomix"):
+        finals[method] = train(_cfg(tmp_path, tiny_data, *common, f"method={method}"), progress=False)
+
+    shared = {"train/loss", "train/ntp_loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/step",
+              "val/loss", "val/ppl"}
+    own = {"ntp": set(), "pause": set(), "kd": {"train/kd_loss"}, "kd_pause": {"train/kd_loss"},
+           "cocomix": {"train/concept_loss", "val/concept_loss", "val/concept_acc", "val/concept_acc_any"}}
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert sorted(r.data.tags["method"] for r in runs) == sorted(own)
+    for run in runs:
+        method, final = run.data.tags["method"], finals[run.data.tags["method"]]
+        assert run.info.status == "FINISHED" and run.info.run_id == final["mlflow_run_id"]
+        assert set(run.data.metrics) == shared | own[method], method
+        assert run.data.metrics["val/loss"] == pytest.approx(final["val/loss"])
+        history = client.get_metric_history(run.info.run_id, "train/ntp_loss")
+        assert [m.step for m in history] == [10240, 16384]  # step axis = tokens seen
+        for key in ("params", "active_params", "flops_per_token", "teacher_flops_per_token"):
+            assert run.data.params[f"accounting.{key}"] == str(final[key]), (method, key)
+        assert (final["teacher_flops_per_token"] > 0) == (method in ("kd", "kd_pause", "cocomix")), method
+    assert finals["cocomix"]["active_params"] < finals["cocomix"]["params"]
