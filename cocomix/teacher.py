@@ -29,9 +29,16 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def _teacher_dir(cfg: Config) -> Path:
-    if not cfg.teacher.path:
-        raise ConfigError("config key 'teacher.path': not set (expected a checkpoint folder or a GPT-2 folder)")
-    path = Path(cfg.teacher.path)
+    """`teacher.path`: a checkpoint or GPT-2 folder, or a run folder (its latest checkpoint). Unset,
+    the teacher is the experiment's own NTP run named 'teacher' (trained first by the DAG)."""
+    from cocomix.trainer import list_checkpoints
+
+    path = Path(cfg.teacher.path) if cfg.teacher.path else cfg.experiment_dir / "runs" / "teacher"
+    if not path.exists() and not cfg.teacher.path:
+        raise ConfigError(f"config key 'teacher.path': not set and no teacher run at {path} "
+                          "(expected a checkpoint folder or a GPT-2 folder)")
+    if not (path / "config.json").is_file() and list_checkpoints(path):
+        path = list_checkpoints(path)[-1]
     if not (path / "config.json").is_file():
         raise DataError(f"teacher {path}: not a model folder (no config.json); set teacher.path to a checkpoint")
     return path

@@ -225,7 +225,8 @@ def test_mismatched_cache_is_refused(small):
     r = subprocess.run(cli("extract-concepts", "--config", str(ROOT / "config/tiny.yaml"), "--no-progress",
                            *overrides, "teacher.path=null"), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip() == "cocomix: error: config key 'teacher.path': not set (expected a checkpoint folder or a GPT-2 folder)"
+    assert r.stderr.strip() == (f"cocomix: error: config key 'teacher.path': not set and no teacher run at "
+                                f"{cfg.experiment_dir / 'runs' / 'teacher'} (expected a checkpoint folder or a GPT-2 folder)")
     r = subprocess.run(cli("extract-concepts", "--config", str(ROOT / "config/tiny.yaml"), "--no-progress",
                            *overrides, f"sae.path={cfg.experiment_dir / 'missing'}"), capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "missing: not found" in r.stderr

@@ -1,0 +1,192 @@
+"""lm-evaluation-harness on an in-memory checkpoint, through its Python API (spec section 5:
+`simple_evaluate` via the `hf` wrapper, zero-shot).
+
+    harness = prepare_harness(["paper", "synthetic"], task_data=..., work_dir=..., data_dir=..., ...)
+    metrics, raw = harness.run(make_lm(model, tokenizer, batch_size=64), limit=None)
+
+`prepare_harness` is done once per `cocomix eval` call (task conversion, YAMLs, task index) and
+reused for every checkpoint. Task names: lm-eval's own (`hellaswag`, ...), our synthetic tasks
+(`synth_topic`, `synth_recall`), and the aliases `paper` (the seven) and `synthetic`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cocomix.config import ConfigError
+
+from .offline_tasks import LM_EVAL_TASK_FOLDERS, OFFLINE_SUFFIX, PAPER_METRICS, PAPER_TASKS, prepare_offline_tasks
+from .synthetic_tasks import SYNTHETIC_TASKS, prepare_synthetic_tasks
+
+ALIASES = {"paper": PAPER_TASKS, "synthetic": SYNTHETIC_TASKS}
+logger = logging.getLogger("cocomix.evals")
+
+
+def expand_tasks(names: list[str]) -> list[str]:
+    """Aliases -> task names, order kept, duplicates dropped."""
+    out: list[str] = []
+    for name in names:
+        for task in ALIASES.get(name, (name,)):
+            if task not in out:
+                out.append(task)
+    return out
+
+
+class _DropTruncationWarnings(logging.Filter):
+    """lm-eval warns once per request whose context is cut to the model's length; at tiny context
+    lengths that is every request. We count them ourselves and report one line per task set."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Combined length of context")
+
+
+def make_lm(model: torch.nn.Module, tokenizer, batch_size: int | str = 64, mixed_precision: torch.dtype | None = None):
+    """lm-eval's HFLM around a loaded model (no second load from disk)."""
+    from lm_eval.models.huggingface import HFLM
+
+    class CocomixLM(HFLM):
+        """HFLM that can score continuations longer than the model's context.
+
+        lm-eval asserts len(continuation) <= max_length. With the paper's 1024-token models this never
+        happens; with tiny models (64-128 positions) long HellaSwag/PIQA endings do. Such a
+        continuation is scored on its last `max_length` tokens, its earlier tokens becoming context;
+        `clipped` counts how often (reported in the results).
+        """
+
+        clipped = 0
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+            n, fixed = self.max_length, []
+            for key, context_enc, continuation_enc in requests:
+                if len(continuation_enc) > n:
+                    context_enc, continuation_enc = context_enc + continuation_enc[:-n], continuation_enc[-n:]
+                    self.clipped += 1
+                fixed.append((key, context_enc, continuation_enc))
+            return super()._loglikelihood_tokens(fixed, disable_tqdm=disable_tqdm, override_bs=override_bs)
+
+    logging.getLogger("lm_eval.models.huggingface").addFilter(_DropTruncationWarnings())
+    device = next(model.parameters()).device
+    return CocomixLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        backend="causal",  # our architecture is not in transformers' CausalLM name table
+        batch_size=batch_size,
+        max_batch_size=512,
+        device=str(device),
+        max_length=model.config.n_positions,
+        mixed_precision_dtype=mixed_precision,
+    )
+
+
+@dataclass
+class Harness:
+    tasks: list[str]  # task names as the results report them
+    lm_eval_names: list[str]  # what simple_evaluate is asked for (offline groups where local)
+    task_manager: Any
+
+    def run(self, lm, limit: int | None = None, log_samples: bool = False) -> tuple[dict[str, float], dict]:
+        """Evaluate; return ({"<task>/<metric>": value}, lm-eval's raw output)."""
+        import lm_eval
+
+        lm.clipped = 0
+        raw = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=self.lm_eval_names,
+            task_manager=self.task_manager,
+            num_fewshot=0,  # the paper's protocol is zero-shot
+            limit=limit,
+            log_samples=log_samples,
+            bootstrap_iters=1000,  # stderr of the perplexities; the paper reports none
+            verbosity="WARNING",
+        )
+        metrics: dict[str, float] = {}
+        for task in self.tasks:
+            for key, value in raw["results"].get(task, {}).items():
+                metric, _, filt = key.partition(",")
+                if filt == "none" and isinstance(value, (int, float)) and not metric.endswith("_stderr"):
+                    metrics[f"{task}/{metric}"] = float(value)
+        raw["clipped_continuations"] = lm.clipped
+        return metrics, raw
+
+
+def prepare_harness(
+    tasks: list[str],
+    *,
+    task_data: str | Path | None,
+    work_dir: str | Path,
+    data_dir: str | Path | None = None,
+    tokenizer=None,
+    synthetic_docs: int = 500,
+    max_tokens: int = 1024,
+    seed: int = 0,
+) -> Harness:
+    """Write whatever the tasks need under `work_dir` and index only the task folders used.
+
+    task_data: folder with local copies of the paper's benchmarks (offline), or None to let
+    lm-eval load them from the Hugging Face Hub as usual.
+    """
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
+
+    names = expand_tasks(tasks)
+    work_dir = Path(work_dir)
+    include = []
+    lm_eval_names = []
+    synthetic = [t for t in names if t in SYNTHETIC_TASKS]
+    if synthetic:
+        if data_dir is None or tokenizer is None:
+            raise ConfigError("eval.tasks: synthetic tasks need the run's data folder and tokenizer")
+        synth_dir = work_dir / "synthetic" / f"n{synthetic_docs}-ctx{max_tokens}-seed{seed}"
+        prepare_synthetic_tasks(data_dir, synth_dir, tokenizer, synthetic_docs, max_tokens, seed)
+        include.append(str(synth_dir))
+    local = [t for t in names if t in PAPER_TASKS and task_data is not None]
+    if local:
+        offline_dir = work_dir / "offline"
+        prepare_offline_tasks(task_data, offline_dir, local)
+        include.append(str(offline_dir))
+    builtin_dir = Path(lm_eval.tasks.__file__).parent
+    for t in names:
+        if t in SYNTHETIC_TASKS:
+            lm_eval_names.append(t)
+        elif t in local:
+            lm_eval_names.append(t + OFFLINE_SUFFIX)
+        else:
+            lm_eval_names.append(t)
+    # Index only the built-in folders we need (~0.02 s instead of ~10 s for all of lm-eval's tasks);
+    # any other task name falls back to the full index.
+    others = [t for t in names if t not in SYNTHETIC_TASKS]
+    known = all(t in LM_EVAL_TASK_FOLDERS for t in others)
+    if known:
+        include += sorted({str(builtin_dir / LM_EVAL_TASK_FOLDERS[t]) for t in others})
+    manager = TaskManager(include_defaults=not known, include_path=include or None)
+    missing = [n for n in lm_eval_names if n not in manager.all_tasks]
+    if missing:
+        raise ConfigError(f"eval.tasks: unknown lm-eval task(s) {missing} (aliases: {sorted(ALIASES)})")
+    return Harness(tasks=names, lm_eval_names=lm_eval_names, task_manager=manager)
+
+
+def paper_summary(metrics: dict[str, float], val_ppl: float | None = None) -> dict[str, float]:
+    """The paper's averages (spec 4.1, Table 1): Avg Acc over the five accuracy tasks, Avg PPL over
+    held-out, LAMBADA and WikiText perplexity; only when every component is present."""
+    out = {}
+    acc_keys = [f"{t}/{PAPER_METRICS[t][0]}" for t in ("hellaswag", "piqa", "social_iqa", "arc_easy", "winogrande")]
+    if all(k in metrics for k in acc_keys):
+        out["avg_acc"] = sum(metrics[k] for k in acc_keys) / len(acc_keys)
+    ppl_keys = ["lambada_openai/perplexity", "wikitext/word_perplexity"]
+    if val_ppl is not None and all(k in metrics for k in ppl_keys):
+        out["avg_ppl"] = (val_ppl + sum(metrics[k] for k in ppl_keys)) / 3
+    return out
+
+
+def set_quiet() -> None:
+    """lm-eval and datasets print per-split progress bars; our own bar shows progress."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+
+    datasets.disable_progress_bars()

@@ -1,0 +1,202 @@
+"""`cocomix eval`: evaluate one checkpoint, or every checkpoint of a run folder, each once.
+
+For each checkpoint (a Hugging Face folder `runs/<run>/checkpoints/step_NNNNNNN/`):
+
+1. held-out perplexity by the paper's protocol on all validation blocks (`evals/perplexity.py`);
+2. lm-evaluation-harness tasks (`evals/harness.py`), zero-shot;
+3. `<checkpoint>/eval.json`, written atomically; it marks the checkpoint as done for these
+   settings, so a second `cocomix eval` of the run folder skips it;
+4. the same numbers on the training run's MLflow run as `eval/<task>/<metric>` and
+   `eval/val_ppl`, with step = tokens seen, so they plot beside the training curves.
+
+Settings come from the run's resolved `config.yaml` (section `eval`), then dotted overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from cocomix.config import Config, config_from_dict, load_config, parse_overrides, _set_dotted
+from cocomix.data import DataError
+
+RESULTS_FILE = "eval.json"
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "checkpoint.json").is_file()
+
+
+def find_checkpoints(path: str | Path) -> tuple[Path | None, list[Path]]:
+    """(run folder or None, checkpoints oldest first) for a run folder or one checkpoint folder."""
+    from cocomix.trainer import list_checkpoints
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: not found (expected a run folder or a checkpoint folder)")
+    if _is_checkpoint(path):
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+        if run_dir is not None and not (run_dir / "config.yaml").is_file():
+            run_dir = None
+        return run_dir, [path]
+    if (path / "config.yaml").is_file():
+        ckpts = [c for c in list_checkpoints(path) if _is_checkpoint(c)]
+        if not ckpts:
+            raise DataError(f"{path}: run folder has no complete checkpoint under checkpoints/")
+        return path, ckpts
+    raise DataError(f"{path}: neither a run folder (config.yaml) nor a checkpoint folder (config.json + checkpoint.json)")
+
+
+def load_eval_config(run_dir: Path | None, config_path: str | None, overrides: list[str]) -> Config:
+    """The run's resolved config (or --config / defaults for a lone checkpoint) plus overrides."""
+    if run_dir is None:
+        return load_config(config_path, overrides)
+    tree = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    for key, value in parse_overrides(overrides):
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree)
+
+
+def _settings(cfg: Config, tasks: list[str]) -> dict[str, Any]:
+    """What an eval.json's numbers depend on besides the weights (a changed setting re-evaluates)."""
+    ev = cfg.eval
+    return {
+        "tasks": tasks,
+        "limit": ev.limit,
+        "task_data": str(Path(ev.task_data).resolve()) if ev.task_data else None,
+        "synthetic_docs": ev.synthetic_docs,
+        "ppl_block_size": cfg.train.block_size,
+        "ppl_max_blocks": ev.ppl_max_blocks,
+        "num_fewshot": 0,
+    }
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _log_mlflow(cfg: Config, run_dir: Path | None, tokens_seen: int, metrics: dict[str, float]) -> str | None:
+    """Log on the training run (step = tokens seen); returns its id, or None when there is none."""
+    if run_dir is None or not cfg.tracking.enabled or not (run_dir / "mlflow_run_id").is_file():
+        return None
+    import mlflow
+    from mlflow.entities import Metric
+
+    from cocomix.tracking import tracking_uri
+
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    now = int(time.time() * 1000)
+    batch = [Metric(f"eval/{k}", float(v), now, int(tokens_seen)) for k, v in metrics.items()]
+    for i in range(0, len(batch), 1000):  # log_batch takes at most 1000 metrics
+        client.log_batch(run_id, metrics=batch[i : i + 1000])
+    return run_id
+
+
+def evaluate(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    config_path: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate every checkpoint under `path` not yet evaluated with these settings; returns the
+    results of all of them (freshly computed or read back)."""
+    import lm_eval
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import cocomix  # noqa: F401  registers the architecture with the Auto classes
+
+    from .harness import make_lm, paper_summary, prepare_harness, set_quiet
+    from .perplexity import heldout_perplexity
+
+    run_dir, checkpoints = find_checkpoints(path)
+    cfg = load_eval_config(run_dir, config_path, list(overrides or []))
+    ev = cfg.eval
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Same precision rule as training (bf16 autocast on CUDA unless fp32 is asked for), for every method.
+    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and dev.type == "cuda")
+    autocast = torch.bfloat16 if use_bf16 else None
+    tasks = list(ev.tasks)
+    if cfg.data.source != "synthetic" and "synthetic" in tasks:
+        tasks.remove("synthetic")  # the alias means "if the corpus has a generator"
+    set_quiet()
+
+    harness = None  # built on the first checkpoint that needs it (task conversion + index)
+    data_dir = cfg.data_dir
+    results = []
+    for i, ckpt in enumerate(checkpoints, 1):
+        meta = json.loads((ckpt / "checkpoint.json").read_text())
+        out_path = ckpt / RESULTS_FILE
+        settings = _settings(cfg, tasks)
+        if out_path.is_file() and not force:
+            done = json.loads(out_path.read_text())
+            if done.get("settings") == settings:
+                if progress:
+                    print(f"[{i}/{len(checkpoints)}] {ckpt.name}: already evaluated ({out_path})", flush=True)
+                results.append(done)
+                continue
+        if progress:
+            print(f"[{i}/{len(checkpoints)}] {ckpt.name} ({meta['tokens_seen']:,} tokens)", flush=True)
+        t0 = time.time()
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(dev).eval()
+        tokenizer = AutoTokenizer.from_pretrained(ckpt)
+        metrics: dict[str, float] = {}
+        seconds: dict[str, float] = {}
+
+        if (data_dir / "manifest.json").is_file():
+            ppl = heldout_perplexity(model, data_dir, cfg.train.block_size, ev.batch_size, ev.ppl_max_blocks,
+                                     autocast, progress)
+            metrics.update(ppl)
+            seconds["perplexity"] = time.time() - t0
+        elif progress:
+            print(f"  no prepared data at {data_dir}: held-out perplexity skipped", flush=True)
+
+        n_docs, clipped = {}, 0
+        if tasks:
+            if harness is None:
+                harness = prepare_harness(
+                    tasks, task_data=ev.task_data, work_dir=cfg.experiment_dir / "eval_tasks",
+                    data_dir=data_dir, tokenizer=tokenizer, synthetic_docs=ev.synthetic_docs,
+                    max_tokens=model.config.n_positions, seed=cfg.seed,
+                )
+            t1 = time.time()
+            lm = make_lm(model, tokenizer, ev.harness_batch_size, autocast)
+            task_metrics, raw = harness.run(lm, limit=ev.limit)
+            metrics.update(task_metrics)
+            n_docs, clipped = raw.get("n-samples", {}), raw["clipped_continuations"]
+            seconds["harness"] = time.time() - t1
+        metrics.update(paper_summary(metrics, metrics.get("val_ppl")))
+
+        record = {
+            "checkpoint": str(ckpt.resolve()),
+            "step": meta["step"],
+            "tokens_seen": meta["tokens_seen"],
+            "method": meta.get("method"),
+            "settings": settings,
+            "metrics": metrics,
+            "n_docs": n_docs,
+            "clipped_continuations": clipped,
+            "seconds": seconds,
+            "device": str(dev),
+            "versions": {"lm_eval": lm_eval.__version__, "torch": torch.__version__},
+        }
+        record["mlflow_run_id"] = _log_mlflow(cfg, run_dir, meta["tokens_seen"], metrics)
+        _write_json(out_path, record)  # last: its presence means "done"
+        results.append(record)
+        if progress:
+            shown = {k: round(v, 4) for k, v in metrics.items() if k in ("val_ppl", "avg_acc") or k.endswith(
+                ("/acc", "/acc_norm", "/perplexity", "/word_perplexity"))}
+            print(f"  {json.dumps(shown)}  ({time.time() - t0:.1f}s) -> {out_path}", flush=True)
+        del model
+    return results
+

@@ -1,0 +1,304 @@
+"""Evaluation: the paper's perplexity protocol, lm-eval on our checkpoints (offline), synthetic tasks,
+and `cocomix eval` on a run folder (each checkpoint once, metrics on the training run in MLflow)."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, SHARED, tiny_overrides
+
+EVAL_DATA = SHARED / "data" / "evals"
+needs_eval_data = pytest.mark.skipif(
+    not EVAL_DATA.is_dir(), reason=f"local benchmark copies not found at {EVAL_DATA} (set eval.task_data)"
+)
+
+
+def _load(ckpt):
+    import cocomix  # noqa: F401  registers the architecture
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(ckpt).eval(), AutoTokenizer.from_pretrained(ckpt)
+
+
+def _direct_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """Independent reference: one unpadded forward pass of context + continuation (split the way
+    lm-eval does: trailing spaces of the context move to the continuation, each side encoded alone),
+    the continuation's log-probabilities summed."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    ctx = tokenizer(context, add_special_tokens=False).input_ids
+    whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
+    cont = whole[len(ctx):]
+    ids = (ctx + cont)[-(model.config.n_positions + 1):]
+    with torch.no_grad():
+        logp = F.log_softmax(model(input_ids=torch.tensor([ids[:-1]])).logits[0].double(), -1)  # (T-1, V)
+    targets = torch.tensor(ids[1:])
+    return logp[torch.arange(len(targets)), targets][-len(cont):].sum().item()
+
+
+@pytest.fixture(scope="module")
+def harness_synthetic(tiny_data, tiny_teacher, tmp_path_factory):
+    from evals.harness import prepare_harness
+
+    _, tok = _load(tiny_teacher)
+    return prepare_harness(["synthetic"], task_data=None, work_dir=tmp_path_factory.mktemp("evaltasks"),
+                           data_dir=tiny_data, tokenizer=tok, synthetic_docs=120, max_tokens=64)
+
+
+# ---------------------------------------------------------------- perplexity protocol
+
+
+def test_heldout_perplexity_is_mean_of_block_means(tiny_data, tiny_teacher):
+    from cocomix.data.shards import TokenBlocks
+    from evals.perplexity import heldout_perplexity
+
+    model, _ = _load(tiny_teacher)
+    out = heldout_perplexity(model, tiny_data, block_size=64, batch_size=7, max_blocks=20)
+    # Reference: batch 1 as the official test.py, HF's own shifted mean loss per block.
+    blocks = TokenBlocks(tiny_data, "val", 64)
+    losses = [model(input_ids=blocks.get_batch([i]), labels=blocks.get_batch([i])).loss.item() for i in range(20)]
+    assert out["val_blocks"] == 20
+    assert out["val_loss"] == pytest.approx(np.mean(losses), abs=1e-5)
+    assert out["val_ppl"] == pytest.approx(math.exp(np.mean(losses)), rel=1e-5)
+    # All blocks by default: consecutive, non-overlapping, partial tail dropped.
+    n_val = sum(s["n_tokens"] for s in blocks.manifest["splits"]["val"]["shards"])
+    assert heldout_perplexity(model, tiny_data, 64, batch_size=256)["val_blocks"] == n_val // 64
+
+
+# ---------------------------------------------------------------- lm-eval log-likelihoods
+
+
+def _check_samples_match(raw, model, tokenizer, min_requests):
+    checked = 0
+    for task, samples in raw["samples"].items():
+        for sample in samples:
+            for (context, continuation), resp in zip(sample["arguments"], sample["resps"]):
+                want = _direct_loglikelihood(model, tokenizer, context, continuation)
+                assert resp[0][0] == pytest.approx(want, abs=1e-4), (task, context[-40:], continuation)
+                checked += 1
+    assert checked >= min_requests
+
+
+def test_lm_eval_loglikelihoods_equal_direct_computation_ntp(tiny_teacher, harness_synthetic):
+    from evals.harness import make_lm
+
+    model, tok = _load(tiny_teacher)
+    _, raw = harness_synthetic.run(make_lm(model, tok, batch_size=5), limit=6, log_samples=True)
+    _check_samples_match(raw, model, tok, min_requests=2 * 6 * 4)
+
+
+def test_lm_eval_loglikelihoods_equal_direct_computation_cocomix(tiny_data, tiny_teacher, harness_synthetic):
+    from cocomix.config import load_config
+    from cocomix.data import load_manifest
+    from cocomix.methods import get_method
+    from evals.harness import make_lm
+
+    try:
+        method = get_method("cocomix")
+    except (ImportError, ValueError) as e:  # pragma: no cover - depends on the CoCoMix issue
+        pytest.skip(f"method cocomix not available: {e}")
+    cfg = load_config(ROOT / "config/tiny.yaml", tiny_overrides(tiny_data.parent, tiny_data, "method=cocomix",
+                                                                 f"teacher.path={tiny_teacher}"))
+    manifest = load_manifest(tiny_data, verify=False)
+    torch.manual_seed(0)
+    model = method.build_model(cfg, manifest["vocab_size"], manifest["eos_id"]).eval()
+    assert getattr(model.config, "slot", "concept") == "concept"  # interleaving active at eval (spec 5)
+    _, tok = _load(tiny_teacher)
+    _, raw = harness_synthetic.run(make_lm(model, tok, batch_size=5), limit=4, log_samples=True)
+    _check_samples_match(raw, model, tok, min_requests=2 * 4 * 4)
+
+
+# ---------------------------------------------------------------- synthetic tasks
+
+
+def _synthetic_scores(harness, model, tok):
+    from evals.harness import make_lm
+
+    metrics, _ = harness.run(make_lm(model, tok, batch_size=64))
+    return {t: metrics[f"{t}/acc"] for t in ("synth_topic", "synth_recall")}
+
+
+def test_synthetic_tasks_untrained_model_at_chance(tiny_teacher, harness_synthetic):
+    trained, tok = _load(tiny_teacher)
+    torch.manual_seed(0)
+    scores = _synthetic_scores(harness_synthetic, type(trained)(trained.config).eval(), tok)
+    # 120 documents, 4 choices: chance 0.25 with standard error 0.04.
+    assert all(acc < 0.37 for acc in scores.values()), scores
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory):
+    """The embedded default (config/tiny.yaml: its corpus, tokenizer and model) trained on 1.5M
+    tokens, about two minutes on 2 cores, with synthetic tasks built for its corpus. Smaller
+    models and corpora (the session's tiny teacher) do not learn to use the document's topic."""
+    from cocomix.config import load_config
+    from cocomix.data.shards import prepare_data
+    from cocomix.trainer import train
+    from evals.harness import prepare_harness
+
+    root = tmp_path_factory.mktemp("trained")
+    cfg = load_config(ROOT / "config/tiny.yaml", [f"results_dir={root}", "tracking.enabled=false",
+                                                   "train.tokens=1572864", "eval.every_tokens=1572864",
+                                                   "checkpoint.every_tokens=1572864"])
+    prepare_data(cfg, progress=False)
+    ckpt = Path(train(cfg, progress=False)["checkpoint"])
+    _, tok = _load(ckpt)
+    harness = prepare_harness(["synthetic"], task_data=None, work_dir=root / "tasks", data_dir=cfg.data_dir,
+                              tokenizer=tok, synthetic_docs=120, max_tokens=cfg.train.block_size)
+    return ckpt, harness
+
+
+def test_synthetic_tasks_trained_model_above_chance(trained_tiny):
+    ckpt, harness = trained_tiny
+    scores = _synthetic_scores(harness, *_load(ckpt))
+    # Topic-consistent continuation: far above chance (0.25 +- 0.04 over 120 docs). Recalling an
+    # entity's profession across the document is not learned at this scale (it stays near chance);
+    # the task is kept so larger runs can show it.
+    print("synthetic task accuracy:", scores)
+    assert scores["synth_topic"] > 0.5, scores
+
+
+def test_synthetic_tasks_are_well_formed(tiny_data, tiny_teacher, tmp_path):
+    from cocomix.data.synthetic import SyntheticLanguage
+    from evals.synthetic_tasks import language_of, recall_docs, topic_docs
+
+    _, tok = _load(tiny_teacher)
+    lang = language_of(tiny_data)
+    assert isinstance(lang, SyntheticLanguage)
+    topic_of = {}
+    for t in range(lang.cfg.n_topics):
+        for w in lang.topic_words[t].ravel():
+            topic_of[lang.vocab[w]] = t
+    prof_of = {lang.vocab[w]: p for p in range(lang.cfg.n_professions) for w in lang.prof_words[p]}
+    title_prof = {lang.vocab[lang.prof_titles[p]]: p for p in range(lang.cfg.n_professions)}
+    for doc in topic_docs(lang, tok, 30, 64, seed=1):
+        content = {topic_of[w] for w in doc["context"].split() if w in topic_of}
+        assert content == {doc["topic"]}  # the context shows one topic ...
+        assert [topic_of[c] == doc["topic"] for c in doc["choices"]].count(True) == 1  # ... one choice fits
+        assert topic_of[doc["choices"][doc["label"]]] == doc["topic"]
+        assert len(tok(doc["context"] + " " + doc["choices"][0]).input_ids) <= 64
+    recall = recall_docs(lang, tok, 30, 64, seed=1)
+    assert np.mean([d["gap_words"] for d in recall]) > 4  # topic sentences between introductions and question
+    for doc in recall:
+        words = doc["context"].split()
+        name = words[-1]
+        intro = words.index(name)  # "<name> the <title> ..."
+        assert words[intro + 1] == "the" and prof_of[doc["choices"][doc["label"]]] == title_prof[words[intro + 2]]
+        assert len({prof_of[c] for c in doc["choices"]}) == 4 and doc["gap_words"] >= 0
+        assert len(tok(doc["context"] + " " + doc["choices"][0]).input_ids) <= 64
+
+
+# ---------------------------------------------------------------- offline copies of the paper's tasks
+
+
+@needs_eval_data
+def test_local_copies_convert_to_official_document_counts():
+    from evals.offline_tasks import OFFICIAL_DOC_COUNTS, PAPER_TASKS, iter_rows
+
+    for task in PAPER_TASKS:
+        assert sum(1 for _ in iter_rows(EVAL_DATA, task)) == OFFICIAL_DOC_COUNTS[task], task
+
+
+@needs_eval_data
+def test_hellaswag_conversion_feeds_lm_eval_preprocessing():
+    import datasets
+    from lm_eval.tasks.hellaswag.utils import process_docs
+
+    from evals.offline_tasks import iter_rows
+
+    rows = list(iter_rows(EVAL_DATA, "hellaswag"))[:3]
+    docs = process_docs(datasets.Dataset.from_list(rows))
+    lines = (EVAL_DATA / "hellaswag" / "hellaswag_val_full.klosax.txt").read_text().split("\n")
+    assert docs[0]["query"] == lines[0] == "Roof shingle removal: A man is sitting on a roof. he"
+    assert docs[0]["gold"] == 3 and docs[0]["choices"] == lines[2:6]
+    assert docs[1]["query"] == lines[6] and docs[2]["gold"] == int(lines[13])
+
+
+def test_wikitext_rows_rebuild_into_articles():
+    from evals.offline_tasks import wikitext_pages, wikitext_rows
+
+    rows = ["", " = A = \n", "", " a text . \n", "", " = = Sub = = \n", " more \n", "", " = B = \n", " b \n"]
+    text = "\n".join(rows)
+    assert wikitext_rows(text) == rows
+    assert wikitext_pages(rows) == [" = A = \n \n a text . \n \n = = Sub = = \n more \n ", " = B = \n b "]
+
+
+@needs_eval_data
+def test_seven_paper_tasks_run_offline_with_a_limit(tiny_teacher, tmp_path):
+    from evals.harness import make_lm, prepare_harness
+    from evals.offline_tasks import OFFICIAL_DOC_COUNTS, PAPER_METRICS, PAPER_TASKS
+
+    model, tok = _load(tiny_teacher)
+    harness = prepare_harness(["paper"], task_data=EVAL_DATA, work_dir=tmp_path)
+    metrics, raw = harness.run(make_lm(model, tok, batch_size=16), limit=2, log_samples=True)
+    for task in PAPER_TASKS:
+        assert raw["n-samples"][task] == {"original": OFFICIAL_DOC_COUNTS[task], "effective": 2}
+        for metric in PAPER_METRICS[task]:
+            assert math.isfinite(metrics[f"{task}/{metric}"]), (task, metric)
+    # The group YAMLs written for the CLI (`lm_eval --include_path`) point at absolute converted files.
+    group = __import__("yaml").safe_load((tmp_path / "offline" / "piqa_offline.yaml").read_text())
+    data_file = Path(group["task"][0]["dataset_kwargs"]["data_files"]["validation"])
+    assert data_file.is_absolute() and json.loads(data_file.read_text().splitlines()[0])["label"] == 0
+    # Long PIQA/HellaSwag endings overflow the 64-token model; the last-64-token scores match too.
+    _check_samples_match({"samples": {t: raw["samples"][t] for t in ("piqa", "winogrande")}}, model, tok, 8)
+
+
+def test_missing_task_data_names_task_and_option(tmp_path):
+    from cocomix.data import DataError
+    from evals.offline_tasks import prepare_offline_tasks
+
+    (tmp_path / "piqa").mkdir()
+    with pytest.raises(DataError, match=r"^task hellaswag: no local copy at .*set eval.task_data") as e:
+        prepare_offline_tasks(tmp_path, tmp_path / "out", ["hellaswag"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match=r"^task piqa: missing file .*valid.jsonl.*eval.task_data"):
+        prepare_offline_tasks(tmp_path, tmp_path / "out", ["piqa"])
+
+
+# ---------------------------------------------------------------- cocomix eval on a run folder
+
+
+def test_eval_run_folder_twice_evaluates_each_checkpoint_once(tiny_teacher, tmp_path, capsys):
+    import mlflow
+
+    from cocomix.cli import main
+    from evals.run import RESULTS_FILE, evaluate
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(Path(tiny_teacher).parent.parent, run_dir)
+    ckpts = sorted((run_dir / "checkpoints").iterdir())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("evaltest")).info.run_id
+    (run_dir / "mlflow_run_id").write_text(run_id)
+    overrides = ["eval.tasks=[synth_topic]", "eval.synthetic_docs=16", "eval.ppl_max_blocks=8",
+                 "tracking.enabled=true", f"tracking.uri={uri}"]
+
+    first = evaluate(run_dir, overrides, progress=False)
+    stamps = [(c / RESULTS_FILE).stat().st_mtime_ns for c in ckpts]
+    second = evaluate(run_dir, overrides, progress=False)
+    assert len(first) == len(ckpts) >= 2 and first == second
+    assert [(c / RESULTS_FILE).stat().st_mtime_ns for c in ckpts] == stamps  # nothing re-evaluated
+    for ckpt, record in zip(ckpts, first):
+        meta = json.loads((ckpt / "checkpoint.json").read_text())
+        assert record["tokens_seen"] == meta["tokens_seen"] and record["settings"]["tasks"] == ["synth_topic"]
+        assert set(record["metrics"]) >= {"val_loss", "val_ppl", "synth_topic/acc"}
+    # MLflow: one point per checkpoint, at step = tokens seen.
+    for name in ("eval/val_ppl", "eval/synth_topic/acc"):
+        history = client.get_metric_history(run_id, name)
+        assert sorted(m.step for m in history) == sorted(r["tokens_seen"] for r in first)
+    logged = {m.step: m.value for m in client.get_metric_history(run_id, "eval/val_ppl")}
+    assert logged == {r["tokens_seen"]: pytest.approx(r["metrics"]["val_ppl"]) for r in first}
+
+    # Bad input through the CLI: one line, non-zero exit.
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("cocomix: error: ") and "nope: not found" in err
