@@ -12,6 +12,7 @@ import sys
 
 from cocomix.config import load_config
 from cocomix.dag import fingerprint, plan_runs, teacher_spec
+from cocomix.methods import get_method
 
 # Every job runs offline (a wrong local path must fail at once, not retry the hub).
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -30,7 +31,9 @@ COCOMIX = f"{OFFLINE} {sys.executable} -m cocomix.cli"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/concepts.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/eval.smk"
 include: "workflow/rules/report.smk"
 
 

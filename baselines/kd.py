@@ -43,7 +43,7 @@ def load_kd_teacher(cfg, device: torch.device, student_vocab_size: int):
     """The frozen teacher, checked against the student's vocabulary and context length."""
     from cocomix.config import ConfigError
     from cocomix.data.shards import check_tokenizer_matches
-    from cocomix.teacher import load_teacher
+    from cocomix.teacher import load_teacher, teacher_dir
 
     # Loading builds (and initialises) a model; keep that off the student's RNG stream, so dropout
     # masks, and hence KD with lam=0 versus NTP, do not depend on whether a teacher was loaded.
@@ -52,16 +52,17 @@ def load_kd_teacher(cfg, device: torch.device, student_vocab_size: int):
         teacher = load_teacher(cfg, device)
     if teacher.config.vocab_size != student_vocab_size:
         raise ConfigError(
-            f"config key 'teacher.path': teacher {cfg.teacher.path} has vocab_size {teacher.config.vocab_size} but the "
+            f"config key 'teacher.path': teacher {teacher_dir(cfg)} has vocab_size {teacher.config.vocab_size} but the "
             f"student has {student_vocab_size}; KD needs the teacher to share the student's tokenizer"
         )
     # Same size is not enough: the ids must mean the same tokens. Our checkpoints and GPT-2 folders
     # carry their tokenizer; compare it with the one the shards were made with.
-    if (Path(cfg.teacher.path) / "tokenizer.json").is_file():
-        check_tokenizer_matches(cfg.data_dir, cfg.teacher.path)
+    path = teacher_dir(cfg)
+    if (path / "tokenizer.json").is_file():
+        check_tokenizer_matches(cfg.data_dir, path)
     if teacher.config.n_positions < cfg.train.block_size:
         raise ConfigError(
-            f"config key 'teacher.path': teacher {cfg.teacher.path} has n_positions {teacher.config.n_positions} "
+            f"config key 'teacher.path': teacher {teacher_dir(cfg)} has n_positions {teacher.config.n_positions} "
             f"< train.block_size={cfg.train.block_size}"
         )
     return teacher

@@ -171,10 +171,9 @@ class CoCoMix(Method):
 
 def _teacher_width(cfg: Config) -> int:
     """The teacher's hidden width from its config.json (ours or GPT-2's; both call it n_embd)."""
-    if not cfg.teacher.path:
-        raise ConfigError(f"config key 'teacher.path': concept.target={cfg.concept.target} regresses the "
-                          "teacher's hidden state and needs a teacher")
-    config_file = Path(cfg.teacher.path) / "config.json"
+    from cocomix.teacher import teacher_dir
+
+    config_file = teacher_dir(cfg) / "config.json"  # a one-line error when there is no teacher
     if not config_file.is_file():
         raise ConfigError(f"config key 'teacher.path': {config_file} not found")
     return int(json.loads(config_file.read_text())["n_embd"])

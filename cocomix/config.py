@@ -257,6 +257,12 @@ class DagConfig:
     """Names from `scales`; empty: the config as it is (scale name 'base')."""
     ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Name -> dotted overrides on top of method `cocomix` (run name <ablation>-<scale>-s<seed>)."""
+    ablation_seeds: list[int] | None = None
+    """Seeds of the ablation runs; default `seeds`."""
+    ablation_scales: list[str] | None = None
+    """Scales of the ablation runs; default `scales` (the paper ablates at 69M only)."""
+    evaluate: bool = True
+    """Run `cocomix eval` on every checkpoint of every run (tasks from `eval.tasks`)."""
     teacher: dict[str, Any] = field(default_factory=dict)
     """Dotted overrides for the teacher, an NTP run named 'teacher', trained when teacher.path is unset."""
 
@@ -309,7 +315,11 @@ class Config:
 
     @property
     def concept_dir(self) -> Path:
-        return Path(self.concept.cache_dir) if self.concept.cache_dir else self.experiment_dir / "concepts"
+        if self.concept.cache_dir:
+            return Path(self.concept.cache_dir)
+        # One cache per way of scoring labels, so an ablation that scores differently gets its own.
+        c = self.concept
+        return self.experiment_dir / "concepts" / f"{c.scoring}-{c.loss_scope}-k{c.k_attr}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -484,6 +494,8 @@ def validate(cfg: Config) -> Config:
     need(c.k_attr <= sae.k or c.scoring == "attribution_preact", "concept.k_attr",
          f"{c.k_attr} labels cannot come from sae.k={sae.k} active latents")
     need(cfg.kd.temperature > 0, "kd.temperature", "must be positive")
+    for i, name in enumerate(cfg.dag.ablation_scales or []):
+        need(name in cfg.scales, f"dag.ablation_scales[{i}]", f"{name!r} is not defined under 'scales' ({sorted(cfg.scales)})")
     for i, name in enumerate(cfg.dag.scales):
         need(name in cfg.scales, f"dag.scales[{i}]", f"{name!r} is not defined under 'scales' ({sorted(cfg.scales)})")
     for i, name in enumerate(cfg.dag.methods):

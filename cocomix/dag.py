@@ -69,7 +69,9 @@ def plan_runs(config_path: str | Path) -> list[RunSpec]:
     runs = [run_spec(m, sc, s) for sc in scales for m in base.dag.methods for s in base.dag.seeds]
     for name, overrides in base.dag.ablations.items():
         extra = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in overrides.items()]
-        runs += [run_spec("cocomix", sc, s, ablation=name, extra=extra) for sc in scales for s in base.dag.seeds]
+        seeds = base.dag.seeds if base.dag.ablation_seeds is None else base.dag.ablation_seeds
+        ab_scales = scales if base.dag.ablation_scales is None else base.dag.ablation_scales
+        runs += [run_spec("cocomix", sc, s, ablation=name, extra=extra) for sc in ab_scales for s in seeds]
     names = [r.name for r in runs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

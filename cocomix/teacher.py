@@ -28,7 +28,7 @@ from cocomix.model import CocomixForCausalLM
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-def _teacher_dir(cfg: Config) -> Path:
+def teacher_dir(cfg: Config) -> Path:
     """`teacher.path`: a checkpoint or GPT-2 folder, or a run folder (its latest checkpoint). Unset,
     the teacher is the experiment's own NTP run named 'teacher' (trained first by the DAG)."""
     from cocomix.trainer import list_checkpoints
@@ -47,7 +47,7 @@ def _teacher_dir(cfg: Config) -> Path:
 def load_teacher(cfg: Config, device: torch.device | str = "cpu") -> CocomixForCausalLM:
     """The frozen teacher of `cfg.teacher.path`, in eval mode (no dropout) and without gradients
     on its weights (attribution differentiates w.r.t. activations only)."""
-    path = _teacher_dir(cfg)
+    path = teacher_dir(cfg)
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     try:
         if model_type == "cocomix":
@@ -68,7 +68,7 @@ def load_teacher(cfg: Config, device: torch.device | str = "cpu") -> CocomixForC
 
 def teacher_hash(cfg: Config) -> str:
     """sha256 of the teacher's config.json and weight file: the teacher's identity in caches."""
-    path = _teacher_dir(cfg)
+    path = teacher_dir(cfg)
     h = hashlib.sha256((path / "config.json").read_bytes())
     weights = [path / f for f in _WEIGHT_FILES if (path / f).is_file()]
     if not weights:

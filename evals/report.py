@@ -98,7 +98,9 @@ def load_runs(config_path: str | Path) -> list[Run]:
                   final.get("mlflow_run_id"), final, curve)
         evals = load_eval_jsons(cfg.run_dir)
         for ev in evals:
-            accs = [ev["metrics"][k] for k in ACCURACY_KEYS if k in ev.get("metrics", {})]
+            m = ev.get("metrics", {})
+            keys = [k for k in ACCURACY_KEYS if k in m] or [k for k in m if k.endswith("/acc")]
+            accs = [m[k] for k in keys]
             if accs:
                 run.downstream_curve.append((ev["tokens_seen"], sum(accs) / len(accs)))
         if evals:
@@ -193,14 +195,27 @@ def ids(runs: list[Run]) -> str:
     return " ".join(r.mlflow_run_id or f"(untracked:{r.name})" for r in sorted(runs, key=lambda r: r.seed))
 
 
+def heldout_ppl(r: Run) -> float:
+    """Full-protocol perplexity from `cocomix eval` when present, else the in-training estimate."""
+    return r.downstream.get("val_ppl", r.final["val/ppl"])
+
+
+def extra_accuracy_keys(runs: list[Run]) -> list[str]:
+    """Accuracies of tasks beyond the paper's seven (e.g. the synthetic corpus's tasks)."""
+    paper = {k for _, k, _ in DOWNSTREAM}
+    return sorted({k for r in runs for k in r.downstream if k.endswith("/acc") and k not in paper})
+
+
 def main_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
-    header = ["scale", "method", "seeds", "held-out ppl"] + [c for c, _, _ in DOWNSTREAM] + ["avg ppl", "avg acc", "mlflow runs"]
+    extra = extra_accuracy_keys(runs)
+    header = (["scale", "method", "seeds", "held-out ppl"] + [c for c, _, _ in DOWNSTREAM] + ["avg ppl", "avg acc"]
+              + extra + ["mlflow runs"])
     rows = []
     for (scale, label), rs in group([r for r in runs if r.ablation is None]).items():
-        cells = [scale, label, str(len(rs)), fmt(*mean_std([r.final["val/ppl"] for r in rs]))]
+        cells = [scale, label, str(len(rs)), fmt(*mean_std([heldout_ppl(r) for r in rs]))]
         per_run_ppl, per_run_acc = [], []
         for r in rs:
-            ppls = [r.final["val/ppl"]] + [r.downstream[k] for _, k, lower in DOWNSTREAM if lower and k in r.downstream]
+            ppls = [heldout_ppl(r)] + [r.downstream[k] for _, k, lower in DOWNSTREAM if lower and k in r.downstream]
             per_run_ppl.append(sum(ppls) / len(ppls) if len(ppls) == 3 else float("nan"))
             accs = [r.downstream[k] for k in ACCURACY_KEYS if k in r.downstream]
             per_run_acc.append(100 * sum(accs) / len(accs) if len(accs) == len(ACCURACY_KEYS) else float("nan"))
@@ -210,6 +225,9 @@ def main_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
             cells.append(fmt(*mean_std([scale_by * v for v in vals])) if len(vals) == len(rs) else "–")
         for vals in (per_run_ppl, per_run_acc):
             cells.append("–" if any(math.isnan(v) for v in vals) else fmt(*mean_std(vals)))
+        for key in extra:
+            vals = [100 * r.downstream[key] for r in rs if key in r.downstream]
+            cells.append(fmt(*mean_std(vals)) if len(vals) == len(rs) else "–")
         cells.append(ids(rs))
         rows.append(cells)
     return header, rows

@@ -198,5 +198,12 @@ def evaluate(
                 ("/acc", "/acc_norm", "/perplexity", "/word_perplexity"))}
             print(f"  {json.dumps(shown)}  ({time.time() - t0:.1f}s) -> {out_path}", flush=True)
         del model
+    if run_dir is not None and Path(path).resolve() == run_dir.resolve():
+        # A run-level record (the DAG's output for "every checkpoint of this run is evaluated").
+        _write_json(run_dir / "eval_summary.json", {
+            "checkpoints": [r["checkpoint"] for r in results],
+            "tokens_seen": [r["tokens_seen"] for r in results],
+            "final": results[-1]["metrics"] if results else {},
+        })
     return results
 

@@ -12,6 +12,7 @@ rule report:
     """Tables (Markdown, LaTeX, CSV) and plots from every run's metrics and evaluations."""
     input:
         [f"{EXP}/runs/{name}/final_metrics.json" for name in RUNS],
+        [f"{EXP}/runs/{name}/eval_summary.json" for name in RUNS] if BASE.dag.evaluate else [],
     output:
         report_outputs(),
     log:

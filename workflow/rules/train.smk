@@ -1,5 +1,16 @@
 def train_inputs(wildcards):
+    """Data for every run; the teacher for methods that read it online (KD); the label cache for
+    CoCoMix runs (which is what needs teacher and SAE)."""
     inputs = [f"{EXP}/data/manifest.json"]
+    if wildcards.run == "teacher":
+        return inputs
+    spec = RUNS[wildcards.run]
+    cfg = spec.config(CONFIG)
+    variant = label_variant(spec)
+    if variant is not None:
+        inputs.append(f"{EXP}/concepts/{variant}/manifest.json")
+    elif "teacher" in get_method(cfg.method).uses:
+        inputs += teacher_inputs() + (sae_inputs() if cfg.method == "cocomix" else [])
     return inputs
 
 

@@ -1,0 +1,15 @@
+rule evaluate:
+    """Held-out perplexity and lm-eval tasks on every checkpoint of a run (each once)."""
+    input:
+        f"{EXP}/runs/{{run}}/final_metrics.json",
+    output:
+        f"{EXP}/runs/{{run}}/eval_summary.json",
+    log:
+        f"{EXP}/logs/eval/{{run}}.log",
+    wildcard_constraints:
+        run="[^/]+",
+    threads: workflow.cores
+    resources:
+        gpu=1,
+    shell:
+        "OMP_NUM_THREADS={threads} {COCOMIX} eval --no-progress {EXP}/runs/{wildcards.run} > {log} 2>&1"
