@@ -41,13 +41,11 @@ from cocomix.methods import Batch, get_method  # noqa: E402
 from cocomix.model import sparse_compress  # noqa: E402
 from cocomix.tracking import environment_info  # noqa: E402
 
+from benchmarks.common import make_train_step, sync  # noqa: E402
+
 
 PAPER_69M_COMPRESSION = (32768, 32, 512)  # (C, k, d) of CoCoMix 69M (spec 1.4, 2)
 
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def round_robin(fns: dict, warmup: int, repeats: int, device) -> dict[str, float]:
@@ -82,15 +80,7 @@ def train_step_fn(cfg, method_name, device, vocab, micro_batch, precision):
         extras["concept_labels"] = labels
     batch = Batch(torch.randint(0, vocab, (micro_batch, T), device=device), extras)
 
-    def step():
-        with ctx:
-            loss, _ = method.loss(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step, model
+    return make_train_step(method, model, batch, opt, ctx), model
 
 
 def compression_fns(n_latents, k, d, tokens, device):

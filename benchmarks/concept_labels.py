@@ -50,10 +50,8 @@ from cocomix.model import CocomixConfig, CocomixForCausalLM  # noqa: E402
 from cocomix.sae import TopKSAE  # noqa: E402
 from cocomix.tracking import environment_info  # noqa: E402
 
+from benchmarks.common import sync  # noqa: E402
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(fn, device) -> float:

@@ -34,10 +34,8 @@ from cocomix.methods import Batch, get_method  # noqa: E402
 from cocomix.tracking import environment_info  # noqa: E402
 from cocomix.trainer import peak_flops  # noqa: E402
 
+from benchmarks.common import make_train_step, sync  # noqa: E402
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def measure(cfg, device, vocab, micro_batch, precision, compile_, warmup, steps):
@@ -51,13 +49,7 @@ def measure(cfg, device, vocab, micro_batch, precision, compile_, warmup, steps)
     T = cfg.train.block_size
     batch = Batch(torch.randint(0, vocab, (micro_batch, T), device=device))
 
-    def step():
-        with ctx:
-            loss, _ = method.loss(fwd, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = make_train_step(method, model, batch, opt, ctx, forward=fwd)
 
     for _ in range(warmup):  # includes compilation
         step()

@@ -41,6 +41,7 @@ import torch
 
 from cocomix.config import Config, ConceptConfig, ConfigError
 from cocomix.data import DataError
+from cocomix.data.shards import file_sha256
 from cocomix.teacher import next_token_losses, run_teacher
 
 FORMAT_VERSION = 1
@@ -162,12 +163,6 @@ def cache_key(cfg: Config) -> dict:
     }
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 23):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -309,7 +304,7 @@ def extract_concepts(cfg: Config, progress: bool = True) -> Path:
             os.replace(partial, final)
             state["blocks_done"][split] = n
             _write_json_atomic(out / PROGRESS, state)
-        entries[split] = {"file": final.name, "n_blocks": n, "bytes": final.stat().st_size, "sha256": _file_sha256(final)}
+        entries[split] = {"file": final.name, "n_blocks": n, "bytes": final.stat().st_size, "sha256": file_sha256(final)}
     if bar is not None:
         bar.close()
     manifest = {**key, "dtype": dtype.str, "no_label": _sentinel(dtype), "teacher_path": str(cfg.teacher.path),

@@ -271,7 +271,8 @@ def prepare_data(cfg: Config, progress: bool = True, force: bool = False) -> Pat
 # --------------------------------------------------------------------------------------
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 8 MiB chunks (bounded memory)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 23):
@@ -287,7 +288,7 @@ def _verify_file(data_dir: Path, entry: dict[str, Any], check_sha: bool) -> None
     if size != entry["bytes"]:
         raise DataError(f"shard {path}: size mismatch (expected {entry['bytes']} bytes, got {size})")
     if check_sha:
-        got = _file_sha256(path)
+        got = file_sha256(path)
         if got != entry["sha256"]:
             raise DataError(f"shard {path}: sha256 mismatch (expected {entry['sha256']}, got {got})")
 
