@@ -13,6 +13,7 @@ import sys
 from cocomix.config import load_config
 from cocomix.dag import fingerprint, plan_runs, teacher_spec
 from cocomix.methods import get_method
+from cocomix.sweep import study_name
 
 # Every job runs offline (a wrong local path must fail at once, not retry the hub).
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -35,6 +36,7 @@ include: "workflow/rules/concepts.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/eval.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/sweep.smk"
 
 
 rule all:

@@ -104,6 +104,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cocomix.sweep import run_worker, sweep
+
+    cfg = _load(args, ["method=cocomix"])
+    if args.join:
+        run_worker(cfg, args.worker_index)
+        return 0
+    workers = cfg.sweep.workers if args.workers is None else args.workers
+    s = sweep(cfg, args.config, workers)
+    best = (f"best trial {s['best_trial']}: held-out loss {s['best_value']:.4f} {s['best_params']}"
+            if s.get("best_trial") is not None else "no complete trial yet")
+    print(f"sweep {s['study']}: {s['complete']} complete, {s['pruned']} pruned, {s['failed']} failed, "
+          f"{s['running']} running, {s['waiting']} queued; {best}")
+    return 0
+
+
 def cmd_params(args: argparse.Namespace) -> int:
     from cocomix.methods import get_method
     from cocomix.params import count_params_for, matching_ntp_width
@@ -159,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("sweep", help="Optuna sweep of concept.insert_layer, concept.k (and sweep.space) -> "
+                                     "<experiment>/sweeps/<study>/")
+    _add_config_args(p)
+    p.add_argument("--workers", type=int, default=None, help="local worker processes (default sweep.workers; "
+                                                             "0: create the study and write outputs only)")
+    p.add_argument("--join", action="store_true", help="be one worker of an existing study (cluster jobs)")
+    p.add_argument("--worker-index", type=int, default=int(os.environ.get("SLURM_PROCID", "0")),
+                   help="offsets the sampler seed (default $SLURM_PROCID or 0)")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("params", help="total and active parameters (spec 1.7) and the matching NTP width")
     _add_config_args(p)
     p.add_argument("--method", default=None, help="shorthand for method=...")
@@ -177,9 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         from cocomix.trainer import TrainingError
     except ImportError:  # pragma: no cover - torch missing
         TrainingError = RuntimeError  # noqa: N806
+    from cocomix.sweep import SweepError
+
     try:
         return args.func(args)
-    except (ConfigError, DataError, TrainingError) as e:
+    except (ConfigError, DataError, TrainingError, SweepError) as e:
         print(f"cocomix: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     except KeyboardInterrupt:

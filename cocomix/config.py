@@ -245,6 +245,57 @@ class TrackingConfig:
     uri: str | None = None
     """MLflow tracking URI; default MLFLOW_TRACKING_URI or sqlite under results_dir."""
     enabled: bool = True
+    parent_run_id: str | None = None
+    """Nest this run under an MLflow run (`cocomix sweep` sets it for each trial)."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """Extra MLflow tags on the run (e.g. the sweep trial number)."""
+
+
+@dataclass
+class SweepParam:
+    """One dimension of the search space: `int`/`float` between low and high (log scale if `log`),
+    or `categorical` over `choices`."""
+
+    type: Literal["int", "float", "categorical"] = "int"
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[Any] | None = None
+
+
+@dataclass
+class SweepConfig:
+    """Optuna search over CoCoMix's design choices (`cocomix sweep`, cocomix/sweep.py). Every trial
+    is a `cocomix` run of `tokens` tokens scored by its final held-out loss."""
+
+    study: str | None = None
+    """Default: <experiment>-sweep. Rerunning with the same name continues the study."""
+    storage: str | None = None
+    """Any SQLAlchemy URL; default: sqlite under <experiment_dir>/sweeps/ (one machine)."""
+    n_trials: int = 8
+    """Trials the study should hold in the end (complete, pruned or failed), over all workers."""
+    workers: int = 1
+    """Worker processes `cocomix sweep` starts here (0: only create the study and write the outputs)."""
+    tokens: int | None = None
+    """Training tokens per trial; default train.tokens. Held-out loss is reported every eval.every_tokens."""
+    space: dict[str, SweepParam] = field(default_factory=dict)
+    """Dotted config key -> range. concept.insert_layer and concept.k are always searched (default
+    ranges: 1..n_layer-1 and concept.k/4..4*concept.k on a log scale); concept.lam, concept.k_attr or
+    any other key are optional."""
+    enqueue: list[dict[str, Any]] = field(default_factory=list)
+    """Configurations tried first (e.g. the paper's defaults), added once when the study is created."""
+    sampler: Literal["tpe", "random"] = "tpe"
+    n_startup_trials: int = 4
+    """Random trials before TPE models the space."""
+    seed: int = 0
+    """Sampler seed; worker i uses seed + i, so parallel workers do not propose the same points."""
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    pruner_startup_trials: int = 2
+    """Median pruner: trials that finish before any is pruned."""
+    heartbeat_s: int = 30
+    """Workers record a heartbeat this often; a trial silent for grace_s (its worker was killed) is
+    failed and queued again with the same parameters, resuming from its checkpoint."""
+    grace_s: int = 120
 
 
 @dataclass
@@ -283,6 +334,8 @@ class Config:
     scale's for the selected method; e.g. CoCoMix's 512 width where NTP uses the matched 624 (spec 2)."""
     run_name: str | None = None
     """Default: <method>-<scale or 'base'>-s<seed>."""
+    runs_dir: str | None = None
+    """Folder of run folders; default <experiment_dir>/runs (sweep trials live elsewhere)."""
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -295,6 +348,7 @@ class Config:
     concept: ConceptConfig = field(default_factory=ConceptConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     dag: DagConfig = field(default_factory=DagConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     # ---- derived locations (pure functions of the config) ----
     @property
@@ -311,7 +365,7 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        return self.experiment_dir / "runs" / self.resolved_run_name
+        return (Path(self.runs_dir) if self.runs_dir else self.experiment_dir / "runs") / self.resolved_run_name
 
     @property
     def concept_dir(self) -> Path:

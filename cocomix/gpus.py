@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-_held: list = []  # open lock files: keep them (and the locks) alive for the whole process
+_held: dict[int, object] = {}  # device index -> open lock file, kept (and locked) for the whole process
 
 LOCK_DIR = Path(os.environ.get("COCOMIX_GPU_LOCK_DIR", "/tmp/cocomix-gpu-locks"))
 
@@ -29,12 +29,15 @@ def try_claim(n_devices: int, lock_dir: Path = LOCK_DIR) -> int | None:
         except BlockingIOError:
             fh.close()
             continue
-        _held.append(fh)
+        _held[i] = fh
         return i
     return None
 
 
 def claim_device(n_devices: int, lock_dir: Path = LOCK_DIR, poll_s: float = 5.0) -> int:
+    """The device this process already holds (a sweep worker trains many trials), else the first free one."""
+    if _held:
+        return next(iter(_held))
     while True:
         i = try_claim(n_devices, lock_dir)
         if i is not None:

@@ -155,6 +155,9 @@ class RunTracker:
             self.run_id = id_file.read_text().strip()
             self.client.update_run(self.run_id, status="RUNNING")
             return
+        tags = {**tags, **cfg.tracking.tags}
+        if cfg.tracking.parent_run_id:  # shown nested under its parent in the MLflow UI
+            tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
         run = self.client.create_run(exp_id, run_name=cfg.resolved_run_name, tags=tags)
         self.run_id = run.info.run_id
         params = flatten({k: v for k, v in cfg.to_dict().items() if k != "scales"})

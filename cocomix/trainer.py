@@ -21,6 +21,7 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,11 +157,20 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------------------
 
 
+class EarlyStop(Exception):
+    """Raised by an `on_eval` callback to end a run early (a pruned sweep trial). The MLflow run is
+    marked KILLED and no final_metrics.json is written."""
+
+
 class Trainer:
-    def __init__(self, cfg: Config, method: Method | None = None, progress: bool = True):
+    def __init__(self, cfg: Config, method: Method | None = None, progress: bool = True,
+                 on_eval: Callable[[int, dict[str, float]], None] | None = None):
+        """`on_eval(tokens_seen, val_metrics)` is called after each held-out evaluation (once the
+        point is logged and any checkpoint saved); it may raise `EarlyStop`."""
         self.cfg = cfg
         self.method = method or get_method(cfg.method)
         self.progress = progress
+        self.on_eval = on_eval
         self.dist, self.device = setup_distributed()
         self.run_dir = cfg.run_dir
         t = cfg.train
@@ -501,6 +511,8 @@ class Trainer:
                     self.tracker.log({"step": self.step, "tokens_seen": self.tokens_seen, **record})
                 if self._crossed(cfg.checkpoint.every_tokens) or last:
                     self.save_checkpoint()
+                if self.on_eval is not None and "val/loss" in record:
+                    self.on_eval(self.tokens_seen, last_val)
             if not last_val:  # resumed from the final checkpoint: nothing left to train
                 last_val = self.evaluate()
             final = {
@@ -518,6 +530,9 @@ class Trainer:
                 self.tracker.log_artifact(self.run_dir / "final_metrics.json")
             status = "FINISHED"
             return final
+        except EarlyStop:
+            status = "KILLED"
+            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -525,5 +540,6 @@ class Trainer:
                 self.tracker.finish(status)
 
 
-def train(cfg: Config, method: Method | None = None, progress: bool = True) -> dict[str, float]:
-    return Trainer(cfg, method, progress).train()
+def train(cfg: Config, method: Method | None = None, progress: bool = True,
+          on_eval: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
+    return Trainer(cfg, method, progress, on_eval).train()

@@ -69,3 +69,21 @@ def tiny_teacher(tmp_path_factory, tiny_data) -> Path:
     cfg = load_config(ROOT / "config/tiny.yaml",
                       tiny_overrides(root, tiny_data, "model.n_layer=3", "train.tokens=327680", "run_name=teacher"))
     return Path(train(cfg, progress=False)["checkpoint"])
+
+
+@pytest.fixture(scope="session")
+def concept_cache(tmp_path_factory, tiny_data, tiny_teacher):
+    """SAE on the tiny teacher's middle block, then attribution labels for every train and val block.
+    Returns (results root, overrides): CoCoMix runs on these overrides read the cached labels."""
+    from cocomix.concepts import extract_concepts
+    from cocomix.config import load_config
+    from cocomix.sae import train_sae
+
+    root = tmp_path_factory.mktemp("cocomix")
+    overrides = tiny_overrides(root, tiny_data, f"teacher.path={tiny_teacher}", "sae.n_latents=256", "sae.k=8",
+                               "concept.k=8", "sae.tokens=150000", "sae.dead_after_tokens=100000",
+                               "eval.every_tokens=163840", "checkpoint.every_tokens=163840")  # evaluate once, at the end
+    cfg = load_config(ROOT / "config/tiny.yaml", overrides)
+    train_sae(cfg, progress=False)
+    extract_concepts(cfg, progress=False)
+    return root, overrides

@@ -317,22 +317,6 @@ def test_ablation_switches_build_the_intended_model(tmp_path):
 
 # ---- acceptance: training from cached labels ---------------------------------------------------
 
-@pytest.fixture(scope="module")
-def concept_cache(tmp_path_factory, tiny_data, tiny_teacher):
-    """SAE on the tiny teacher's middle block, then attribution labels for every train and val block."""
-    from cocomix.concepts import extract_concepts
-    from cocomix.sae import train_sae
-
-    root = tmp_path_factory.mktemp("cocomix")
-    overrides = tiny_overrides(root, tiny_data, f"teacher.path={tiny_teacher}", "sae.n_latents=256", "sae.k=8",
-                               "concept.k=8", "sae.tokens=150000", "sae.dead_after_tokens=100000",
-                               "eval.every_tokens=163840", "checkpoint.every_tokens=163840")  # evaluate once, at the end
-    cfg = load_config(ROOT / "config/tiny.yaml", overrides)
-    train_sae(cfg, progress=False)
-    extract_concepts(cfg, progress=False)
-    return root, overrides
-
-
 @pytest.mark.slow
 def test_cocomix_trains_from_cached_labels(concept_cache):
     from cocomix.trainer import train

@@ -58,6 +58,13 @@ def test_second_invocation_does_nothing(dag_run):
     assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr
 
 
+def test_sweep_target_reuses_the_dags_data_teacher_sae_and_labels(dag_run):
+    """`snakemake sweep` is not part of `all`; after the DAG, it plans the sweep job alone."""
+    proc = smk(dag_run, ROOT / ".test/config.yaml", "--cores", "2", "-n", "sweep")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert planned_jobs(proc.stdout) == {("sweep", None)}
+
+
 def test_changing_one_setting_reruns_only_what_reads_it(dag_run, tmp_path):
     cfg = yaml.safe_load((ROOT / ".test/config.yaml").read_text())
     cfg.setdefault("kd", {})["lam"] = 0.5  # no NTP run reads kd.*

@@ -1,0 +1,196 @@
+"""Optuna sweeps (cocomix/sweep.py): parallel workers on one storage, pruning, a killed sweep that
+continues the same study, failed trials, MLflow nesting, and a best config that trains as it is."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cocomix.config import ConfigError, load_config
+from conftest import ROOT, cli
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def sweep_overrides(concept_cache, tmp_path: Path, study: str, *extra: str) -> list[str]:
+    """Tiny trials (3-layer student, so insert_layer has two values) of 40,960 tokens with a held-out
+    point every 10,240 tokens, on the shared label cache; MLflow in the test's own sqlite store."""
+    _, overrides = concept_cache
+    return overrides + [
+        "model.n_layer=3", "train.tokens=40960", "eval.every_tokens=10240", "checkpoint.every_tokens=10240",
+        "eval.max_blocks=32", "tracking.enabled=true", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"sweep.study={study}", f"sweep.storage=sqlite:///{tmp_path / 'optuna.db'}",
+        "sweep.tokens=null", "sweep.heartbeat_s=1", "sweep.grace_s=4", "sweep.n_startup_trials=3", *extra,
+    ]
+
+
+def load(overrides):
+    return load_config(ROOT / "config/tiny.yaml", overrides + ["method=cocomix"])
+
+
+def trials(cfg):
+    import optuna
+
+    from cocomix.sweep import storage_url, study_name
+
+    return optuna.load_study(study_name=study_name(cfg), storage=storage_url(cfg)).get_trials(deepcopy=False)
+
+
+def test_search_space_defaults_and_errors(concept_cache, tmp_path):
+    from cocomix.sweep import search_space
+
+    cfg = load(sweep_overrides(concept_cache, tmp_path, "s"))
+    space = search_space(cfg)
+    assert (space["concept.insert_layer"].low, space["concept.insert_layer"].high) == (1, 2)  # n_layer 3
+    assert (space["concept.k"].low, space["concept.k"].high, space["concept.k"].log) == (2, 32, True)  # k=8
+    bad = {
+        "sweep.space={concept.lamda: {type: float, low: 0.01, high: 1}}": "'concept.lamda' is not a config key",
+        "sweep.space={concept.lam: {type: float, low: 1, high: 0.1}}": "needs low <= high",
+        "sweep.space={concept.insert_layer: {type: int, low: 0, high: 2}}": "must lie in 1..2",
+        "sweep.space={concept.k_attr: {type: categorical}}": "non-empty 'choices'",
+    }
+    for override, message in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            search_space(load(sweep_overrides(concept_cache, tmp_path, "s", override)))
+
+
+@pytest.mark.slow
+def test_sweep_two_workers_prunes_survives_a_kill_and_tracks_in_mlflow(concept_cache, tmp_path):
+    import mlflow
+    from optuna.trial import TrialState
+
+    overrides = sweep_overrides(concept_cache, tmp_path, "s2", "sweep.n_trials=8", "sweep.workers=2")
+    cfg = load(overrides)
+    cmd = cli("sweep", "--config", str(ROOT / "config/tiny.yaml"), *overrides)
+
+    # Start the sweep; kill the whole process group (coordinator and both workers) once three
+    # trials have ended and a running trial has reported a held-out point (so it has a checkpoint).
+    proc = subprocess.Popen(cmd, env=ENV, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    killed_running = []
+    while time.time() < deadline:
+        time.sleep(1)
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        try:
+            ts = trials(cfg)
+        except KeyError:  # study not created yet
+            continue
+        ended = [t for t in ts if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        running = [t for t in ts if t.state == TrialState.RUNNING and t.intermediate_values]
+        if len(ended) >= 3 and running:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            killed_running = [t.number for t in trials(cfg) if t.state == TrialState.RUNNING]
+            with_checkpoint = [t.number for t in trials(cfg) if t.state == TrialState.RUNNING and t.intermediate_values]
+            break
+    assert killed_running, "the sweep never reached a point where it could be killed mid-trial"
+    n_before = len(trials(cfg))
+
+    time.sleep(cfg.sweep.grace_s + 1)  # the killed trials' heartbeats go stale
+    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+    ts = trials(cfg)
+    by_number = {t.number: t for t in ts}
+    states = [t.state for t in ts]
+    finished = states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED)
+    # 8 trials in the end; two workers finishing at the same instant may each start one more.
+    assert 8 <= finished <= 9, states
+    assert states.count(TrialState.PRUNED) >= 1, states
+    assert states.count(TrialState.COMPLETE) >= 2, states
+    assert len(ts) > n_before  # the rerun continued the same study (earlier trials are still in it)
+    # Every trial killed mid-way was failed by its heartbeat and run again with the same parameters
+    # and run folder, resuming from its checkpoint.
+    for n in killed_running:
+        assert by_number[n].state == TrialState.FAIL and "failure" not in by_number[n].user_attrs
+        (retry,) = [t for t in ts if t.system_attrs.get("failed_trial") == n]
+        assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        assert retry.params == by_number[n].params
+        assert retry.user_attrs["run_dir"] == by_number[n].user_attrs["run_dir"]
+    # Those that had written a checkpoint (reported a held-out point) resumed from it; one that had
+    # started between the poll and the kill had none and starts over.
+    worker_logs = "".join(p.read_text() for p in (cfg.experiment_dir / "sweeps" / "s2" / "logs").glob("*.log"))
+    assert with_checkpoint
+    for n in with_checkpoint:
+        assert f"resumed from {by_number[n].user_attrs['run_dir']}/checkpoints/" in worker_logs
+
+    # Outputs: the trials table, plots, and a best config that `cocomix train` accepts unchanged.
+    folder = cfg.experiment_dir / "sweeps" / "s2"
+    rows = (folder / "trials.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + len(ts)
+    for png in ("importance.png", "contour.png"):
+        assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    best = min((t for t in ts if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    best_cfg = folder / "best_config.yaml"
+    tree = yaml.safe_load(best_cfg.read_text())
+    assert tree["concept"]["insert_layer"] == best.params["concept.insert_layer"]
+    assert tree["concept"]["k"] == best.params["concept.k"]
+    trained = subprocess.run(cli("train", "--config", str(best_cfg), "--no-progress"), env=ENV,
+                             capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    final = load_config(best_cfg).run_dir / "final_metrics.json"
+    assert final.is_file()
+    # Same config, same seed, same data order: the best trial's result is reproduced exactly.
+    assert json.loads(final.read_text())["val/loss"] == pytest.approx(best.value, abs=1e-5)
+
+    # MLflow: the sweep's parent run, every trial run nested under it, with params, curve and state.
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id], max_results=1000)
+    (parent,) = [r for r in runs if r.data.tags.get("sweep") == "s2"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["sweep/best_value"] == pytest.approx(best.value)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    distinct_dirs = {t.user_attrs["run_dir"] for t in ts if "run_dir" in t.user_attrs}
+    assert len(children) == len(distinct_dirs)  # a retried trial continues its MLflow run
+    states_in_mlflow = {r.data.tags["optuna.trial"]: r.data.tags["optuna.state"] for r in children}
+    for t in ts:
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            assert states_in_mlflow[str(t.number)] == t.state.name
+    child = next(r for r in children if r.data.tags["optuna.state"] == "COMPLETE")
+    assert {"concept.insert_layer", "concept.k"} <= set(child.data.params)
+    assert len(client.get_metric_history(child.info.run_id, "val/loss")) == 4  # 40,960 / 10,240 tokens
+
+    # Nothing left to do: a third invocation adds no trial.
+    again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and len(trials(cfg)) == len(ts)
+
+
+def test_failed_trials_are_recorded_and_the_sweep_goes_on(concept_cache, tmp_path):
+    from optuna.trial import TrialState
+
+    space = ("sweep.space={train.micro_batch_size: {type: categorical, choices: [8, 7]}}")
+    enqueue = ("sweep.enqueue=[{train.micro_batch_size: 7, concept.insert_layer: 1, concept.k: 8},"
+               " {train.micro_batch_size: 8, concept.insert_layer: 1, concept.k: 8}]")
+    overrides = sweep_overrides(concept_cache, tmp_path, "fail", "sweep.n_trials=2", "sweep.workers=1",
+                                "train.tokens=10240", "tracking.enabled=false", space, enqueue)
+    out = subprocess.run(cli("sweep", "--config", str(ROOT / "config/tiny.yaml"), *overrides), env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "1 complete, 0 pruned, 1 failed" in out.stdout
+    t0, t1 = trials(load(overrides))
+    assert t0.state == TrialState.FAIL and "not a positive multiple of train.micro_batch_size=7" in t0.user_attrs["failure"]
+    assert t1.state == TrialState.COMPLETE
+
+
+def test_sweep_errors(concept_cache, tmp_path):
+    base = sweep_overrides(concept_cache, tmp_path, "err", "sweep.n_trials=1", "tracking.enabled=false")
+    config = str(ROOT / "config/tiny.yaml")
+    # Joining a study that nobody created.
+    out = subprocess.run(cli("sweep", "--join", "--config", config, *base), env=ENV, capture_output=True, text=True)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"cocomix: error: no study 'err' in sqlite:///{tmp_path / 'optuna.db'}: create it first with "
+        "`cocomix sweep --workers 0` (workers only join)"]
+    # A study continued under another budget is refused.
+    assert subprocess.run(cli("sweep", "--workers", "0", "--config", config, *base), env=ENV,
+                          capture_output=True).returncode == 0
+    out = subprocess.run(cli("sweep", "--workers", "0", "--config", config, *base, "train.tokens=20480"), env=ENV,
+                         capture_output=True, text=True)
+    assert out.returncode == 1
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert "was created with another base config, budget or search space" in out.stderr
