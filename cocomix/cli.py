@@ -2,6 +2,8 @@
 
     cocomix prepare-data --config config/tiny.yaml
     cocomix train --config config/tiny.yaml --method ntp [model.n_embd=128 ...]
+    cocomix inspect <run or checkpoint> --prompt "..." --out <folder>
+    cocomix steer <run or checkpoint> --prompt "..." --concepts 17 --factor 10 --out <folder>
     torchrun --nproc_per_node 2 -m cocomix.cli train --config ...   # DDP
 
 Any bad input ends with one line on stderr (`cocomix: error: ...`) and a non-zero exit.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 # Never let a bad local path turn into ~25 s of hub retries (shared/notes/ecosystem-facts.md).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -135,6 +138,61 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_concepts(text: str) -> list[int]:
+    from cocomix.data import DataError
+
+    try:
+        indices = [int(j) for j in text.split(",") if j.strip()]
+    except ValueError:
+        indices = []
+    if not indices:
+        raise DataError(f"--concepts {text!r}: expected comma-separated concept indices, e.g. 17,203")
+    return indices
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from cocomix.interpret import (describe_concepts, descriptions_path, encode_prompt, inspect_prompt, load_cocomix,
+                                   write_inspection)
+
+    model, tokenizer, cfg, ckpt = load_cocomix(args.path, args.config, args.overrides)
+    descriptions = describe_concepts(cfg)
+    result = inspect_prompt(model, tokenizer, encode_prompt(tokenizer, args.prompt), args.top)
+    header = [f"CoCoMix concept predictions of {ckpt}", f"prompt: {args.prompt!r} (after an EOS token)",
+              f"top {args.top} of {cfg.sae.n_latents} concepts per position: p = softmax of the concept logits z_t",
+              f"concept descriptions: {descriptions_path(cfg).with_suffix('.md')}"]
+    files = write_inspection(result, descriptions, Path(args.out), header)
+    print("\n".join(str(f) for f in files))
+    return 0
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    from cocomix.data import DataError
+    from cocomix.interpret import describe_concepts, load_cocomix
+    from cocomix.sae import load_sae
+    from cocomix.steering import steer, steering_check, write_check, write_steering
+    from cocomix.teacher import load_teacher
+
+    if not args.check and args.concepts is None:
+        raise DataError("steer needs --concepts (comma-separated concept indices) or --check")
+    factors = None if args.check else {j: args.factor for j in _parse_concepts(args.concepts)}
+    model, tokenizer, cfg, ckpt = load_cocomix(args.path, args.config, args.overrides)
+    descriptions = describe_concepts(cfg)
+    teacher, sae = load_teacher(cfg), load_sae(cfg)
+    out = Path(args.out)
+    if args.check:  # sampled, many samples: a frequency needs them
+        result = steering_check(cfg, model, tokenizer, teacher, sae, descriptions, args.ground_truth, args.factor,
+                                args.samples or 64, args.max_new_tokens, args.seed,
+                                1.0 if args.temperature is None else args.temperature, args.prompt)
+        files = write_check(result, out)
+        print(files[0].read_text(), end="")
+    else:  # greedy, one sample unless asked otherwise
+        result = steer(model, tokenizer, teacher, sae, cfg.sae.layer, args.prompt, factors, args.samples or 1,
+                       args.max_new_tokens, args.seed, args.temperature or 0.0)
+        files = write_steering(result, descriptions, out, [f"steering {ckpt} and its teacher {cfg.teacher.path}"])
+    print("\n".join(str(f) for f in files))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cocomix", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +249,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", type=int, default=None, help="default: model.vocab_size, 50257 with tokenizer.path, "
                                                            "else tokenizer.vocab_size")
     p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("inspect", help="top predicted concepts per position of a prompt -> text, JSON and heat-map PNG")
+    p.add_argument("path", help="a CoCoMix checkpoint folder, or a run folder (its latest checkpoint)")
+    _add_config_args(p)  # --config only matters for a checkpoint outside a run folder
+    p.add_argument("--prompt", required=True, help="text to inspect (read after an EOS token, as a document start)")
+    p.add_argument("--out", required=True, help="folder for inspect.txt, inspect.json, inspect.png")
+    p.add_argument("--top", type=int, default=5, help="concepts shown per position")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("steer", help="generate with chosen concepts' logits x factor, beside unsteered; "
+                                     "the same on the teacher through its SAE")
+    p.add_argument("path", help="a CoCoMix checkpoint folder, or a run folder (its latest checkpoint)")
+    _add_config_args(p)
+    p.add_argument("--prompt", default="", help="text to continue (default: a document start)")
+    p.add_argument("--concepts", default=None, help="comma-separated concept (SAE latent) indices to steer")
+    p.add_argument("--factor", type=float, default=10.0, help="multiplier of the chosen logits (paper: -10 .. 10)")
+    p.add_argument("--out", required=True, help="folder for steer.txt, steer.json, steer.png (or steer_check.json)")
+    p.add_argument("--samples", type=int, default=None, help="continuations per run, the same seed steered and not "
+                                                             "(default 1; with --check 64)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=None, help="0: greedy; else sampling "
+                                                                   "(default: greedy; with --check: 1)")
+    p.add_argument("--check", action="store_true", help="synthetic corpus: steer the latent best matching a "
+                                                       "ground-truth concept and count that concept's words")
+    p.add_argument("--ground-truth", default=None, help="--check: the concept name, e.g. topic_3 (default: best matched)")
+    p.set_defaults(func=cmd_steer)
     return parser
 
 

@@ -241,6 +241,24 @@ class KDConfig:
 
 
 @dataclass
+class InterpretConfig:
+    """Concept descriptions for `cocomix inspect` / `cocomix steer` (`cocomix/interpret.py`)."""
+
+    describe_tokens: int = 200_000
+    """Training-split tokens scanned (from the start) for each latent's top-activating contexts."""
+    contexts: int = 5
+    """Top-activating contexts kept per latent."""
+    context_before: int = 10
+    """Tokens shown before the active token of a context."""
+    context_after: int = 3
+    """Tokens shown after it."""
+    top_tokens: int = 8
+    """Output tokens each latent promotes most (logit lens of its decoder direction)."""
+    match_tokens: int = 20_000
+    """Synthetic corpus: validation tokens on which latents are matched to ground-truth concepts (AUROC)."""
+
+
+@dataclass
 class TrackingConfig:
     uri: str | None = None
     """MLflow tracking URI; default MLFLOW_TRACKING_URI or sqlite under results_dir."""
@@ -347,6 +365,7 @@ class Config:
     sae: SAEConfig = field(default_factory=SAEConfig)
     concept: ConceptConfig = field(default_factory=ConceptConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    interpret: InterpretConfig = field(default_factory=InterpretConfig)
     dag: DagConfig = field(default_factory=DagConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
@@ -548,6 +567,11 @@ def validate(cfg: Config) -> Config:
     need(c.k_attr <= sae.k or c.scoring == "attribution_preact", "concept.k_attr",
          f"{c.k_attr} labels cannot come from sae.k={sae.k} active latents")
     need(cfg.kd.temperature > 0, "kd.temperature", "must be positive")
+    ip = cfg.interpret
+    for key in ("describe_tokens", "contexts", "top_tokens", "match_tokens"):
+        need(getattr(ip, key) > 0, f"interpret.{key}", "must be positive")
+    for key in ("context_before", "context_after"):
+        need(getattr(ip, key) >= 0, f"interpret.{key}", "must be >= 0")
     for i, name in enumerate(cfg.dag.ablation_scales or []):
         need(name in cfg.scales, f"dag.ablation_scales[{i}]", f"{name!r} is not defined under 'scales' ({sorted(cfg.scales)})")
     for i, name in enumerate(cfg.dag.scales):

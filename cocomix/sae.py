@@ -481,6 +481,21 @@ def _dense_codes(acts: torch.Tensor, inds: torch.Tensor, n_latents: int) -> np.n
     return dense.numpy()
 
 
+def concept_auroc(acts, inds, n_latents: int, token_concepts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """AUROC of every latent's activation as a detector of every ground-truth concept id > 0 that is
+    present on some but not all tokens (a token has a concept if any of its slots holds it).
+
+    acts, inds: (N, k) SAE codes; token_concepts: (N, n_slots). Returns (concept ids (M,),
+    labels (N, M) bool, auc (M, C)). Builds the dense (N, C) codes: keep N * C bounded.
+    """
+    ids = np.unique(token_concepts)
+    ids = ids[ids > 0]
+    labels = np.stack([(token_concepts == c).any(axis=1) for c in ids], axis=1)  # (N, M)
+    keep = (labels.sum(axis=0) > 0) & (labels.sum(axis=0) < len(labels))
+    labels = labels[:, keep]
+    return ids[keep], labels, auroc_matrix(_dense_codes(acts, inds, n_latents), labels)  # (M, C)
+
+
 def concept_recovery(acts, inds, n_latents: int, token_concepts: np.ndarray, untrained=None,
                      max_elements: int = 50_000_000) -> dict[str, float]:
     """How well SAE latents detect the synthetic corpus's ground-truth concepts.
@@ -494,13 +509,7 @@ def concept_recovery(acts, inds, n_latents: int, token_concepts: np.ndarray, unt
                                   for picking the max over many latents)
     """
     n_tokens = min(len(acts), max(1, max_elements // n_latents))  # bounds the dense (N, C) matrix
-    token_concepts = token_concepts[:n_tokens]
-    ids = np.unique(token_concepts)
-    ids = ids[ids > 0]
-    labels = np.stack([(token_concepts == c).any(axis=1) for c in ids], axis=1)  # (N, M)
-    keep = (labels.sum(axis=0) > 0) & (labels.sum(axis=0) < len(labels))
-    labels = labels[:, keep]
-    auc = auroc_matrix(_dense_codes(acts[:n_tokens], inds[:n_tokens], n_latents), labels)  # (M, C)
+    _, labels, auc = concept_auroc(acts[:n_tokens], inds[:n_tokens], n_latents, token_concepts[:n_tokens])
     out = {
         "recovery/n_concepts": int(labels.shape[1]),
         "recovery/best_auroc": float(auc.max(axis=1).mean()),
