@@ -299,12 +299,15 @@ def _create_parent_run(cfg: Config, space: dict[str, SweepParam]) -> str:
     return tracker.run_id
 
 
-def _tag_trial_run(cfg: Config, run_dir: Path, tags: dict[str, str]) -> None:
+def _record_trial_run(cfg: Config, trial, run_dir: Path, state: str) -> None:
+    """Tag the trial's MLflow run with its Optuna state, and keep the run id in the trial."""
     id_file = run_dir / "mlflow_run_id"
     if cfg.tracking.enabled and id_file.is_file():
+        run_id = id_file.read_text().strip()
         client = _client(cfg)
-        for k, v in tags.items():
-            client.set_tag(id_file.read_text().strip(), k, v)
+        for k, v in {"optuna.state": state, "optuna.trial": str(trial.number)}.items():
+            client.set_tag(run_id, k, v)
+        trial.set_user_attr("mlflow_run_id", run_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,20 +395,19 @@ def objective_for(cfg: Config, space: dict[str, SweepParam], parent_run_id: str 
             _ensure_labels(tcfg)
             final = train(tcfg, progress=False, on_eval=on_eval)
         except EarlyStop:
-            _tag_trial_run(cfg, tcfg.run_dir, {"optuna.state": "PRUNED", "optuna.trial": str(trial.number)})
+            _record_trial_run(cfg, trial, tcfg.run_dir, "PRUNED")
             raise optuna.TrialPruned() from None
         except (TrainingError, DataError, ConfigError, torch.OutOfMemoryError, MemoryError) as e:
             message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             trial.set_user_attr("failure", message[:500])
             if tcfg is not None:  # else the trial's config itself was impossible: no run was started
-                _tag_trial_run(cfg, tcfg.run_dir, {"optuna.state": "FAIL", "optuna.trial": str(trial.number)})
+                _record_trial_run(cfg, trial, tcfg.run_dir, "FAIL")
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             print(f"trial {trial.number} failed: {message}", flush=True)
             raise TrialFailed(message) from None
-        trial.set_user_attr("mlflow_run_id", final.get("mlflow_run_id"))
         trial.set_user_attr("tokens", final["tokens_seen"])
-        _tag_trial_run(cfg, tcfg.run_dir, {"optuna.state": "COMPLETE", "optuna.trial": str(trial.number)})
+        _record_trial_run(cfg, trial, tcfg.run_dir, "COMPLETE")
         print(f"trial {trial.number} {params}: val/loss {final['val/loss']:.4f}", flush=True)
         return final["val/loss"]
 

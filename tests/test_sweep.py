@@ -151,6 +151,8 @@ def test_sweep_two_workers_prunes_survives_a_kill_and_tracks_in_mlflow(concept_c
     for t in ts:
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
             assert states_in_mlflow[str(t.number)] == t.state.name
+            # the trials table links each trial to its MLflow run
+            assert t.user_attrs["mlflow_run_id"] in {r.info.run_id for r in children}
     child = next(r for r in children if r.data.tags["optuna.state"] == "COMPLETE")
     assert {"concept.insert_layer", "concept.k"} <= set(child.data.params)
     assert len(client.get_metric_history(child.info.run_id, "val/loss")) == 4  # 40,960 / 10,240 tokens
