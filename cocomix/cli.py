@@ -170,7 +170,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
     from cocomix.interpret import describe_concepts, load_cocomix
     from cocomix.sae import load_sae
     from cocomix.steering import steer, steering_check, write_check, write_steering
-    from cocomix.teacher import load_teacher
+    from cocomix.teacher import load_teacher, teacher_dir
 
     if not args.check and args.concepts is None:
         raise DataError("steer needs --concepts (comma-separated concept indices) or --check")
@@ -188,7 +188,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
     else:  # greedy, one sample unless asked otherwise
         result = steer(model, tokenizer, teacher, sae, cfg.sae.layer, args.prompt, factors, args.samples or 1,
                        args.max_new_tokens, args.seed, args.temperature or 0.0)
-        files = write_steering(result, descriptions, out, [f"steering {ckpt} and its teacher {cfg.teacher.path}"])
+        files = write_steering(result, descriptions, out, [f"steering {ckpt} and its teacher {teacher_dir(cfg)}"])
     print("\n".join(str(f) for f in files))
     return 0
 

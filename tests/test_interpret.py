@@ -170,6 +170,8 @@ def test_inspect_and_steer_commands_write_text_and_png(cocomix_run, tmp_path, ca
                  "--samples", "2", "--temperature", "1", "--max-new-tokens", "12", "--out", str(out)]) == 0
     assert (out / "steer.png").read_bytes()[:8] == PNG_MAGIC
     text = (out / "steer.txt").read_text()
+    teacher = load_config(ROOT / "config/tiny.yaml", overrides).teacher.path
+    assert text.splitlines()[0].endswith(f"and its teacher {teacher}")  # the folder actually loaded
     assert "concept 3 x -10" in text and "concept 7 x -10" in text
     assert text.count("unsteered:") == 4 and text.count("\n    steered:") == 4  # 2 samples x (CoCoMix, teacher)
     result = json.loads((out / "steer.json").read_text())
