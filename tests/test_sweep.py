@@ -104,19 +104,27 @@ def test_sweep_two_workers_prunes_survives_a_kill_and_tracks_in_mlflow(concept_c
     assert states.count(TrialState.PRUNED) >= 1, states
     assert states.count(TrialState.COMPLETE) >= 2, states
     assert len(ts) > n_before  # the rerun continued the same study (earlier trials are still in it)
-    # Every trial killed mid-way was failed by its heartbeat and run again with the same parameters
-    # and run folder, resuming from its checkpoint.
+    # Every trial killed mid-way was failed by its heartbeat and run again to the end, with the
+    # parameters it had drawn. (A trial the other worker had just created when the kill came may not
+    # have drawn any yet, nor named its run folder: its retry draws afresh, as a new trial would.)
+    retries = {}
     for n in killed_running:
-        assert by_number[n].state == TrialState.FAIL and "failure" not in by_number[n].user_attrs
-        (retry,) = [t for t in ts if t.system_attrs.get("failed_trial") == n]
-        assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
-        assert retry.params == by_number[n].params
-        assert retry.user_attrs["run_dir"] == by_number[n].user_attrs["run_dir"]
-    # Those that had written a checkpoint (reported a held-out point) resumed from it; one that had
-    # started between the poll and the kill had none and starts over.
+        killed = by_number[n]
+        assert killed.state == TrialState.FAIL and "failure" not in killed.user_attrs
+        (retries[n],) = [t for t in ts if t.system_attrs.get("failed_trial") == n]
+        assert retries[n].state in (TrialState.COMPLETE, TrialState.PRUNED)
+        for key, value in killed.params.items():
+            assert retries[n].params[key] == value
+        if "run_dir" in killed.user_attrs:
+            assert retries[n].user_attrs["run_dir"] == killed.user_attrs["run_dir"]
+    # Those that had written a checkpoint (reported a held-out point) resumed from it, in the same run
+    # folder and with the same parameters.
     worker_logs = "".join(p.read_text() for p in (cfg.experiment_dir / "sweeps" / "s2" / "logs").glob("*.log"))
     assert with_checkpoint
     for n in with_checkpoint:
+        assert set(by_number[n].params) == {"concept.insert_layer", "concept.k"}
+        assert retries[n].params == by_number[n].params
+        assert retries[n].user_attrs["run_dir"] == by_number[n].user_attrs["run_dir"]
         assert f"resumed from {by_number[n].user_attrs['run_dir']}/checkpoints/" in worker_logs
 
     # Outputs: the trials table, plots, and a best config that `cocomix train` accepts unchanged.
