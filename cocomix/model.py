@@ -282,6 +282,12 @@ def build_attention_mask(padding_mask, query_len: int, past_len: int, device):
     return mask
 
 
+# transformers 5.24 renamed the KV cache `past_key_values` -> `cache` in model inputs (generate() passes
+# `cache=`) and outputs (`past_key_values` stays readable, with a deprecation warning). The forward
+# accepts both names and fills whichever field this version's output class has.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 @dataclass
 class CocomixCausalLMOutput(CausalLMOutputWithPast):
     """CausalLMOutputWithPast plus the concept head's prediction (slot="concept"), for the concept
@@ -365,15 +371,19 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids=None,          # (B, T) token ids
         attention_mask=None,     # (B, past + T), 1 = token, 0 = padding
         position_ids=None,       # (B, T) or (1, T); generate() derives them from attention_mask
-        past_key_values=None,    # transformers Cache (DynamicCache) or None
+        past_key_values=None,    # transformers Cache (DynamicCache) or None; transformers >= 5.24 names it `cache`
         inputs_embeds=None,      # (B, T, d) instead of input_ids
         labels=None,             # (B, T); shifted inside, -100 ignored (HF convention)
         use_cache=None,
         return_dict=True,
         output_hidden_states=None,
         concept_steering=None,   # {concept index: factor}; default: the `steer_concepts` context
+        cache=None,              # the same Cache under its transformers >= 5.24 name (what generate() passes)
         **kwargs,
     ) -> CocomixCausalLMOutput:
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("pass the KV cache as `cache` or `past_key_values`, not both")
+        cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -384,9 +394,9 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
         # A cache only pays off at inference; training never reuses one.
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_len = cache.get_seq_length() if cache is not None else 0
         if past_len + T > self.config.n_positions:
             raise ValueError(f"sequence length {past_len + T} exceeds n_positions={self.config.n_positions}")
 
@@ -415,7 +425,7 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
                 # concept_mix == "none": prediction only, the stream is unchanged
             if output_hidden_states:
                 all_hidden_states += (x,)
-            x = block(x, attn_mask, past_key_values if use_cache else None)
+            x = block(x, attn_mask, cache if use_cache else None)
         if cfg.interleaves:
             x = x[:, 1::2]  # (B, 2T, d) -> (B, T, d): the slot after token t predicts token t+1 (spec 1.5)
         x = self.transformer.ln_f(x)
@@ -435,7 +445,7 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
         output = CocomixCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=past_key_values if use_cache else None,
+            **{_CACHE_FIELD: cache if use_cache else None},
             hidden_states=all_hidden_states,
             concept_logits=prediction.logits if prediction is not None else None,
             concept_indices=prediction.indices if prediction is not None else None,
