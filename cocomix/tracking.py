@@ -150,24 +150,29 @@ class RunTracker:
                 exp_id = self.client.get_experiment_by_name(cfg.experiment).experiment_id
         else:
             exp_id = exp.experiment_id
-        id_file = run_dir / "mlflow_run_id"
-        if id_file.exists():
-            self.run_id = id_file.read_text().strip()
-            self.client.update_run(self.run_id, status="RUNNING")
-            return
         tags = {**tags, **cfg.tracking.tags}
         if cfg.tracking.parent_run_id:  # shown nested under its parent in the MLflow UI
             tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-        run = self.client.create_run(exp_id, run_name=cfg.resolved_run_name, tags=tags)
-        self.run_id = run.info.run_id
         params = flatten({k: v for k, v in cfg.to_dict().items() if k != "scales"})
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        id_file = run_dir / "mlflow_run_id"
+        if id_file.exists():  # a resumed run continues its MLflow run
+            self.run_id = id_file.read_text().strip()
+            self.client.update_run(self.run_id, status="RUNNING")
+            if len(self.client.get_run(self.run_id).data.params) >= len(items):
+                return
+            # else the run was killed while its params were being logged: log them again (same values)
+        else:
+            run = self.client.create_run(exp_id, run_name=cfg.resolved_run_name, tags=tags)
+            self.run_id = run.info.run_id
+            # Record the id before anything else, so a kill from here on cannot orphan the run: the
+            # resumed run finds it and continues it.
+            tmp = id_file.with_suffix(".tmp")
+            tmp.write_text(self.run_id)
+            os.replace(tmp, id_file)
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params
             self.client.log_batch(self.run_id, params=items[i : i + 100])
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        tmp = id_file.with_suffix(".tmp")
-        tmp.write_text(self.run_id)
-        os.replace(tmp, id_file)
 
     def log(self, record: dict[str, Any]) -> None:
         """`record` holds step, tokens_seen and metric values (floats)."""

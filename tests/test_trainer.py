@@ -172,6 +172,32 @@ def test_mlflow_run_has_params_tags_and_metric_history(tmp_path, tiny_data):
     assert [m.value for m in history] == pytest.approx([r["train/loss"] for r in jsonl])
 
 
+def test_run_killed_while_its_mlflow_run_was_created_is_continued_not_duplicated(tmp_path, tiny_data):
+    """The run id is recorded in the run folder right after the MLflow run is created; a run killed
+    before its params were logged is continued on resume, with its params completed."""
+    import mlflow
+
+    from cocomix.tracking import RunTracker, init_store
+
+    uri = f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    cfg = _cfg(tmp_path, tiny_data, "tracking.enabled=true", f"tracking.uri={uri}", "train.tokens=10240")
+    init_store(uri)
+    client = mlflow.MlflowClient(uri)
+    # What a kill between create_run and logging the params leaves behind: a bare run and its id.
+    exp_id = client.create_experiment("tiny")
+    bare = client.create_run(exp_id, run_name="ntp-base-s0").info.run_id
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "mlflow_run_id").write_text(bare)
+    final = train(cfg, progress=False)
+    assert final["mlflow_run_id"] == bare
+    (run,) = client.search_runs([exp_id])
+    assert run.info.run_id == bare and run.info.status == "FINISHED"
+    assert run.data.params["model.n_embd"] == "64" and run.data.tags["method"] == "ntp"
+    # A second tracker on the finished folder continues the same run and logs nothing twice.
+    assert RunTracker(cfg, cfg.run_dir, {"method": "ntp"}).run_id == bare
+    assert len(client.search_runs([exp_id])) == 1
+
+
 def test_changed_config_starts_over_instead_of_resuming(tmp_path, tiny_data):
     """Auto-resume continues only a run made with the same config; a stale one is moved aside."""
     first = train(_cfg(tmp_path, tiny_data, "train.tokens=20480"), progress=False)
