@@ -8,7 +8,8 @@ model side is `slot="pause"` of `cocomix.model` (shared with CoCoMix's interleav
 losses are NTP's and KD's unchanged.
 
 Paper gaps (spec section 6, question 5), with our choices: the vector is shared across positions
-and read out at the pause slot; the width is the NTP/KD width (the pause vector adds d parameters,
+and read out at the pause slot (`pause.readout: pause`; `token` reads token t's own slot instead,
+the pause slots then being extra positions for later tokens: README, "Pause read-out"); the width is the NTP/KD width (the pause vector adds d parameters,
 so that width is what matches CoCoMix's active parameters; `config/paper.yaml`); KD + Pause uses
 the same `kd.lam` as KD.
 """
@@ -22,12 +23,12 @@ from baselines.ntp import NTP
 class PauseSlot:
     """Mixin: build the backbone with a pause slot after `concept.insert_layer` blocks."""
 
-    uses = ("concept.insert_layer",)
+    uses = ("concept.insert_layer", "pause")
 
     def model_config(self, cfg, vocab_size: int, eos_id: int):
         # replace() re-runs the config's own validation (0 < insert_layer < n_layer).
-        return dataclasses.replace(super().model_config(cfg, vocab_size, eos_id),
-                                   slot="pause", insert_layer=cfg.concept.insert_layer)
+        return dataclasses.replace(super().model_config(cfg, vocab_size, eos_id), slot="pause",
+                                   insert_layer=cfg.concept.insert_layer, pause_readout=cfg.pause.readout)
 
 
 class Pause(PauseSlot, NTP):

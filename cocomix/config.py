@@ -241,6 +241,18 @@ class KDConfig:
 
 
 @dataclass
+class PauseConfig:
+    """Pause tokens (spec section 3): one learnable vector interleaved after every token at
+    `concept.insert_layer`; the LM head reads the pause slots."""
+
+    readout: Literal["pause", "token"] = "pause"
+    """Which slot the LM head reads for token t+1: the pause slot after token t (as CoCoMix reads its
+    concept slot; the default), or token t's own slot, the pause slots then being extra positions
+    that later tokens attend to. The paper does not say (spec section 6, question 5); README,
+    "Pause read-out", has what each gives at tiny scale."""
+
+
+@dataclass
 class InterpretConfig:
     """Concept descriptions for `cocomix inspect` / `cocomix steer` (`cocomix/interpret.py`)."""
 
@@ -365,6 +377,7 @@ class Config:
     sae: SAEConfig = field(default_factory=SAEConfig)
     concept: ConceptConfig = field(default_factory=ConceptConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    pause: PauseConfig = field(default_factory=PauseConfig)
     interpret: InterpretConfig = field(default_factory=InterpretConfig)
     dag: DagConfig = field(default_factory=DagConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)

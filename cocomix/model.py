@@ -75,12 +75,15 @@ class CocomixConfig(PreTrainedConfig):
     n_concepts: int = 0              # C, the SAE dictionary size (concept target)
     concept_k: int = 32              # TopK of z_t kept for compression
     concept_hidden_dim: int = 0      # hidden target: the teacher's width
+    pause_readout: str = "pause"     # pause slot: the LM head reads the "pause" slots or the "token" slots
 
     def __post_init__(self, **kwargs):
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.slot not in ("none", "concept", "pause"):
             raise ValueError(f"slot must be 'none', 'concept' or 'pause', got {self.slot!r}")
+        if self.pause_readout not in ("pause", "token"):
+            raise ValueError(f"pause_readout must be 'pause' or 'token', got {self.pause_readout!r}")
         if self.slot != "none" and not 0 < self.insert_layer < self.n_layer:
             raise ValueError(f"insert_layer={self.insert_layer} must be between 1 and n_layer-1={self.n_layer - 1}")
         if self.slot == "concept":
@@ -427,7 +430,9 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
                 all_hidden_states += (x,)
             x = block(x, attn_mask, cache if use_cache else None)
         if cfg.interleaves:
-            x = x[:, 1::2]  # (B, 2T, d) -> (B, T, d): the slot after token t predicts token t+1 (spec 1.5)
+            # (B, 2T, d) -> (B, T, d): the slot after token t predicts token t+1 (spec 1.5), or, for pause
+            # models with pause_readout="token", token t's own slot does.
+            x = x[:, 0::2] if cfg.slot == "pause" and cfg.pause_readout == "token" else x[:, 1::2]
         x = self.transformer.ln_f(x)
         if output_hidden_states:
             all_hidden_states += (x,)

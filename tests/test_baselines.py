@@ -122,18 +122,24 @@ def test_kd_refuses_a_teacher_with_another_tokenizer(tmp_path, tiny_data, tiny_t
 # ---------------------------------------------------------------------------------------------
 
 
-def _pause_model(tmp_path):
+def _pause_model(tmp_path, readout="pause"):
     """A pause model as the `pause` method builds it: 3 blocks, pause slot after block 1."""
     cfg = load_config(ROOT / "config/tiny.yaml", tiny_overrides(tmp_path, tmp_path, "model.n_layer=3",
-                                                                "concept.insert_layer=1", "train.block_size=32"))
+                                                                "concept.insert_layer=1", "train.block_size=32",
+                                                                f"pause.readout={readout}"))
     torch.manual_seed(0)
     model = get_method("pause").build_model(cfg, vocab_size=512, eos_id=0).eval()
     assert model.config.slot == "pause" and model.config.insert_layer == 1
+    assert model.config.pause_readout == readout
     return model
 
 
-def test_pause_training_forward_is_causal(tmp_path):
-    model = _pause_model(tmp_path).train()  # dropout 0: train mode is deterministic
+READOUTS = pytest.mark.parametrize("readout", ["pause", "token"])
+
+
+@READOUTS
+def test_pause_training_forward_is_causal(tmp_path, readout):
+    model = _pause_model(tmp_path, readout).train()  # dropout 0: train mode is deterministic
     ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(1))
     logits = model(input_ids=ids, use_cache=False).logits  # (1, T, V)
     assert logits.shape == (1, 32, 512)
@@ -145,15 +151,20 @@ def test_pause_training_forward_is_causal(tmp_path):
     for t in range(31):
         torch.testing.assert_close(other[t, : t + 1], logits[0, : t + 1], rtol=0, atol=1e-6)
         assert (other[t, t + 1] - logits[0, t + 1]).abs().max() > 1e-3  # position t+1 does see it
-    # The pause slot is really read: a different pause vector changes every prediction.
+    # The pause slots are really read: a different pause vector changes every prediction, except, with
+    # the token read-out, the first one (token 0's slot comes before any pause slot).
     with torch.no_grad():
         model.pause.embedding.add_(torch.randn(model.config.n_embd))  # not a constant: LayerNorm removes those
     shifted = model(input_ids=ids, use_cache=False).logits
-    assert (shifted - logits).abs().amax(dim=-1).min() > 1e-3
+    first = 1 if readout == "token" else 0
+    assert (shifted - logits)[0, first:].abs().amax(dim=-1).min() > 1e-3
+    if readout == "token":
+        torch.testing.assert_close(shifted[0, 0], logits[0, 0], rtol=0, atol=1e-6)
 
 
-def test_pause_cached_generation_matches_and_is_causal(tmp_path):
-    model = _pause_model(tmp_path)
+@READOUTS
+def test_pause_cached_generation_matches_and_is_causal(tmp_path, readout):
+    model = _pause_model(tmp_path, readout)
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(input_ids=ids, use_cache=False).logits
