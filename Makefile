@@ -1,5 +1,5 @@
 # The two commands of the README quick start. Each sets up whatever is missing first.
-#   make run    the whole DAG on the embedded default (config/tiny.yaml): ~15 minutes on 2 CPU cores
+#   make run    the whole DAG on the embedded default (config/tiny.yaml): ~13 minutes on 2 CPU cores
 #   make test   run the test suite
 PY     ?= python3
 VENV   ?= .venv
@@ -27,7 +27,7 @@ run: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores all --config config=$(CONFIG)
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
