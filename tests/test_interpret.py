@@ -4,9 +4,11 @@ ground-truth synthetic concept raises that concept's word frequency, and the two
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from cocomix.cli import main
 from cocomix.config import load_config
@@ -149,7 +151,8 @@ def test_amplifying_the_matched_latent_raises_its_concepts_word_frequency(cocomi
 
 
 def test_inspect_and_steer_commands_write_text_and_png(cocomix_run, tmp_path, capsys):
-    run_dir, overrides, _ = cocomix_run
+    run_dir, overrides, teacher_checkpoint = cocomix_run
+    teacher_run = Path(teacher_checkpoint).parent.parent  # <run>/checkpoints/step_N -> <run>
     topic = load_concepts(load_config(ROOT / "config/tiny.yaml", overrides).data_dir)["concepts"][1]
     prompt = f"the {topic['adjectives'][0]} {topic['nouns'][0]} {topic['verbs'][0]} the {topic['nouns'][1]} ."
     out = tmp_path / "inspect"
@@ -176,6 +179,18 @@ def test_inspect_and_steer_commands_write_text_and_png(cocomix_run, tmp_path, ca
     assert text.count("unsteered:") == 4 and text.count("\n    steered:") == 4  # 2 samples x (CoCoMix, teacher)
     result = json.loads((out / "steer.json").read_text())
     assert len(result["cocomix"]["steered"]) == len(result["teacher"]["unsteered"]) == 2
+
+    # A run whose teacher.path is the teacher's run folder: the header names the checkpoint loaded
+    # from it (its latest), not the folder as written in the config.
+    copy = tmp_path / "run-copy"
+    shutil.copytree(run_dir, copy)
+    tree = yaml.safe_load((copy / "config.yaml").read_text())
+    tree["teacher"]["path"] = str(teacher_run)
+    (copy / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    out = tmp_path / "steer-run-folder"
+    assert main(["steer", str(copy), "--concepts", "3", "--max-new-tokens", "4", "--out", str(out)]) == 0
+    header = (out / "steer.txt").read_text().splitlines()[0]
+    assert header.endswith(f"and its teacher {teacher_checkpoint}"), header
 
     out = tmp_path / "check"
     capsys.readouterr()

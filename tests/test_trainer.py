@@ -193,7 +193,7 @@ def test_run_killed_while_its_mlflow_run_was_created_is_continued_not_duplicated
     (run,) = client.search_runs([exp_id])
     assert run.info.run_id == bare and run.info.status == "FINISHED"
     assert run.data.params["model.n_embd"] == "64" and run.data.tags["method"] == "ntp"
-    # A second tracker on the finished folder continues the same run and logs nothing twice.
+    # A second tracker on the finished folder continues the same run instead of creating another.
     assert RunTracker(cfg, cfg.run_dir, {"method": "ntp"}).run_id == bare
     assert len(client.search_runs([exp_id])) == 1
 
