@@ -1,6 +1,8 @@
 # The two commands of the README quick start. Each sets up whatever is missing first.
 #   make run    the whole DAG on the embedded default (config/tiny.yaml): ~13 minutes on 2 CPU cores
-#   make test   run the test suite
+#   make test   run the test suite (everything; what CI runs)
+#   make test-fast   the tests not marked slow (no training beyond seconds, no snakemake/sweep/
+#                    torchrun/training subprocess): under 2 minutes on 2 CPU cores
 PY     ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -10,7 +12,7 @@ CONFIG ?= config/tiny.yaml
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test test-fast bench clean
 
 # torch is pinned first: on a CPU machine 2.13.0 is a local CPU wheel, while an unpinned install
 # would pull several GB of CUDA packages.
@@ -28,6 +30,9 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q --durations=15
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py

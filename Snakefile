@@ -6,28 +6,27 @@
 #   snakemake --cores all --profile gpu                     # one GPU per training job
 #   snakemake --profile slurm --config config=config/paper.yaml
 #
-# Rules are thin: each calls the `cocomix` CLI. Which runs exist is decided in cocomix/dag.py.
-import os
-import sys
+# Rules (workflow/rules/) are thin: each calls the `cocomix` CLI. Which runs exist is decided in
+# cocomix/plan.py, what each job reads and its fingerprints in cocomix/dag.py.
+#
+# Lint (`snakemake --lint`), findings kept on purpose, one note per rule:
+#   - "Specify a conda environment or container": every rule runs this package's CLI with the
+#     interpreter that runs Snakemake (`make setup` or environment.yml installs both); a per-rule
+#     environment would reinstall torch for each rule and could run another version of the package.
+#   - "Shell command directly uses variable COCOMIX / OFFLINE / CONFIG / EXP": the interpreter, the
+#     config file's path and the experiment folder stay out of `params` so that neither a moved
+#     environment nor the same config given by another path reruns finished jobs (params are a
+#     rerun trigger). What a job computes is in its `fingerprint` param instead.
+from snakemake.utils import min_version
 
-from cocomix.config import load_config
-from cocomix.dag import fingerprint, plan_runs, teacher_spec
-from cocomix.methods import get_method
-from cocomix.sweep import study_name
+min_version("9.0")
 
-# Every job runs offline (a wrong local path must fail at once, not retry the hub).
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["HF_DATASETS_OFFLINE"] = "1"
+from cocomix.dag import Dag
 
-CONFIG = config.get("config", "config/tiny.yaml")
-# The typed loader is the schema: unknown keys, wrong types and impossible values stop here,
-# before any job starts, and so does every planned run's resolved config.
-BASE = load_config(CONFIG)
-RUNS = {r.name: r for r in plan_runs(CONFIG)}
-TEACHER = teacher_spec(CONFIG)
-EXP = str(BASE.experiment_dir)
-OFFLINE = "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1"
-COCOMIX = f"{OFFLINE} {sys.executable} -m cocomix.cli"
+# The typed loader is the schema: unknown keys, wrong types, impossible values and unknown methods
+# stop here, before any job starts, and so does every planned run's resolved config. (Not named
+# DAG: a Snakefile runs in snakemake.workflow's globals, where DAG is Snakemake's own class.)
+PLAN = Dag(config.get("config", "config/tiny.yaml"))
 
 
 include: "workflow/rules/common.smk"
@@ -41,4 +40,4 @@ include: "workflow/rules/sweep.smk"
 
 rule all:
     input:
-        report_outputs(),
+        PLAN.report_outputs(),

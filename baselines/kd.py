@@ -18,14 +18,16 @@ distribution there is as valid a target as anywhere else. The CE term is the bac
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from cocomix.config import ConfigError
+from cocomix.data.shards import check_tokenizer_matches
+from cocomix.device import autocast
 from cocomix.flops import forward_flops_per_token
-from cocomix.methods import Batch, Method
+from cocomix.methods.base import Batch, Method, register
+from cocomix.teacher import load_teacher, teacher_dir
 
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -41,10 +43,6 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
 
 def load_kd_teacher(cfg, device: torch.device, student_vocab_size: int):
     """The frozen teacher, checked against the student's vocabulary and context length."""
-    from cocomix.config import ConfigError
-    from cocomix.data.shards import check_tokenizer_matches
-    from cocomix.teacher import load_teacher, teacher_dir
-
     # Loading builds (and initialises) a model; keep that off the student's RNG stream, so dropout
     # masks, and hence KD with lam=0 versus NTP, do not depend on whether a teacher was loaded.
     devices = [device] if device.type == "cuda" else []
@@ -68,9 +66,13 @@ def load_kd_teacher(cfg, device: torch.device, student_vocab_size: int):
     return teacher
 
 
+@register
 class KD(Method):
     name = "kd"
-    uses = ("teacher", "kd")
+    reads = ("teacher", "kd")
+
+    def artifacts(self, cfg) -> frozenset[str]:
+        return frozenset({"teacher"})
 
     def setup(self, trainer) -> None:
         cfg = trainer.cfg
@@ -78,8 +80,7 @@ class KD(Method):
         self.seq_len = cfg.train.block_size
         self.teacher = load_kd_teacher(cfg, trainer.device, trainer.model.config.vocab_size)
         # Spec section 3: the teacher runs in bf16 on GPU whatever the student's precision.
-        on_gpu = trainer.device.type == "cuda"
-        self.teacher_autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else nullcontext()
+        self.teacher_autocast = autocast(trainer.device, "auto")
 
     def teacher_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self.teacher_autocast:

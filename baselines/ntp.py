@@ -1,7 +1,8 @@
 """Next-token prediction: the plain backbone with the cross-entropy loss (spec section 3, "NTP")."""
 
-from cocomix.methods import Method
+from cocomix.methods.base import Method, register
 
 
+@register
 class NTP(Method):
     name = "ntp"

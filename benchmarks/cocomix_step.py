@@ -8,7 +8,7 @@
 clipping and AdamW on random token blocks. (2) times forward + backward of W @ TopK(z) for
 `--tokens` positions at (C, k, d) = (sae.n_latents, concept.k, model.n_embd) of the config and at
 the paper's 69M (32768, 32, 512):
-"sparse" gathers k rows (`cocomix.model.sparse_compress`), "dense" scatters TopK(z) into a C-wide
+"sparse" gathers k rows (`cocomix.slots.sparse_compress`), "dense" scatters TopK(z) into a C-wide
 zero vector and multiplies by the full matrix, as the official `compress_layer` does. Variants are
 timed round-robin (alternating repeats) so a shared machine's load hits both alike; the median
 repeat is reported. Results: benchmarks/results/cocomix_step-<device>-<date>.json with hardware,
@@ -17,11 +17,7 @@ versions, commit and date.
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,10 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 from cocomix.config import load_config  # noqa: E402
 from cocomix.methods import Batch, get_method  # noqa: E402
-from cocomix.model import sparse_compress  # noqa: E402
-from cocomix.tracking import environment_info  # noqa: E402
+from cocomix.slots import sparse_compress  # noqa: E402
 
-from benchmarks.common import make_train_step, sync  # noqa: E402
+from benchmarks.common import config_parser, make_train_step, sync, vocab_size, write_result  # noqa: E402
 
 
 PAPER_69M_COMPRESSION = (32768, 32, 512)  # (C, k, d) of CoCoMix 69M (spec 1.4, 2)
@@ -107,21 +102,15 @@ def compression_fns(n_latents, k, d, tokens, device):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "config/tiny.yaml"))
-    ap.add_argument("overrides", nargs="*")
-    ap.add_argument("--vocab", type=int, default=None, help="default: tokenizer.vocab_size (50257 for GPT-2)")
-    ap.add_argument("--micro-batch", type=int, default=None)
+    ap = config_parser(__doc__, warmup=2)
     ap.add_argument("--tokens", type=int, default=4096, help="positions in the compression benchmark")
-    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results"))
     args = ap.parse_args()
 
     cfg = load_config(args.config, ["method=ntp", *args.overrides])  # NTP's width for both: equal width
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = "bf16" if device.type == "cuda" else "fp32"
-    vocab = args.vocab or cfg.model.vocab_size or (50257 if cfg.tokenizer.path else cfg.tokenizer.vocab_size)
+    vocab = vocab_size(cfg, args.vocab)
     mb = args.micro_batch or cfg.train.micro_batch_size
     T = cfg.train.block_size
 
@@ -152,33 +141,19 @@ def main():
                             "ms": {name: 1000 * s for name, s in comp_s.items()},
                             "sparse_speedup_over_dense": speedup, "max_abs_diff": max_diff})
 
-    env = environment_info()
-    result = {
-        "benchmark": "cocomix_step",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    write_result("cocomix_step", {
         "config": args.config,
         "overrides": args.overrides,
         "precision": precision,
         "model": {"n_embd": cfg.model.n_embd, "n_layer": cfg.model.n_layer, "n_head": cfg.model.n_head, "vocab": vocab,
                   "block_size": T, "micro_batch": mb, "insert_layer": cfg.concept.insert_layer,
                   "n_concepts": cfg.sae.n_latents, "concept_k": cfg.concept.k, "k_attr": cfg.concept.k_attr},
-        "hardware": {"device": env["device"], "cpu_count": os.cpu_count(), "machine": platform.machine(),
-                     "torch_threads": torch.get_num_threads()},
-        "versions": {key: env[key] for key in ("python", "torch", "transformers")},
-        "commit": env["git_commit"],
         "train_step": step_rows,
         "cocomix_over_ntp_step_time": step_ratio,
         "cocomix_over_ntp_flops_per_token": flops_ratio,
         "compression": compression,
         "timing": {"warmup": args.warmup, "repeats": args.repeats, "statistic": "median, round-robin"},
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"cocomix_step-{env['device'].replace(' ', '_').replace('/', '_') or 'cpu'}-{result['date'][:10]}.json"
-    tmp = out / (name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out / name)
-    print(f"wrote {out / name}")
+    }, args.out)
 
 
 if __name__ == "__main__":

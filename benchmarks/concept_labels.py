@@ -22,11 +22,8 @@ Results: benchmarks/results/concept_labels-<device>-<date>.json (hardware, versi
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -48,9 +45,9 @@ from cocomix.config import load_config  # noqa: E402
 from cocomix.methods import Batch, get_method  # noqa: E402
 from cocomix.model import CocomixConfig, CocomixForCausalLM  # noqa: E402
 from cocomix.sae import TopKSAE  # noqa: E402
-from cocomix.tracking import environment_info  # noqa: E402
+from cocomix.teacher import load_teacher  # noqa: E402
 
-from benchmarks.common import sync  # noqa: E402
+from benchmarks.common import config_parser, sync, vocab_size, write_result  # noqa: E402
 
 
 
@@ -64,8 +61,6 @@ def timed(fn, device) -> float:
 
 def build_teacher(cfg, layers, vocab, device):
     if cfg.teacher.path:
-        from cocomix.teacher import load_teacher
-
         return load_teacher(cfg, device)
     m = cfg.model
     conf = CocomixConfig(vocab_size=vocab, n_positions=cfg.train.block_size, n_embd=m.n_embd, n_layer=layers,
@@ -87,21 +82,15 @@ def fake_cache(folder: Path, n_blocks: int, cfg) -> LabelCache:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "config/tiny.yaml"))
-    ap.add_argument("overrides", nargs="*")
+    ap = config_parser(__doc__, warmup=2)
     ap.add_argument("--teacher-layers", type=int, default=None, help="default: model.n_layer")
-    ap.add_argument("--vocab", type=int, default=None, help="default: tokenizer.vocab_size (50257 with tokenizer.path)")
-    ap.add_argument("--micro-batch", type=int, default=None)
     ap.add_argument("--cache-blocks", type=int, default=4096, help="blocks in the on-disk label file")
-    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results"))
     args = ap.parse_args()
 
     cfg = load_config(args.config, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    vocab = args.vocab or cfg.model.vocab_size or (50257 if cfg.tokenizer.path else cfg.tokenizer.vocab_size)
+    vocab = vocab_size(cfg, args.vocab)
     layers = args.teacher_layers or cfg.model.n_layer
     mb = args.micro_batch or cfg.train.micro_batch_size
     T, eb = cfg.train.block_size, cfg.concept.extract_batch_size
@@ -184,10 +173,7 @@ def main():
         print(f"CoCoMix training step: cached labels {ms['step_cached']:.1f} ms  online labels {ms['step_online']:.1f} ms  "
               f"ratio {results['step_online_over_cached']:.2f}x")
 
-    env = environment_info()
-    result = {
-        "benchmark": "concept_labels",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    write_result("concept_labels", {
         "config": args.config,
         "overrides": args.overrides,
         "setup": {"teacher": cfg.teacher.path or f"random {layers}-layer, {cfg.model.n_embd} wide", "vocab": vocab,
@@ -197,18 +183,9 @@ def main():
                   "student": {"n_embd": cfg.model.n_embd, "n_layer": cfg.model.n_layer},
                   "extraction_precision": "bf16" if device.type == "cuda" else "fp32",
                   "repeats": args.repeats, "statistic": "median"},
-        "hardware": {"device": env["device"], "cpu_count": os.cpu_count(), "machine": platform.machine(),
-                     "torch_threads": torch.get_num_threads()},
-        "versions": {k: env[k] for k in ("python", "torch", "transformers")},
-        "commit": env["git_commit"],
         "results": results,
         "raw_ms": {name: [1000 * t for t in v] for name, v in times.items()},
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"concept_labels-{env['device'].replace(' ', '_').replace('/', '_') or 'cpu'}-{result['date'][:10]}.json"
-    (out / name).write_text(json.dumps(result, indent=2))
-    print(f"wrote {out / name}")
+    }, args.out)
 
 
 if __name__ == "__main__":

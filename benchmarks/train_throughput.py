@@ -11,11 +11,7 @@ hardware, package versions, commit and date.
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import json
 import os
-import platform
 import sys
 import time
 from contextlib import nullcontext
@@ -31,10 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 from cocomix.config import load_config  # noqa: E402
 from cocomix.methods import Batch, get_method  # noqa: E402
-from cocomix.tracking import environment_info  # noqa: E402
-from cocomix.trainer import peak_flops  # noqa: E402
+from cocomix.device import peak_flops  # noqa: E402
 
-from benchmarks.common import make_train_step, sync  # noqa: E402
+from benchmarks.common import config_parser, make_train_step, sync, vocab_size, write_result  # noqa: E402
 
 
 
@@ -76,20 +71,14 @@ def measure(cfg, device, vocab, micro_batch, precision, compile_, warmup, steps)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "config/tiny.yaml"))
-    ap.add_argument("overrides", nargs="*")
-    ap.add_argument("--vocab", type=int, default=None, help="default: tokenizer.vocab_size (50257 for GPT-2)")
-    ap.add_argument("--micro-batch", type=int, default=None)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap = config_parser(__doc__, warmup=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results"))
     args = ap.parse_args()
 
     cfg = load_config(args.config, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    vocab = args.vocab or cfg.model.vocab_size or (50257 if cfg.tokenizer.path else cfg.tokenizer.vocab_size)
+    vocab = vocab_size(cfg, args.vocab)
     mb = args.micro_batch or cfg.train.micro_batch_size
     variants = [("fp32", False)]
     if device.type == "cuda":
@@ -105,25 +94,13 @@ def main():
         print(f"{precision:>5} compile={comp!s:5} {r['tokens_per_s']:>12,.0f} tok/s  {r['step_ms']:8.1f} ms/step  "
               f"MFU {mfu}  ratio {r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x")
 
-    env = environment_info()
-    result = {
-        "benchmark": "ntp_train_throughput",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    write_result("train_throughput", {
         "config": args.config,
         "overrides": args.overrides,
         "model": {"n_embd": cfg.model.n_embd, "n_layer": cfg.model.n_layer, "n_head": cfg.model.n_head, "vocab": vocab},
-        "hardware": {"device": env["device"], "cpu_count": os.cpu_count(), "machine": platform.machine(),
-                     "torch_threads": torch.get_num_threads()},
-        "versions": {k: env[k] for k in ("python", "torch", "transformers")},
-        "commit": env["git_commit"],
         "results": rows,
         "ratios_vs_first": [r["tokens_per_s"] / rows[0]["tokens_per_s"] for r in rows],
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"train_throughput-{env['device'].replace(' ', '_').replace('/', '_') or 'cpu'}-{result['date'][:10]}.json"
-    (out / name).write_text(json.dumps(result, indent=2))
-    print(f"wrote {out / name}")
+    }, args.out)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The `cocomix` command line: thin wrappers over the library.
 
+    cocomix config --config config/tiny.yaml [model.n_embd=128 ...]   # the resolved config, documented
     cocomix prepare-data --config config/tiny.yaml
     cocomix train --config config/tiny.yaml --method ntp [model.n_embd=128 ...]
     cocomix inspect <run or checkpoint> --prompt "..." --out <folder>
@@ -7,6 +8,11 @@
     torchrun --nproc_per_node 2 -m cocomix.cli train --config ...   # DDP
 
 Any bad input ends with one line on stderr (`cocomix: error: ...`) and a non-zero exit.
+
+Arguments and the config are checked before torch or transformers is imported: each command first
+resolves its config (and any other pure check), and only then imports the library code it runs, so
+a typo in a key fails in a fraction of a second (benchmarks/cli_startup.py measures it). Keep this
+module's top-level imports stdlib + `cocomix.config`.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from cocomix.config import ConfigError, describe_config, load_config, parse_overrides  # noqa: E402
+
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default=None, help="YAML config (default: built-in defaults)")
@@ -27,33 +35,43 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace, extra: list[str] | None = None):
-    from cocomix.config import load_config
-
     return load_config(args.config, list(extra or []) + list(args.overrides))
 
 
-def cmd_prepare_data(args: argparse.Namespace) -> int:
-    from cocomix.data.shards import prepare_data
+def _check_method(cfg) -> None:
+    """The method name is the method registry's to check (config.py does not know the list)."""
+    from cocomix.methods import get_method  # lazy: torch after the config is valid
 
+    get_method(cfg.method)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(describe_config(_load(args)), end="")
+    return 0
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    from cocomix.data.shards import prepare_data  # lazy: tokenizers after the config is valid
+
     out = prepare_data(cfg, force=args.force)
     print(out)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from transformers.utils import logging as hf_logging
-
-    from cocomix.trainer import train
-
-    hf_logging.disable_progress_bar()  # one bar per checkpoint save is noise; ours shows progress
-
     extra = []
     if args.method:
         extra.append(f"method={args.method}")
     if args.seed is not None:
         extra.append(f"seed={args.seed}")
     cfg = _load(args, extra)
+    _check_method(cfg)
+    from transformers.utils import logging as hf_logging  # lazy: transformers after the config is valid
+
+    from cocomix.trainer import train  # lazy: torch after the config is valid
+
+    hf_logging.disable_progress_bar()  # one bar per checkpoint save is noise; ours shows progress
     final = train(cfg, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(
@@ -64,9 +82,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_train_sae(args: argparse.Namespace) -> int:
-    from cocomix.sae import sae_path, train_sae
-
     cfg = _load(args)
+    from cocomix.sae import sae_path, train_sae  # lazy: torch after the config is valid
+
     m = train_sae(cfg, progress=not args.no_progress)
     print(f"done: SAE -> {sae_path(cfg)}  fvu {m['fvu']:.4f}  l0 {m['l0']:.2f}  dead {m['dead_fraction']:.3f}  "
           f"loss increase {m['loss_increase']:.4f}"
@@ -76,15 +94,16 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
 
 
 def cmd_extract_concepts(args: argparse.Namespace) -> int:
-    from cocomix.concepts import extract_concepts
-
     cfg = _load(args)
+    from cocomix.concepts import extract_concepts  # lazy: torch after the config is valid
+
     print(extract_concepts(cfg, progress=not args.no_progress))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from evals.report import report
+    load_config(args.config)  # a bad experiment config fails before the plotting stack loads
+    from evals.report import report  # lazy: matplotlib and mlflow after the config is valid
 
     out = report(args.config)
     print(f"tables: {out / 'tables'}  plots: {out / 'plots'}")
@@ -92,8 +111,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from evals.run import evaluate
-
     extra = []  # shorthands for eval.* overrides
     if args.tasks:
         extra.append(f"eval.tasks=[{args.tasks}]")
@@ -101,6 +118,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         extra.append("eval.task_data=null" if args.task_data == "hub" else f"eval.task_data={args.task_data}")
     if args.limit is not None:
         extra.append(f"eval.limit={args.limit}")
+    # `evaluate` resolves the config from the run folder's config.yaml (or --config for a lone
+    # checkpoint); what needs neither, the overrides' syntax, is checked first.
+    parse_overrides(extra + list(args.overrides))
+    from evals.run import evaluate  # lazy: torch and lm-eval after the arguments are valid
+
     results = evaluate(args.path, extra + list(args.overrides), config_path=args.config, force=args.force,
                        progress=not args.no_progress, device=args.device)
     print(f"done: {len(results)} checkpoint(s) evaluated -> {args.path}")
@@ -108,9 +130,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from cocomix.sweep import run_worker, sweep
-
     cfg = _load(args, ["method=cocomix"])
+    _check_method(cfg)
+    from cocomix.sweep import run_worker, sweep  # lazy: optuna after the config is valid
+
     if args.join:
         run_worker(cfg, args.worker_index)
         return 0
@@ -124,10 +147,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    from cocomix.methods import get_method
-    from cocomix.params import count_params_for, matching_ntp_width
-
     cfg = _load(args, [f"method={args.method}"] if args.method else [])
+    from cocomix.methods import get_method  # lazy: torch after the config is valid
+    from cocomix.params import count_params_for, matching_ntp_width  # lazy: torch after the config is valid
+
     vocab = args.vocab or cfg.model.vocab_size or (50257 if cfg.tokenizer.path else cfg.tokenizer.vocab_size)
     model_config = get_method(cfg.method).model_config(cfg, vocab, 0)
     counts = count_params_for(model_config)
@@ -139,7 +162,7 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 
 def _parse_concepts(text: str) -> list[int]:
-    from cocomix.data import DataError
+    from cocomix.data import DataError  # lazy: numpy only for `steer`, before torch
 
     try:
         indices = [int(j) for j in text.split(",") if j.strip()]
@@ -151,8 +174,9 @@ def _parse_concepts(text: str) -> list[int]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from cocomix.interpret import (describe_concepts, descriptions_path, encode_prompt, inspect_prompt, load_cocomix,
-                                   write_inspection)
+    parse_overrides(args.overrides)  # the config itself comes from the checkpoint's run folder
+    from cocomix.interpret import (  # lazy: torch after the arguments are valid
+        describe_concepts, descriptions_path, encode_prompt, inspect_prompt, load_cocomix, write_inspection)
 
     model, tokenizer, cfg, ckpt = load_cocomix(args.path, args.config, args.overrides)
     descriptions = describe_concepts(cfg)
@@ -166,15 +190,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_steer(args: argparse.Namespace) -> int:
-    from cocomix.data import DataError
-    from cocomix.interpret import describe_concepts, load_cocomix
-    from cocomix.sae import load_sae
-    from cocomix.steering import steer, steering_check, write_check, write_steering
-    from cocomix.teacher import load_teacher, teacher_dir
+    from cocomix.data import DataError  # lazy: numpy only for `steer`, before torch
 
     if not args.check and args.concepts is None:
         raise DataError("steer needs --concepts (comma-separated concept indices) or --check")
     factors = None if args.check else {j: args.factor for j in _parse_concepts(args.concepts)}
+    parse_overrides(args.overrides)  # the config itself comes from the checkpoint's run folder
+    from cocomix.interpret import describe_concepts, load_cocomix  # lazy: torch after the arguments are valid
+    from cocomix.sae import load_sae  # lazy: torch after the arguments are valid
+    from cocomix.steering import steer, steering_check, write_check, write_steering  # lazy: torch after the arguments are valid
+    from cocomix.teacher import load_teacher, teacher_dir  # lazy: torch after the arguments are valid
+
     model, tokenizer, cfg, ckpt = load_cocomix(args.path, args.config, args.overrides)
     descriptions = describe_concepts(cfg)
     teacher, sae = load_teacher(cfg), load_sae(cfg)
@@ -196,6 +222,10 @@ def cmd_steer(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cocomix", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="print the resolved config as YAML, each key with its docstring")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("prepare-data", help="corpus -> tokenizer -> token shards + manifest")
     _add_config_args(p)
@@ -279,20 +309,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from cocomix.config import ConfigError
-    from cocomix.data import DataError
+# The errors that end in one `cocomix: error:` line, by a module that holds each (where it is defined,
+# and its public home where that differs); tests/test_cli.py checks every entry resolves.
+USER_ERRORS = (("cocomix.config", "ConfigError"), ("cocomix.data.errors", "DataError"),
+               ("cocomix.callbacks", "TrainingError"), ("cocomix.trainer", "TrainingError"),
+               ("cocomix.sweep", "SweepError"))
 
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """USER_ERRORS' classes among the modules loaded so far. An error can only have been raised by a
+    module that was imported, so this imports nothing: torch stays unloaded until a command needs it."""
+    found = (getattr(sys.modules.get(module), name, None) for module, name in USER_ERRORS)
+    return tuple(cls for cls in found if isinstance(cls, type))
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from cocomix.trainer import TrainingError
-    except ImportError:  # pragma: no cover - torch missing
-        TrainingError = RuntimeError  # noqa: N806
-    from cocomix.sweep import SweepError
-
-    try:
         return args.func(args)
-    except (ConfigError, DataError, TrainingError, SweepError) as e:
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
         print(f"cocomix: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     except KeyboardInterrupt:

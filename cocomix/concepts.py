@@ -30,7 +30,6 @@ Cache layout (`cfg.concept_dir`), aligned with `TokenBlocks` (block i of a split
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from contextlib import nullcontext
@@ -41,8 +40,11 @@ import torch
 
 from cocomix.config import Config, ConceptConfig, ConfigError
 from cocomix.data import DataError
-from cocomix.data.shards import file_sha256
-from cocomix.teacher import next_token_losses, run_teacher
+from cocomix.data.shards import TokenBlocks, load_manifest
+from cocomix.files import atomic_write_json, sha256_file, sha256_text
+from cocomix.model import token_nll
+from cocomix.sae import load_sae, sae_hash
+from cocomix.teacher import load_teacher, run_teacher, teacher_hash
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -66,7 +68,7 @@ def loss_gradient(teacher, input_ids: torch.Tensor, layer: int, loss_scope: str)
     """
     with torch.enable_grad():
         logits, h = run_teacher(teacher, input_ids, layer)
-        losses = next_token_losses(logits, input_ids)  # (B, T-1)
+        losses = token_nll(logits, input_ids)  # (B, T-1)
         if loss_scope == "sequence_mean":
             (g,) = torch.autograd.grad(losses.mean(), h)
         elif loss_scope == "next_token":
@@ -134,20 +136,15 @@ def _sentinel(dtype: np.dtype) -> int:
 
 def data_fingerprint(data_dir: Path) -> str:
     """sha256 over the tokenizer hash and every shard's sha256: the token content, not timestamps."""
-    from cocomix.data.shards import load_manifest
-
     m = load_manifest(data_dir, verify=False)
     parts = [m["tokenizer_hash"]] + [
         f"{split}/{s['file']}/{s['sha256']}" for split in sorted(m["splits"]) for s in m["splits"][split]["shards"]
     ]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return sha256_text("\n".join(parts))
 
 
 def cache_key(cfg: Config) -> dict:
     """Everything the labels are a function of; a cache is used only when all of it matches."""
-    from cocomix.sae import sae_hash
-    from cocomix.teacher import teacher_hash
-
     c = cfg.concept
     return {
         "format_version": FORMAT_VERSION,
@@ -161,14 +158,6 @@ def cache_key(cfg: Config) -> dict:
         "scoring": c.scoring,
         "loss_scope": c.loss_scope,
     }
-
-
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 class LabelCache:
@@ -233,10 +222,6 @@ def extract_concepts(cfg: Config, progress: bool = True) -> Path:
     byte-identical to an uninterrupted run on the same hardware. A finished cache whose key matches
     is left as it is.
     """
-    from cocomix.data.shards import TokenBlocks, load_manifest
-    from cocomix.sae import load_sae
-    from cocomix.teacher import load_teacher
-
     batch_blocks = cfg.concept.extract_batch_size
     if batch_blocks <= 0:
         raise ConfigError(f"config key 'concept.extract_batch_size': must be positive, got {batch_blocks}")
@@ -298,17 +283,17 @@ def extract_concepts(cfg: Config, progress: bool = True) -> Path:
                     f.flush()
                     os.fsync(f.fileno())
                     state["blocks_done"][split] = min(n, a + batch_blocks)
-                    _write_json_atomic(out / PROGRESS, state)
+                    atomic_write_json(out / PROGRESS, state, indent=1)
                     if bar is not None:
                         bar.update(min(n, a + batch_blocks) - a)
             os.replace(partial, final)
             state["blocks_done"][split] = n
-            _write_json_atomic(out / PROGRESS, state)
-        entries[split] = {"file": final.name, "n_blocks": n, "bytes": final.stat().st_size, "sha256": file_sha256(final)}
+            atomic_write_json(out / PROGRESS, state, indent=1)
+        entries[split] = {"file": final.name, "n_blocks": n, "bytes": final.stat().st_size, "sha256": sha256_file(final)}
     if bar is not None:
         bar.close()
     manifest = {**key, "dtype": dtype.str, "no_label": _sentinel(dtype), "teacher_path": str(cfg.teacher.path),
                 "sae_path": str(cfg.sae.path or cfg.experiment_dir / "sae"), "splits": entries}
-    _write_json_atomic(out / MANIFEST, manifest)  # last: its presence means complete
+    atomic_write_json(out / MANIFEST, manifest, indent=1)  # last: its presence means complete
     (out / PROGRESS).unlink(missing_ok=True)
     return out

@@ -11,12 +11,23 @@ Resolution order: file values, then the selected scale's overrides, then command
 overrides (`model.n_embd=128`). The result is validated once; nothing mutates it afterwards
 (run state lives in checkpoints, not in the config).
 
-Every error is a `ConfigError` whose message is a single line naming the offending key.
+Every field carries an attribute docstring (the string right after it): its meaning, unit and
+where the default comes from. `describe_config(cfg)` (`cocomix config`) prints a resolved config
+as YAML with those docstrings as comments.
+
+Each section checks itself beside its fields (`Section.check`); `validate` runs them all. Every
+error is a `ConfigError` whose message is a single line naming the offending key. Method names are
+not checked here: the method registry (`cocomix.methods`) owns that list, and the CLI asks it.
+
+This module imports neither torch nor transformers, so a bad config fails in well under a second.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,9 +36,24 @@ from typing import Any, Literal
 
 import yaml
 
+from cocomix.files import atomic_write_text, sha256_json
+
 
 class ConfigError(ValueError):
     """A config problem; the message is one line that names the key."""
+
+
+def _need(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+class Section:
+    """Base of the config sections. `check` holds the checks that types alone cannot express."""
+
+    def check(self, cfg: Config) -> None:
+        """Raise a `ConfigError` naming the key if this section is inconsistent (in itself or with
+        the rest of `cfg`, the whole config). Nothing to check by default."""
 
 
 # --------------------------------------------------------------------------------------
@@ -36,7 +62,7 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class SyntheticConfig:
+class SyntheticConfig(Section):
     """The embedded concept-driven language (see `cocomix.data.synthetic`)."""
 
     n_tokens: int = 3_000_000
@@ -48,13 +74,16 @@ class SyntheticConfig:
     n_professions: int = 8
     """Entity attributes: each entity introduced in a document has one profession."""
     seed: int = 1234
+    """Seed of the generator: the same seed and sizes give the same corpus, word for word."""
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """Where the corpus comes from and where tokenised shards go."""
 
     source: Literal["synthetic", "text", "hf"] = "synthetic"
+    """synthetic: the embedded language (`synthetic`, no download); text: local files (`paths`);
+    hf: a `datasets` dataset (`hf_path`; the paper trains on OpenWebText, spec section 2)."""
     paths: list[str] = field(default_factory=list)
     """`text` source: .txt/.jsonl/.parquet files or folders of them."""
     text_field: str = "text"
@@ -64,10 +93,14 @@ class DataConfig:
     hf_path: str | None = None
     """`hf` source: a dataset name or local path for `datasets.load_dataset`."""
     hf_name: str | None = None
+    """`hf` source: the dataset's configuration name (`name=` of `datasets.load_dataset`); null: none."""
     hf_split: str = "train"
+    """`hf` source: the split that is loaded and then cut into our train/val (OpenWebText has only train)."""
     val_fraction: float = 0.05
     """Fraction of documents held out for validation (OpenWebText recipe: 0.0005)."""
     split_seed: int = 2357
+    """Seed of the document-level train/val split (the official code's OpenWebText recipe,
+    `train_test_split(test_size=0.0005, seed=2357)`, spec section 2)."""
     max_docs: int | None = None
     """Use only the first N documents (smoke runs)."""
     shard_tokens: int = 50_000_000
@@ -75,26 +108,45 @@ class DataConfig:
     dir: str | None = None
     """Output folder; default `<results_dir>/<experiment>/data`."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """Sizes and seed of the `synthetic` source (ignored by the others)."""
+
+    def check(self, cfg: Config) -> None:
+        _need(0.0 < self.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
+        _need(self.shard_tokens > 0, "data.shard_tokens", "must be positive")
+        if self.source == "text":
+            _need(bool(self.paths), "data.paths", "the text source needs at least one file or folder")
+        if self.source == "hf":
+            _need(bool(self.hf_path), "data.hf_path", "the hf source needs a dataset name or local path")
 
 
 @dataclass
-class TokenizerConfig:
+class TokenizerConfig(Section):
     """Train a byte-level BPE on the corpus, or load an existing tokenizer folder."""
 
     path: str | None = None
     """Existing tokenizer folder (e.g. GPT-2's); when set nothing is trained."""
     vocab_size: int = 2048
+    """Vocabulary of the trained BPE, its 256 byte tokens and special tokens included (at least 260);
+    ignored when `path` is set (GPT-2's tokenizer, the paper's: 50257, spec section 2)."""
     train_max_chars: int = 200_000_000
     """Characters of training documents fed to the BPE trainer (bounds time and memory)."""
 
+    def check(self, cfg: Config) -> None:
+        if self.path is None:
+            _need(self.vocab_size >= 260, "tokenizer.vocab_size", "must be at least 260 (256 bytes + specials)")
+
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """The shared GPT-2-style backbone (`cocomix.model`)."""
 
     n_embd: int = 128
+    """Residual-stream width d, a multiple of `n_head`. The paper (spec section 2), 69M / 386M / 1.38B:
+    CoCoMix 512 / 1024 / 2048; NTP and KD 624 / 1072 / 2096 (matched to CoCoMix's active parameters)."""
     n_layer: int = 4
+    """Transformer blocks L (the paper: 8 at 69M, 24 at 386M and 1.38B; spec section 2)."""
     n_head: int = 4
+    """Attention heads per block; head width = n_embd / n_head (the paper: 8 at 69M, 16 at 386M and 1.38B)."""
     n_positions: int | None = None
     """Learned position table size; default `train.block_size`."""
     vocab_size: int | None = None
@@ -102,48 +154,90 @@ class ModelConfig:
     dropout: float = 0.0
     """Applied to embeddings, attention probabilities and residual branches."""
     init_std: float = 0.02
+    """Standard deviation of the N(0, init_std) initialisation of linear weights and embeddings; the
+    residual output projections are further scaled by 1/sqrt(2 * n_layer) (GPT-2 and the official
+    code, spec section 2)."""
     layer_norm_eps: float = 1e-5
+    """Epsilon of every LayerNorm (GPT-2's 1e-5)."""
+
+    def check(self, cfg: Config) -> None:
+        t = cfg.train
+        _need(self.n_embd > 0, "model.n_embd", "must be positive")
+        _need(self.n_head > 0, "model.n_head", "must be positive")
+        _need(self.n_embd % self.n_head == 0, "model.n_embd",
+              f"{self.n_embd} is not divisible by model.n_head={self.n_head}")
+        _need(self.n_layer > 0, "model.n_layer", "must be positive")
+        _need(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        _need(self.vocab_size is None or self.vocab_size > 0, "model.vocab_size", "must be positive")
+        _need(self.n_positions is None or self.n_positions >= t.block_size, "model.n_positions",
+              f"{self.n_positions} is smaller than train.block_size={t.block_size}")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """Optimisation and the token budget. Batch sizes count sequences of `block_size`."""
 
     tokens: int = 2_000_000
     """Training budget in tokens; steps = tokens // (global_batch_size * block_size)."""
     block_size: int = 128
+    """Tokens per training sequence, the context length (the paper: 1024, spec section 2); held-out
+    evaluation uses non-overlapping blocks of the same length."""
     global_batch_size: int = 32
     """Sequences per optimizer step summed over processes and accumulation steps."""
     micro_batch_size: int = 16
     """Sequences per forward pass on one process."""
     lr: float = 1e-3
+    """Peak AdamW learning rate, reached after warm-up (the paper: 6e-4 / 3e-4 / 2e-4 at 69M / 386M /
+    1.38B, spec section 2)."""
     min_lr_ratio: float = 0.1
     """Cosine decays to lr * min_lr_ratio (spec section 2: 10% of peak)."""
     warmup_steps: int | None = None
     """Default: max(1, steps // 300), as in the paper."""
     weight_decay: float = 0.1
+    """AdamW decoupled weight decay, on all parameters (one group, as the official code; spec section 2)."""
     beta1: float = 0.9
+    """AdamW beta1 (spec section 2)."""
     beta2: float = 0.95
+    """AdamW beta2 (spec section 2)."""
     eps: float = 1e-8
+    """AdamW epsilon (spec section 2)."""
     grad_clip: float = 1.0
+    """Clip the global L2 norm of the gradient to this before each step; 0 disables (spec section 2: 1.0)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 elsewhere."""
     compile: bool = False
+    """Train through `torch.compile(model)` (the official code compiles); the first steps are slower."""
     resume: str = "auto"
     """auto: continue from the latest checkpoint in the run folder; never; or a checkpoint path."""
     data_seed: int = 0
     """Seed of the block permutation; identical across methods so all see the same order."""
     log_every_steps: int = 10
+    """Optimizer steps between records of train/loss, learning rate, gradient norm and throughput
+    (metrics.jsonl and MLflow); the last step is always recorded."""
+
+    def check(self, cfg: Config) -> None:
+        _need(self.block_size >= 2, "train.block_size", "must be at least 2")
+        _need(self.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
+        _need(self.global_batch_size > 0 and self.global_batch_size % self.micro_batch_size == 0,
+              "train.global_batch_size",
+              f"{self.global_batch_size} is not a positive multiple of train.micro_batch_size={self.micro_batch_size}")
+        _need(self.tokens >= self.global_batch_size * self.block_size, "train.tokens",
+              "budget is smaller than one optimizer step")
+        _need(self.lr > 0, "train.lr", "must be positive")
+        _need(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
+        _need(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """Held-out loss during training (non-overlapping blocks of the validation shards)."""
 
     every_tokens: int = 500_000
+    """Held-out loss every this many training tokens, and at the end (the sample-efficiency curve)."""
     max_blocks: int | None = 200
     """Evaluate on the first N validation blocks (None: all)."""
     batch_size: int = 16
+    """Validation blocks per forward pass (in training, `cocomix eval` perplexity, SAE evaluation)."""
     # ---- `cocomix eval` (evals/): held-out perplexity on all blocks + lm-evaluation-harness ----
     tasks: list[str] = field(default_factory=lambda: ["paper", "synthetic"])
     """lm-eval task names, `synth_topic` / `synth_recall`, or the aliases `paper` (the paper's seven)
@@ -159,16 +253,26 @@ class EvalConfig:
     synthetic_docs: int = 500
     """Documents per generated synthetic task."""
 
+    def check(self, cfg: Config) -> None:
+        _need(self.every_tokens > 0, "eval.every_tokens", "must be positive")
+
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
+    """Checkpoints of a run (`<run_dir>/checkpoints/step_<n>`): what resume continues from and what
+    `cocomix eval` scores."""
+
     every_tokens: int = 1_000_000
+    """Save a checkpoint every this many training tokens, and at the end (the DAG evaluates each one)."""
     keep_last: int = 2
     """Older checkpoints are deleted; 0 keeps all."""
 
+    def check(self, cfg: Config) -> None:
+        _need(self.every_tokens > 0, "checkpoint.every_tokens", "must be positive")
+
 
 @dataclass
-class TeacherConfig:
+class TeacherConfig(Section):
     """The frozen LM whose SAE concepts supervise CoCoMix and whose logits KD distils."""
 
     path: str | None = None
@@ -176,7 +280,7 @@ class TeacherConfig:
 
 
 @dataclass
-class SAEConfig:
+class SAEConfig(Section):
     """TopK sparse autoencoder on the teacher's residual stream (spec section 1.1)."""
 
     layer: int = 5
@@ -188,20 +292,27 @@ class SAEConfig:
     aux_k: int = 256
     """Dead latents used by the AuxK loss."""
     aux_coef: float = 1.0 / 32
+    """Weight of the AuxK loss on the reconstruction error (Gao et al. 2024: 1/32)."""
     dead_after_tokens: int = 10_000_000
     """A latent not active for this many tokens counts as dead."""
     tokens: int = 50_000_000
     """Activations (tokens) to train on."""
     batch_tokens: int = 4096
+    """Activations (tokens) per SAE optimizer step."""
     buffer_tokens: int = 262_144
     """Shuffle buffer of streamed activations (bounded memory)."""
     lr: float = 2e-4
+    """Adam learning rate of SAE training (betas 0.9 / 0.999; decoder columns kept at unit norm)."""
     path: str | None = None
     """Load a trained SAE instead of training one: ours, or OpenAI's GPT-2 state dict (.pt)."""
 
+    def check(self, cfg: Config) -> None:
+        _need(self.layer >= 0, "sae.layer", "must be >= 0")
+        _need(0 < self.k <= self.n_latents, "sae.k", f"must be in [1, sae.n_latents={self.n_latents}]")
+
 
 @dataclass
-class ConceptConfig:
+class ConceptConfig(Section):
     """Concept labels (spec 1.2) and CoCoMix's prediction, compression and mixing (spec 1.3-1.6).
     Defaults follow the official code; the paper's variants are options."""
 
@@ -231,17 +342,33 @@ class ConceptConfig:
     target: Literal["concepts", "hidden_l2", "hidden_cosine"] = "concepts"
     """Predict SAE concepts (CoCoMix) or regress the teacher's hidden state (ablation)."""
 
+    def check(self, cfg: Config) -> None:
+        n_layer, sae = cfg.model.n_layer, cfg.sae
+        _need(0 < self.insert_layer < n_layer, "concept.insert_layer",
+              f"{self.insert_layer} must be between 1 and model.n_layer-1={n_layer - 1}")
+        _need(self.k_attr > 0, "concept.k_attr", "must be positive")
+        _need(0 < self.k <= sae.n_latents, "concept.k", f"must be in [1, sae.n_latents={sae.n_latents}]")
+        _need(self.lam >= 0, "concept.lam", "must be >= 0")
+        _need(self.k_attr <= sae.k or self.scoring == "attribution_preact", "concept.k_attr",
+              f"{self.k_attr} labels cannot come from sae.k={sae.k} active latents")
+
 
 @dataclass
-class KDConfig:
+class KDConfig(Section):
     """Knowledge distillation (spec section 3): CE + lam * KL(teacher || student)."""
 
     lam: float = 0.1
+    """lam_KD, the weight of the KL term (paper App. A: 0.1, "consistently strong"; spec section 3)."""
     temperature: float = 1.0
+    """Softmax temperature of both distributions; the KL is multiplied by temperature^2 so `lam` keeps
+    its meaning (the paper does not state it; spec section 3 assumes 1)."""
+
+    def check(self, cfg: Config) -> None:
+        _need(self.temperature > 0, "kd.temperature", "must be positive")
 
 
 @dataclass
-class PauseConfig:
+class PauseConfig(Section):
     """Pause tokens (spec section 3): one learnable vector interleaved after every token at
     `concept.insert_layer`; the LM head reads the pause slots."""
 
@@ -253,7 +380,7 @@ class PauseConfig:
 
 
 @dataclass
-class InterpretConfig:
+class InterpretConfig(Section):
     """Concept descriptions for `cocomix inspect` / `cocomix steer` (`cocomix/interpret.py`)."""
 
     describe_tokens: int = 200_000
@@ -269,12 +396,21 @@ class InterpretConfig:
     match_tokens: int = 20_000
     """Synthetic corpus: validation tokens on which latents are matched to ground-truth concepts (AUROC)."""
 
+    def check(self, cfg: Config) -> None:
+        for key in ("describe_tokens", "contexts", "top_tokens", "match_tokens"):
+            _need(getattr(self, key) > 0, f"interpret.{key}", "must be positive")
+        for key in ("context_before", "context_after"):
+            _need(getattr(self, key) >= 0, f"interpret.{key}", "must be >= 0")
+
 
 @dataclass
-class TrackingConfig:
+class TrackingConfig(Section):
+    """MLflow logging of each run's parameters, metrics and artifacts (`cocomix/tracking.py`)."""
+
     uri: str | None = None
     """MLflow tracking URI; default MLFLOW_TRACKING_URI or sqlite under results_dir."""
     enabled: bool = True
+    """Log to MLflow; false: only the run folder's own files (config.yaml, metrics.jsonl, checkpoints)."""
     parent_run_id: str | None = None
     """Nest this run under an MLflow run (`cocomix sweep` sets it for each trial)."""
     tags: dict[str, str] = field(default_factory=dict)
@@ -282,19 +418,24 @@ class TrackingConfig:
 
 
 @dataclass
-class SweepParam:
+class SweepParam(Section):
     """One dimension of the search space: `int`/`float` between low and high (log scale if `log`),
     or `categorical` over `choices`."""
 
     type: Literal["int", "float", "categorical"] = "int"
+    """int / float: a number from `low` to `high`; categorical: one of `choices`."""
     low: float | None = None
+    """int / float: the lower bound, inclusive (> 0 on a log scale)."""
     high: float | None = None
+    """int / float: the upper bound, inclusive."""
     log: bool = False
+    """int / float: sample on a log scale (Optuna `log=True`)."""
     choices: list[Any] | None = None
+    """categorical: the values to choose from."""
 
 
 @dataclass
-class SweepConfig:
+class SweepConfig(Section):
     """Optuna search over CoCoMix's design choices (`cocomix sweep`, cocomix/sweep.py). Every trial
     is a `cocomix` run of `tokens` tokens scored by its final held-out loss."""
 
@@ -315,25 +456,31 @@ class SweepConfig:
     enqueue: list[dict[str, Any]] = field(default_factory=list)
     """Configurations tried first (e.g. the paper's defaults), added once when the study is created."""
     sampler: Literal["tpe", "random"] = "tpe"
+    """Optuna sampler: tpe (TPESampler, after `n_startup_trials` random trials) or random."""
     n_startup_trials: int = 4
     """Random trials before TPE models the space."""
     seed: int = 0
     """Sampler seed; worker i uses seed + i, so parallel workers do not propose the same points."""
     pruner: Literal["median", "hyperband", "none"] = "median"
+    """Stops poor trials early on their held-out loss reports: median (MedianPruner), hyperband
+    (resources from eval.every_tokens to the trial's tokens), or none."""
     pruner_startup_trials: int = 2
     """Median pruner: trials that finish before any is pruned."""
     heartbeat_s: int = 30
     """Workers record a heartbeat this often; a trial silent for grace_s (its worker was killed) is
     failed and queued again with the same parameters, resuming from its checkpoint."""
     grace_s: int = 120
+    """Seconds without a heartbeat after which a running trial counts as dead (see heartbeat_s)."""
 
 
 @dataclass
-class DagConfig:
+class DagConfig(Section):
     """What `snakemake` runs for this experiment (see `cocomix/dag.py` and the Snakefile)."""
 
     methods: list[str] = field(default_factory=lambda: ["ntp"])
+    """Methods trained at every scale and seed: names in the method registry (`cocomix.methods`)."""
     seeds: list[int] = field(default_factory=lambda: [0])
+    """Seeds of the main runs, each a run `<method>-<scale>-s<seed>` (the official code: 22)."""
     scales: list[str] = field(default_factory=list)
     """Names from `scales`; empty: the config as it is (scale name 'base')."""
     ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -347,16 +494,31 @@ class DagConfig:
     teacher: dict[str, Any] = field(default_factory=dict)
     """Dotted overrides for the teacher, an NTP run named 'teacher', trained when teacher.path is unset."""
 
+    def check(self, cfg: Config) -> None:
+        for i, name in enumerate(self.ablation_scales or []):
+            _need(name in cfg.scales, f"dag.ablation_scales[{i}]",
+                  f"{name!r} is not defined under 'scales' ({sorted(cfg.scales)})")
+        for i, name in enumerate(self.scales):
+            _need(name in cfg.scales, f"dag.scales[{i}]", f"{name!r} is not defined under 'scales' ({sorted(cfg.scales)})")
+
 
 @dataclass
 class Config:
     """A whole experiment. `run_dir` = results_dir/experiment/runs/<method>-<scale>-s<seed>."""
 
     experiment: str = "tiny"
+    """Experiment name: its folder under results_dir, and the MLflow experiment its runs log to."""
     results_dir: str = "results"
+    """Root folder of every output (data, runs, SAE, concept labels, reports, the default MLflow store)."""
     method: str = "ntp"
+    """Training method: a name in the method registry (`cocomix.methods`, e.g. ntp or cocomix). The
+    registry checks it (the CLI asks it first); this module does not know the list."""
     seed: int = 0
+    """Seed of the run: torch's generator before the model is built (initial weights, then dropout) and
+    the SAE's own streams (the official code: 22). The data order has its own `train.data_seed`, so
+    runs of different seeds see the same blocks in the same order."""
     scale: str | None = None
+    """Which entry of `scales` to apply (e.g. 69M); null: the file as it is (run name 'base')."""
     scales: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Named sets of dotted overrides; `scale` picks one."""
     method_overrides: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
@@ -367,20 +529,45 @@ class Config:
     runs_dir: str | None = None
     """Folder of run folders; default <experiment_dir>/runs (sweep trials live elsewhere)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The corpus, its train/val split and its token shards (`cocomix prepare-data`)."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """The tokenizer the shards are made with: a BPE trained on the corpus, or a folder (GPT-2's)."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The backbone every method shares; a method adds its own modules on top."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimiser, learning-rate schedule, batch sizes and token budget of `cocomix train`."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out loss during training, and `cocomix eval` (perplexity and lm-eval tasks)."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """When checkpoints are saved and how many are kept."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow logging."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """The frozen teacher LM of CoCoMix's concept labels and of the KD baselines."""
     sae: SAEConfig = field(default_factory=SAEConfig)
+    """The TopK SAE that turns the teacher's activations into concepts (`cocomix train-sae`)."""
     concept: ConceptConfig = field(default_factory=ConceptConfig)
+    """CoCoMix: concept labels (`cocomix extract-concepts`), prediction, compression and mixing."""
     kd: KDConfig = field(default_factory=KDConfig)
+    """The knowledge-distillation baselines (methods kd and kd_pause)."""
     pause: PauseConfig = field(default_factory=PauseConfig)
+    """The pause-token baselines (methods pause and kd_pause)."""
     interpret: InterpretConfig = field(default_factory=InterpretConfig)
+    """Concept descriptions for `cocomix inspect` and `cocomix steer`."""
     dag: DagConfig = field(default_factory=DagConfig)
+    """The experiment grid `snakemake` runs: methods x scales x seeds, ablations, evaluation."""
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    """The Optuna search of `cocomix sweep`."""
+
+    def check(self, cfg: Config) -> None:
+        """The top-level keys (`cfg` is this config)."""
+        for method, per_scale in self.method_overrides.items():
+            for scale in per_scale:
+                _need(scale in self.scales or scale == "base", f"method_overrides.{method}.{scale}",
+                      f"not 'base' nor a scale under 'scales' ({sorted(self.scales)})")
+        if self.scale is not None:
+            _need(self.scale in self.scales, "scale",
+                  f"{self.scale!r} is not defined under 'scales' ({sorted(self.scales)})")
 
     # ---- derived locations (pure functions of the config) ----
     @property
@@ -414,9 +601,6 @@ class Config:
 # --------------------------------------------------------------------------------------
 # Building and validation
 # --------------------------------------------------------------------------------------
-
-KNOWN_METHODS = ("ntp", "kd", "pause", "kd_pause", "cocomix")
-
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
@@ -528,76 +712,21 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def _sections(node: Any):
+    """The sections under `node`, depth first in field order (a section before its subsections)."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if isinstance(value, Section):
+            yield value
+            yield from _sections(value)
+
+
 def validate(cfg: Config) -> Config:
-    """Cross-field checks that types alone cannot express."""
-
-    def need(cond: bool, key: str, msg: str) -> None:
-        if not cond:
-            raise ConfigError(f"config key '{key}': {msg}")
-
-    m, t = cfg.model, cfg.train
-    need(cfg.method in KNOWN_METHODS, "method", f"expected one of {list(KNOWN_METHODS)}, got {cfg.method!r}")
-    need(m.n_embd > 0, "model.n_embd", "must be positive")
-    need(m.n_head > 0, "model.n_head", "must be positive")
-    need(m.n_embd % m.n_head == 0, "model.n_embd", f"{m.n_embd} is not divisible by model.n_head={m.n_head}")
-    need(m.n_layer > 0, "model.n_layer", "must be positive")
-    need(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
-    need(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size", "must be positive")
-    need(t.block_size >= 2, "train.block_size", "must be at least 2")
-    need(
-        m.n_positions is None or m.n_positions >= t.block_size,
-        "model.n_positions",
-        f"{m.n_positions} is smaller than train.block_size={t.block_size}",
-    )
-    need(t.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
-    need(
-        t.global_batch_size > 0 and t.global_batch_size % t.micro_batch_size == 0,
-        "train.global_batch_size",
-        f"{t.global_batch_size} is not a positive multiple of train.micro_batch_size={t.micro_batch_size}",
-    )
-    need(t.tokens >= t.global_batch_size * t.block_size, "train.tokens", "budget is smaller than one optimizer step")
-    need(t.lr > 0, "train.lr", "must be positive")
-    need(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
-    need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
-    need(cfg.eval.every_tokens > 0, "eval.every_tokens", "must be positive")
-    need(cfg.checkpoint.every_tokens > 0, "checkpoint.every_tokens", "must be positive")
-    need(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
-    need(cfg.data.shard_tokens > 0, "data.shard_tokens", "must be positive")
-    if cfg.data.source == "text":
-        need(bool(cfg.data.paths), "data.paths", "the text source needs at least one file or folder")
-    if cfg.data.source == "hf":
-        need(bool(cfg.data.hf_path), "data.hf_path", "the hf source needs a dataset name or local path")
-    if cfg.tokenizer.path is None:
-        need(cfg.tokenizer.vocab_size >= 260, "tokenizer.vocab_size", "must be at least 260 (256 bytes + specials)")
-    c, sae = cfg.concept, cfg.sae
-    need(0 < c.insert_layer < m.n_layer, "concept.insert_layer",
-         f"{c.insert_layer} must be between 1 and model.n_layer-1={m.n_layer - 1}")
-    need(c.k_attr > 0, "concept.k_attr", "must be positive")
-    need(0 < c.k <= sae.n_latents, "concept.k", f"must be in [1, sae.n_latents={sae.n_latents}]")
-    need(c.lam >= 0, "concept.lam", "must be >= 0")
-    need(sae.layer >= 0, "sae.layer", "must be >= 0")
-    need(0 < sae.k <= sae.n_latents, "sae.k", f"must be in [1, sae.n_latents={sae.n_latents}]")
-    need(c.k_attr <= sae.k or c.scoring == "attribution_preact", "concept.k_attr",
-         f"{c.k_attr} labels cannot come from sae.k={sae.k} active latents")
-    need(cfg.kd.temperature > 0, "kd.temperature", "must be positive")
-    ip = cfg.interpret
-    for key in ("describe_tokens", "contexts", "top_tokens", "match_tokens"):
-        need(getattr(ip, key) > 0, f"interpret.{key}", "must be positive")
-    for key in ("context_before", "context_after"):
-        need(getattr(ip, key) >= 0, f"interpret.{key}", "must be >= 0")
-    for i, name in enumerate(cfg.dag.ablation_scales or []):
-        need(name in cfg.scales, f"dag.ablation_scales[{i}]", f"{name!r} is not defined under 'scales' ({sorted(cfg.scales)})")
-    for i, name in enumerate(cfg.dag.scales):
-        need(name in cfg.scales, f"dag.scales[{i}]", f"{name!r} is not defined under 'scales' ({sorted(cfg.scales)})")
-    for i, name in enumerate(cfg.dag.methods):
-        need(name in KNOWN_METHODS, f"dag.methods[{i}]", f"expected one of {list(KNOWN_METHODS)}, got {name!r}")
-    for method, per_scale in cfg.method_overrides.items():
-        need(method in KNOWN_METHODS, f"method_overrides.{method}", f"expected one of {list(KNOWN_METHODS)}")
-        for scale in per_scale:
-            need(scale in cfg.scales or scale == "base", f"method_overrides.{method}.{scale}",
-                 f"not 'base' nor a scale under 'scales' ({sorted(cfg.scales)})")
-    if cfg.scale is not None:
-        need(cfg.scale in cfg.scales, "scale", f"{cfg.scale!r} is not defined under 'scales' ({sorted(cfg.scales)})")
+    """Cross-field checks that types alone cannot express: every section's `check`, then the top
+    level's. The first failure is raised."""
+    for section in _sections(cfg):
+        section.check(cfg)
+    cfg.check(cfg)
     return cfg
 
 
@@ -638,4 +767,74 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+@functools.cache
+def field_docs() -> dict[str, dict[str, str]]:
+    """{dataclass name: {field name: its attribute docstring}}, read from this file's source."""
+    docs: dict[str, dict[str, str]] = {}
+    for node in ast.parse(Path(__file__).read_text(encoding="utf-8")).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        fields = docs[node.name] = {}
+        for stmt, after in zip(node.body, node.body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                fields[stmt.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def describe_config(cfg: Config) -> str:
+    """The resolved config as YAML, each field preceded by its docstring as `# ...` lines.
+    `yaml.safe_load` of the text gives back exactly `cfg.to_dict()`."""
+    docs = field_docs()
+    lines = ["# The resolved config (file, then the scale's overrides, then method_overrides, then the",
+             "# command line). Each key is preceded by its docstring (cocomix/config.py)."]
+
+    def emit(section: Any, values: dict[str, Any], indent: str) -> None:
+        for f in dataclasses.fields(section):
+            doc = docs.get(type(section).__name__, {}).get(f.name, "")
+            lines.extend(f"{indent}# {line}".rstrip() for line in doc.splitlines())
+            value = getattr(section, f.name)
+            if isinstance(value, Section) and dataclasses.fields(value):
+                lines.append(f"{indent}{f.name}:")
+                emit(value, values[f.name], indent + "  ")
+            else:
+                text = yaml.safe_dump({f.name: values[f.name]}, sort_keys=False, width=1 << 16)
+                lines.extend(indent + line for line in text.splitlines())
+
+    emit(cfg, cfg.to_dict(), "")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# Fingerprints: which config changes make a result stale
+# --------------------------------------------------------------------------------------
+
+# Sections every run depends on, whatever its method (a method adds the sections it reads)...
+RUN_SECTIONS = ("experiment", "method", "seed", "data", "tokenizer", "model", "train", "eval")
+# ...less the keys that change how a run is executed or stored, not what it computes.
+EXECUTION_KEYS = ("train.resume", "train.compile", "train.log_every_steps", "data.dir")
+
+
+def fingerprint(cfg: Config, keys: tuple[str, ...] | list[str], drop: tuple[str, ...] = (),
+                extra: dict[str, Any] | None = None) -> str:
+    """16 hex digits of sha256 over the given dotted config keys (sections or single fields) of the
+    resolved config, leaving out EXECUTION_KEYS and `drop` (dotted), plus `extra` values. The one
+    fingerprint of runs, the SAE, label caches and sweeps: a rerun resumes only when it is unchanged."""
+    tree = cfg.to_dict()
+    for dotted in EXECUTION_KEYS + tuple(drop):
+        *parents, last = dotted.split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(last, None)
+    picked: dict[str, Any] = dict(extra or {})
+    for dotted in keys:
+        node = tree
+        for part in dotted.split("."):
+            node = node[part]
+        picked[dotted] = node
+    return sha256_json(picked)[:16]

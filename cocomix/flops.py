@@ -25,15 +25,12 @@ def block_params(model) -> int:
 
 
 def forward_flops_per_token(model, seq_len: int) -> int:
-    """One forward pass of a plain backbone (a teacher) per token at context length seq_len.
-
-    2 FLOPs per weight of the blocks, ln_f and the LM-head matmul (the tied head is a matmul even
-    though its weight is the embedding table; embedding lookups are gathers, 0 FLOPs), plus
-    4 * d * T per layer for attention (q.k scores and the weighted sum of v, 2 * T * d each).
-    """
-    cfg = model.config
-    matmul_params = cfg.n_layer * block_params(model) + 2 * cfg.n_embd + cfg.vocab_size * cfg.n_embd  # + ln_f
-    return 2 * matmul_params + 4 * cfg.n_layer * cfg.n_embd * seq_len
+    """One forward pass of a plain backbone (a teacher) per token at context length seq_len: a third of
+    the training FLOPs of `CocomixForCausalLM.flops_per_token` (the one formula: 2 FLOPs per matmul
+    weight and 4 * d * T per layer of attention forward, the backward pass twice that)."""
+    if model.slot is not None:
+        raise ValueError("forward_flops_per_token is for plain backbones (teachers), not slot models")
+    return model.flops_per_token(seq_len) // 3
 
 
 def concept_label_flops_per_token(teacher, sae_layer: int, n_latents: int, seq_len: int,

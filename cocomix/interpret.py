@@ -16,8 +16,8 @@ model, the SAE and these descriptions. Steering is in `cocomix/steering.py`.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -25,8 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cocomix.concepts import data_fingerprint
 from cocomix.config import Config, ConfigError
-from cocomix.data import DataError
+from cocomix.data import DataError, TokenBlocks, load_concepts, load_tokenizer
+from cocomix.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from cocomix.sae import block_activations, concept_auroc, load_sae, sae_hash, sae_path
+from cocomix.teacher import load_teacher, teacher_hash
+from evals.run import find_checkpoints, load_eval_config
 
 DESCRIPTIONS = "descriptions.json"
 FORMAT_VERSION = 1
@@ -42,18 +47,12 @@ def descriptions_path(cfg: Config) -> Path:
     """`descriptions.json` inside our SAE folder (so a retrained SAE takes its old descriptions with it);
     for an SAE file such as OpenAI's .pt, which may sit on read-only storage, in
     `<experiment_dir>/sae_descriptions/`."""
-    from cocomix.sae import sae_path
-
     p = sae_path(cfg)
     return (p if p.is_dir() else cfg.experiment_dir / "sae_descriptions") / DESCRIPTIONS
 
 
 def description_key(cfg: Config) -> dict:
     """Everything the descriptions are a function of; a saved file is used only when all of it matches."""
-    from cocomix.concepts import data_fingerprint
-    from cocomix.sae import sae_hash
-    from cocomix.teacher import teacher_hash
-
     return {
         "format_version": FORMAT_VERSION,
         "sae_sha256": sae_hash(cfg),
@@ -93,23 +92,13 @@ def describe_concepts(cfg: Config, device: torch.device | str | None = None) -> 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = _build_descriptions(cfg, key, device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path.with_suffix(".md"), descriptions_markdown(result))
-    _write_atomic(path, json.dumps(result, indent=1, ensure_ascii=False))  # last: it marks completion
+    atomic_write_text(path.with_suffix(".md"), descriptions_markdown(result))
+    atomic_write_json(path, result, indent=1, ensure_ascii=False)  # last: it marks completion
     return result
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
 def _build_descriptions(cfg: Config, key: dict, device) -> dict:
-    from cocomix.data import TokenBlocks, load_concepts, load_tokenizer
-    from cocomix.sae import block_activations, concept_auroc, load_sae
-    from cocomix.teacher import load_teacher
-
     ip = cfg.interpret
     sae, teacher = load_sae(cfg, device), load_teacher(cfg, device)
     tokenizer = load_tokenizer(cfg.tokenizer.path or cfg.data_dir / "tokenizer")
@@ -266,9 +255,6 @@ def load_cocomix(checkpoint: str | Path, config_path: str | None = None, overrid
     trained), or `config_path` for a checkpoint outside a run folder; then `overrides`."""
     from transformers import AutoModelForCausalLM
 
-    from cocomix.data import load_tokenizer
-    from evals.run import find_checkpoints, load_eval_config
-
     run_dir, checkpoints = find_checkpoints(checkpoint)
     ckpt = checkpoints[-1]
     meta = json.loads((ckpt / "config.json").read_text())
@@ -276,9 +262,10 @@ def load_cocomix(checkpoint: str | Path, config_path: str | None = None, overrid
         raise DataError(f"{ckpt}: not a CoCoMix checkpoint (method {meta.get('method')!r}, slot {meta.get('slot')!r}); "
                         "expected a model trained with --method cocomix that predicts SAE concepts")
     cfg = load_eval_config(run_dir, config_path, list(overrides))
-    if meta["n_concepts"] != cfg.sae.n_latents:
+    n_concepts = (meta.get("slot_options") or {}).get("n_concepts", meta.get("n_concepts"))  # new / older layout
+    if n_concepts != cfg.sae.n_latents:
         raise ConfigError(f"config key 'sae.n_latents': {cfg.sae.n_latents}, but {ckpt} predicts "
-                          f"{meta['n_concepts']} concepts (expected the SAE it was trained with)")
+                          f"{n_concepts} concepts (expected the SAE it was trained with)")
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(device).eval()
     return model, load_tokenizer(ckpt), cfg, ckpt
 
@@ -326,8 +313,8 @@ def write_inspection(result: dict, descriptions: dict, out_dir: Path, header: li
             lines.append(f"    concept {c['index']:>5}  p={c['probability']:.3f}  z={c['logit']:+.2f}  "
                          f"{latents[c['index']]['summary']}")
     files = [out_dir / "inspect.txt", out_dir / "inspect.json", out_dir / "inspect.png"]
-    _write_atomic(files[0], "\n".join(lines) + "\n")
-    _write_atomic(files[1], json.dumps(result, indent=1, ensure_ascii=False))
+    atomic_write_text(files[0], "\n".join(lines) + "\n")
+    atomic_write_json(files[1], result, indent=1, ensure_ascii=False)
     _heatmap(result, latents, files[2])
     return files
 
@@ -350,7 +337,7 @@ def _heatmap(result: dict, latents: list[dict], path: Path) -> None:
     ax.set_title("CoCoMix predicted concept probabilities", fontsize=9)
     fig.colorbar(image, ax=ax, label="softmax(z_t)")
     fig.tight_layout()
-    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, png.getvalue())

@@ -7,23 +7,19 @@ N(0, init_std) with the residual output projections scaled by 1/sqrt(2 * n_layer
 Module names follow GPT-2 (`transformer.h.{i}.attn.c_attn`, ...) so weights map one-to-one,
 but every projection is a plain `nn.Linear` (GPT-2's `Conv1D` stores weights transposed).
 
-One optional *slot* acts on the residual stream after `insert_layer` blocks (`config.slot`):
-
-  "none"     the plain backbone (NTP, KD).
-  "concept"  CoCoMix (spec 1.3-1.5): predict concept logits z_t from h_t, keep the TopK raw logits,
-             compress them to a continuous concept c_t (a gather of k rows, never a C-wide matmul),
-             and interleave (h_1, c_1, ..., h_T, c_T) through the remaining blocks; the LM head reads
-             the concept slots. Ablations (spec 3): add c_t to h_t instead (`concept_mix="add"`), or
-             predict only (`"none"`); regress the teacher's hidden state (`concept_target="hidden"`).
-  "pause"    pause tokens (spec 3): one learnable vector interleaved after every token; the LM head
-             reads the pause slots.
+One optional *slot* module acts on the residual stream after `insert_layer` blocks: the model side of
+the methods that change the backbone (pause tokens, CoCoMix's concept head and its ablations). It
+lives in `cocomix/slots.py` behind a small interface (what it interleaves or adds, which stream the
+LM head reads, its FLOPs); `config.slot` names it and `config.slot_options` holds its fields. The
+backbone calls it and never branches on a method's name.
 
 To the outside the model stays an ordinary causal LM: `forward(input_ids)` returns one row of logits
 per input token, and the KV cache holds T entries in the lower blocks and 2T in the interleaved upper
 ones, so cached generation equals uncached. Losses other than NTP live in the method objects.
 
-This file must stay self-contained (imports: stdlib, math, torch, transformers only): saved
-checkpoints ship a copy of it so they load with `trust_remote_code=True` without this package.
+This file and `slots.py` must stay self-contained (imports: stdlib, math, torch, transformers, and
+`.slots` relatively): saved checkpoints ship a copy of both, so they load with
+`trust_remote_code=True` without this package.
 """
 
 import math
@@ -36,6 +32,8 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .slots import SLOTS, ConceptPrediction, Slot
 
 
 class CocomixConfig(PreTrainedConfig):
@@ -64,43 +62,28 @@ class CocomixConfig(PreTrainedConfig):
     pad_token_id: int | None = None
     tie_word_embeddings: bool = True
     use_cache: bool = True
-    # Which training method built this model ("ntp", later "kd", "pause", "cocomix"). Methods
-    # that add modules to this model also add their fields here, so a checkpoint rebuilds itself.
+    # Which training method built this model (a tag: the architecture is `slot` + `slot_options`).
     method: str = "ntp"
-    # ---- the slot after `insert_layer` blocks (module docstring; spec 1.3-1.5 and 3) ----
-    slot: str = "none"               # "none" | "concept" | "pause"
+    # ---- the slot module after `insert_layer` blocks (cocomix/slots.py; spec 1.3-1.5 and 3) ----
+    slot: str | None = None          # a name in slots.SLOTS ("pause", "concept", "hidden"), None: plain backbone
     insert_layer: int = 0            # blocks before the slot (code: 3 at 69M, 5 at 386M / 1.38B)
-    concept_mix: str = "interleave"  # concept slot: "interleave" (CoCoMix) | "add" (intervention) | "none"
-    concept_target: str = "concepts"  # "concepts": z_t over the SAE dictionary; "hidden": teacher hidden state
-    n_concepts: int = 0              # C, the SAE dictionary size (concept target)
-    concept_k: int = 32              # TopK of z_t kept for compression
-    concept_hidden_dim: int = 0      # hidden target: the teacher's width
-    pause_readout: str = "pause"     # pause slot: the LM head reads the "pause" slots or the "token" slots
+    slot_options: dict | None = None  # the slot's own fields (its `Options` dataclass)
 
     def __post_init__(self, **kwargs):
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if self.slot not in ("none", "concept", "pause"):
-            raise ValueError(f"slot must be 'none', 'concept' or 'pause', got {self.slot!r}")
-        if self.pause_readout not in ("pause", "token"):
-            raise ValueError(f"pause_readout must be 'pause' or 'token', got {self.pause_readout!r}")
-        if self.slot != "none" and not 0 < self.insert_layer < self.n_layer:
-            raise ValueError(f"insert_layer={self.insert_layer} must be between 1 and n_layer-1={self.n_layer - 1}")
-        if self.slot == "concept":
-            if self.concept_mix not in ("interleave", "add", "none"):
-                raise ValueError(f"concept_mix must be 'interleave', 'add' or 'none', got {self.concept_mix!r}")
-            if self.concept_target == "concepts" and not 0 < self.concept_k <= self.n_concepts:
-                raise ValueError(f"concept_k={self.concept_k} must be in [1, n_concepts={self.n_concepts}]")
-            if self.concept_target == "hidden" and self.concept_hidden_dim <= 0:
-                raise ValueError("concept_target='hidden' needs concept_hidden_dim (the teacher's width) > 0")
-            if self.concept_target not in ("concepts", "hidden"):
-                raise ValueError(f"concept_target must be 'concepts' or 'hidden', got {self.concept_target!r}")
+        if self.slot == "none":  # older spelling of "no slot"
+            self.slot = None
+        if self.slot is not None:
+            if self.slot not in SLOTS:
+                raise ValueError(f"slot must be None or one of {sorted(SLOTS)}, got {self.slot!r}")
+            if not 0 < self.insert_layer < self.n_layer:
+                raise ValueError(f"insert_layer={self.insert_layer} must be between 1 and n_layer-1={self.n_layer - 1}")
+            try:
+                SLOTS[self.slot].Options(**(self.slot_options or {}))  # the slot checks its own fields
+            except TypeError as e:
+                raise ValueError(f"slot {self.slot!r}: bad slot_options {self.slot_options!r} ({e})") from None
         super().__post_init__(**kwargs)
-
-    @property
-    def interleaves(self) -> bool:
-        """Whether the blocks after `insert_layer` see 2T positions (a slot after every token)."""
-        return self.slot == "pause" or (self.slot == "concept" and self.concept_mix == "interleave")
 
 
 class CausalSelfAttention(nn.Module):
@@ -161,102 +144,17 @@ class Block(nn.Module):
         return x
 
 
-# ---- the concept head (spec 1.3-1.4) ----------------------------------------------------------
-
-
-def normalize_per_token(x, eps: float = 1e-5):
-    """The SAE's input normalisation (spec 1.1), reused by the concept head (spec 1.3): per-token mean
-    and *unbiased* std, no affine. Returns (x_tilde, mu, sigma), the latter two (..., 1)."""
-    mu = x.mean(-1, keepdim=True)
-    sigma = x.std(-1, keepdim=True)  # torch default: unbiased (N-1), as the official code
-    return (x - mu) / (sigma + eps), mu, sigma
-
-
-def sparse_compress(values, indices, table):
-    """W @ TopK(z) without the C-wide sparse vector: sum_j values[..., j] * table[indices[..., j]].
-
-    values, indices: (..., k); table: (C, d), row c = column c of the paper's W in R^{d x C}.
-    One fused gather-and-weighted-sum (embedding_bag); gradients flow to the k rows and the values.
-    """
-    k, d = indices.shape[-1], table.shape[-1]
-    flat = F.embedding_bag(indices.reshape(-1, k), table, mode="sum",
-                           per_sample_weights=values.reshape(-1, k).to(table.dtype))  # (N, d)
-    return flat.view(*indices.shape[:-1], d)
-
-
-@dataclass
-class ConceptPrediction:
-    logits: torch.Tensor           # (B, T, C) z_t, dense (the concept loss needs every logit); hidden target: (B, T, D)
-    indices: torch.Tensor | None   # (B, T, k) the TopK concepts kept for compression (None for the hidden target)
-    values: torch.Tensor | None    # (B, T, k) their raw logits (after steering)
-
-
-class ConceptHead(nn.Module):
-    """z_t = W_p (LN(h_t) - b_pre) + b_p; keep TopK_k(z_t) with raw values (no ReLU);
-    c_t = (W_c TopK(z_t) + b_c + b_pre) * sigma_t + mu_t. This mirrors the SAE encoder/decoder as
-    the official code does (spec 1.3-1.4); the paper's bare c_t = W TopK(z_t) + b is the same up to
-    the normalisation. mu_t, sigma_t are the student's own per-token statistics."""
-
-    def __init__(self, config: CocomixConfig):
-        super().__init__()
-        d, C = config.n_embd, config.n_concepts
-        self.k = config.concept_k
-        self.pre_bias = nn.Parameter(torch.zeros(d))
-        self.predictor = nn.Linear(d, C)
-        self.compress = nn.Embedding(C, d)  # (C, d): gathering k rows = using k columns of W (spec 1.7)
-        self.compress_bias = nn.Parameter(torch.zeros(d))
-
-    def forward(self, h, steering: dict[int, float] | None = None):
-        u, mu, sigma = normalize_per_token(h)
-        logits = self.predictor(u - self.pre_bias)  # (B, T, C)
-        if steering:
-            # The paper's steering (spec 4.7): scale chosen concept logits before TopK and compression.
-            scale = torch.ones(logits.shape[-1], device=logits.device, dtype=logits.dtype)
-            scale[list(steering)] = torch.tensor(list(steering.values()), device=logits.device, dtype=logits.dtype)
-            logits = logits * scale
-        values, indices = logits.topk(self.k, dim=-1)  # (B, T, k) raw values, may be negative (code)
-        concept = sparse_compress(values, indices, self.compress.weight) + self.compress_bias + self.pre_bias
-        concept = concept * sigma + mu  # de-normalise with h_t's own statistics
-        return concept.to(h.dtype), ConceptPrediction(logits, indices, values)
-
-
-class HiddenHead(nn.Module):
-    """Ablation (spec 3, "direct hidden-state prediction"): a 2-layer MLP g predicts the teacher's
-    normalised hidden state (D wide) instead of concept logits; g(h_t) is compressed to d by a dense
-    linear map and de-normalised like the concept path. MLP width 4d is our choice (paper: unstated)."""
-
-    def __init__(self, config: CocomixConfig):
-        super().__init__()
-        d, D = config.n_embd, config.concept_hidden_dim
-        self.pre_bias = nn.Parameter(torch.zeros(d))
-        self.predictor = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, D))
-        self.compress = nn.Linear(D, d)
-
-    def forward(self, h, steering=None):
-        if steering:
-            raise ValueError("steering needs concept logits; this model regresses hidden states")
-        u, mu, sigma = normalize_per_token(h)
-        prediction = self.predictor(u - self.pre_bias)  # (B, T, D)
-        concept = (self.compress(prediction) + self.pre_bias) * sigma + mu
-        return concept.to(h.dtype), ConceptPrediction(prediction, None, None)
-
-
-class PauseSlot(nn.Module):
-    """Pause tokens (spec 3): one learnable vector shared by every position."""
-
-    def __init__(self, config: CocomixConfig):
-        super().__init__()
-        self.embedding = nn.Parameter(torch.zeros(config.n_embd))
-
-    def forward(self, h, steering=None):
-        return self.embedding.to(h.dtype).expand_as(h), None
-
-
-def interleave(h, slot):
-    """(h_1..h_T), (s_1..s_T) -> (h_1, s_1, ..., h_T, s_T): each slot right after its token (spec 1.5).
-    (B, T, d) x2 -> (B, 2T, d)"""
-    B, T, d = h.shape
-    return torch.stack([h, slot], dim=2).view(B, 2 * T, d)
+def token_nll(logits, targets, ignore_index: int = -100):
+    """Per-position next-token cross-entropy, shape (B, T-1), in at least fp32 (a stable log-softmax
+    under bf16 autocast; fp64 stays fp64): position t predicts targets[:, t+1]. Targets equal to
+    `ignore_index` get 0. The one NLL of the harness: training loss, held-out loss, perplexity."""
+    logits = logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)),               # (B*(T-1), V)
+        targets[:, 1:].reshape(-1).to(logits.device),      # (B*(T-1),)
+        ignore_index=ignore_index, reduction="none",
+    ).view(targets.size(0), -1)
 
 
 def build_attention_mask(padding_mask, query_len: int, past_len: int, device):
@@ -324,10 +222,7 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
         # backbone (post_init initialises in registration order) and built on a forked RNG, so the
         # throw-away default init of its nn.Linear does not advance the global generator.
         with torch.random.fork_rng(devices=[]):
-            if config.slot == "concept":
-                self.concept_head = ConceptHead(config) if config.concept_target == "concepts" else HiddenHead(config)
-            elif config.slot == "pause":
-                self.pause = PauseSlot(config)
+            self.slot: Slot | None = SLOTS[config.slot](config) if config.slot is not None else None
         self.concept_steering: dict[int, float] | None = None  # set by `steer_concepts`, read by forward
         self.post_init()  # runs _init_weights on every module, then ties lm_head to wte
 
@@ -350,12 +245,8 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, (ConceptHead, HiddenHead)):
-            init.zeros_(module.pre_bias)  # official code: pre_bias and new biases start at 0
-            if isinstance(module, ConceptHead):
-                init.zeros_(module.compress_bias)
-        elif isinstance(module, PauseSlot):
-            init.normal_(module.embedding, mean=0.0, std=std)
+        elif isinstance(module, Slot):
+            module.init_weights(init, std)  # after its Linear/Embedding children (post-order)
 
     def get_input_embeddings(self):
         return self.transformer.wte
@@ -405,47 +296,17 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
 
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=device)[None]  # (1, T)
-        attn_mask = build_attention_mask(attention_mask, T, past_len, device)
 
         x = self.transformer.drop(inputs_embeds + self.transformer.wpe(position_ids))  # (B, T, d)
-        cfg = self.config
-        prediction = None
-        # hidden_states follow GPT-2's convention: the input to each block, then ln_f of the last output.
-        all_hidden_states = () if output_hidden_states else None
-        for i, block in enumerate(self.transformer.h):
-            if cfg.slot != "none" and i == cfg.insert_layer:
-                slot_module = self.concept_head if cfg.slot == "concept" else self.pause
-                slot, prediction = slot_module(x, concept_steering if concept_steering is not None
-                                               else self.concept_steering)
-                if cfg.interleaves:
-                    x = interleave(x, slot)  # (B, 2T, d)
-                    # Upper blocks attend causally over the interleaved sequence; a padded token's slot is
-                    # padding too, and the cache there holds 2 * past entries.
-                    padding = attention_mask.repeat_interleave(2, dim=1) if attention_mask is not None else None
-                    attn_mask = build_attention_mask(padding, 2 * T, 2 * past_len, device)
-                elif cfg.concept_mix == "add":
-                    x = x + slot  # the intervention ablation: h_t <- h_t + c_t
-                # concept_mix == "none": prediction only, the stream is unchanged
-            if output_hidden_states:
-                all_hidden_states += (x,)
-            x = block(x, attn_mask, cache if use_cache else None)
-        if cfg.interleaves:
-            # (B, 2T, d) -> (B, T, d): the slot after token t predicts token t+1 (spec 1.5), or, for pause
-            # models with pause_readout="token", token t's own slot does.
-            x = x[:, 0::2] if cfg.slot == "pause" and cfg.pause_readout == "token" else x[:, 1::2]
-        x = self.transformer.ln_f(x)
-        if output_hidden_states:
-            all_hidden_states += (x,)
+        steering = concept_steering if concept_steering is not None else self.concept_steering
+        x, prediction, all_hidden_states = self._run_blocks(
+            x, attention_mask, cache if use_cache else None, past_len, steering, output_hidden_states)
         logits = self.lm_head(x)  # (B, T, vocab)
 
         loss = None
         if labels is not None:
-            # Position t predicts token t+1; fp32 for a stable log-softmax under bf16 autocast.
-            loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.size(-1)),  # (B*(T-1), vocab)
-                labels[:, 1:].reshape(-1).to(device),                 # (B*(T-1),)
-                ignore_index=-100,
-            )
+            nll = token_nll(logits, labels)  # (B, T-1): position t predicts token t+1, in fp32
+            loss = nll.sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
 
         output = CocomixCausalLMOutput(
             loss=loss,
@@ -458,11 +319,38 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
         )
         return output if return_dict else output.to_tuple()
 
+    def _run_blocks(self, x, attention_mask, cache, past_len: int, steering, output_hidden_states):
+        """The blocks, the slot module after `insert_layer` of them, its read-out and ln_f.
+        (B, T, d) -> (B, T, d), the slot's prediction (or None), the hidden states (or None)."""
+        T, device = x.shape[1], x.device
+        attn_mask = build_attention_mask(attention_mask, T, past_len, device)
+        prediction = None
+        # hidden_states follow GPT-2's convention: the input to each block, then ln_f of the last output.
+        all_hidden_states = () if output_hidden_states else None
+        for i, block in enumerate(self.transformer.h):
+            if self.slot is not None and i == self.config.insert_layer:
+                x, prediction = self.slot(x, steering)  # (B, streams * T, d)
+                if self.slot.streams > 1:
+                    # Upper blocks attend causally over the interleaved sequence; a padded token's slots are
+                    # padding too, and the cache there holds streams * past entries.
+                    n = self.slot.streams
+                    padding = attention_mask.repeat_interleave(n, dim=1) if attention_mask is not None else None
+                    attn_mask = build_attention_mask(padding, n * T, n * past_len, device)
+            if output_hidden_states:
+                all_hidden_states += (x,)
+            x = block(x, attn_mask, cache)
+        if self.slot is not None:
+            x = self.slot.readout(x)  # (B, streams * T, d) -> (B, T, d)
+        x = self.transformer.ln_f(x)
+        if output_hidden_states:
+            all_hidden_states += (x,)
+        return x, prediction, all_hidden_states
+
     # ---- interpretability -----------------------------------------------------------------
 
     def predict_concepts(self, input_ids, concept_steering=None) -> ConceptPrediction:
         """The concept head's prediction per position, running only the first `insert_layer` blocks."""
-        if self.config.slot != "concept":
+        if not hasattr(self.slot, "predict"):
             raise ValueError(f"predict_concepts needs a concept model, this one has slot={self.config.slot!r}")
         T = input_ids.shape[1]
         x = self.transformer.drop(self.transformer.wte(input_ids)
@@ -470,17 +358,17 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
         for block in self.transformer.h[: self.config.insert_layer]:
             x = block(x)
         steering = concept_steering if concept_steering is not None else self.concept_steering
-        return self.concept_head(x, steering)[1]
+        return self.slot.predict(x, steering)[1]
 
     @contextmanager
     def steer_concepts(self, factors: dict[int, float]):
         """Within the block, every forward (generate() included) multiplies the predicted logit of each
         concept index by its factor before TopK and compression, at every position (spec 4.7)."""
-        if self.config.slot != "concept" or self.config.concept_target != "concepts":
+        if self.config.slot != "concept":
             raise ValueError("steering needs a concept model that predicts SAE concepts")
-        bad = [i for i in factors if not 0 <= i < self.config.n_concepts]
+        bad = [i for i in factors if not 0 <= i < self.slot.n_concepts]
         if bad:
-            raise ValueError(f"concept indices {bad} are outside [0, n_concepts={self.config.n_concepts})")
+            raise ValueError(f"concept indices {bad} are outside [0, n_concepts={self.slot.n_concepts})")
         previous, self.concept_steering = self.concept_steering, dict(factors)
         try:
             yield self
@@ -510,25 +398,21 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
                                          mask's halving is not credited.
         Softmax, LayerNorm, GELU and the loss are not counted.
 
-        With a slot after `insert_layer` blocks: interleaving doubles the positions of the upper blocks,
-        so each token pays their weights twice and their attention four times (2 queries over 2T keys).
-        The concept head counts its dense predictor (d*C + C) and, for compression, only the k gathered
-        rows (k*d) plus its bias; the pause vector is a broadcast (0 FLOPs). The LM head reads T slots.
+        With a slot after `insert_layer` blocks: each token pays the upper blocks' weights `streams` times
+        and their attention streams^2 times (streams queries over streams * T keys; 2 when interleaved),
+        plus the weights the slot itself multiplies through (`Slot.flops_params`: the concept head's
+        dense predictor and only the k gathered compression rows; 0 for the pause broadcast). The LM head
+        reads T positions.
         """
         cfg = self.config
         d, T = cfg.n_embd, seq_len
         per_block = [sum(p.numel() for p in block.parameters()) for block in self.transformer.h]
-        split = cfg.insert_layer if cfg.slot != "none" else cfg.n_layer
-        streams = 2 if cfg.interleaves else 1  # positions per token in blocks split..L-1
+        split = cfg.insert_layer if self.slot is not None else cfg.n_layer
+        streams = self.slot.streams if self.slot is not None else 1  # positions per token in blocks split..L-1
         n = (sum(per_block[:split]) + streams * sum(per_block[split:])
              + sum(p.numel() for p in self.transformer.ln_f.parameters()) + cfg.vocab_size * d)
-        if cfg.slot == "concept":
-            head = self.concept_head
-            n += sum(p.numel() for p in head.predictor.parameters()) + head.pre_bias.numel()
-            if cfg.concept_target == "concepts":
-                n += cfg.concept_k * d + head.compress_bias.numel()
-            else:
-                n += sum(p.numel() for p in head.compress.parameters())
+        if self.slot is not None:
+            n += self.slot.flops_params()
         attention = 12 * d * T * (split + streams**2 * (cfg.n_layer - split))
         return 6 * n + attention
 
@@ -567,7 +451,8 @@ CocomixForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
 def register_auto_classes() -> None:
-    """Make model_type "cocomix" known to the Auto classes in this process (called by `import cocomix`).
+    """Make model_type "cocomix" known to the Auto classes in this process (on import of this module,
+    which `import cocomix` triggers as soon as transformers is imported).
 
     An `auto_map` in config.json does not force trust_remote_code once this ran: transformers 5.23
     resolves trust_remote_code=None to False when the model type is registered locally, and even with
@@ -576,3 +461,7 @@ def register_auto_classes() -> None:
     """
     AutoConfig.register("cocomix", CocomixConfig, exist_ok=True)
     AutoModelForCausalLM.register(CocomixConfig, CocomixForCausalLM, exist_ok=True)
+
+
+if __name__ == "cocomix.model":  # the package's copy, not one loaded as a checkpoint's remote code
+    register_auto_classes()

@@ -26,11 +26,8 @@ class ParamCounts:
 
 def count_params(model: CocomixForCausalLM) -> ParamCounts:
     total = model.num_params()
-    cfg = model.config
-    inactive = 0
-    if cfg.slot == "concept" and cfg.concept_target == "concepts":
-        # Only k of the C rows of the (C, d) compression table are gathered per token.
-        inactive = (cfg.n_concepts - cfg.concept_k) * cfg.n_embd
+    # CoCoMix's slot gathers only k of the C rows of its (C, d) compression table per token.
+    inactive = model.slot.inactive_params() if model.slot is not None else 0
     return ParamCounts(total=total, active=total - inactive)
 
 

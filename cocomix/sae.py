@@ -16,7 +16,6 @@ shuffle buffer.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,11 @@ import torch.nn.functional as F
 
 from cocomix.config import Config, ConfigError
 from cocomix.data import DataError
+from cocomix.data.shards import BlockOrder, TokenBlocks
+from cocomix.files import atomic_write_json, sha256_file
+from cocomix.model import token_nll
+from cocomix.teacher import load_teacher, run_teacher, teacher_hash
+from cocomix.tracking import RunTracker, environment_info
 
 WEIGHTS = "sae.safetensors"
 SAE_CONFIG = "sae_config.json"
@@ -166,11 +170,7 @@ def sae_hash(cfg: Config) -> str:
     f = p / WEIGHTS if p.is_dir() else p
     if not f.is_file():
         raise DataError(f"SAE {p}: not found (run `cocomix train-sae` or set sae.path)")
-    h = hashlib.sha256()
-    with f.open("rb") as fh:
-        while chunk := fh.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(f)
 
 
 def load_sae(cfg: Config, device: torch.device | str = "cpu") -> TopKSAE:
@@ -209,7 +209,7 @@ def save_sae(sae: TopKSAE, folder: Path, meta: dict | None = None) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, str(folder / WEIGHTS))
     config = {"format": "cocomix-topk-sae-v1", "d_model": sae.d_model, "n_latents": sae.n_latents, "k": sae.k,
               "normalize": sae.normalize, **(meta or {})}
-    (folder / SAE_CONFIG).write_text(json.dumps(config, indent=1))
+    atomic_write_json(folder / SAE_CONFIG, config, indent=1)
 
 
 # --------------------------------------------------------------------------------------
@@ -220,8 +220,6 @@ def save_sae(sae: TopKSAE, folder: Path, meta: dict | None = None) -> None:
 @torch.no_grad()
 def block_activations(teacher, blocks, indices, layer: int, device) -> torch.Tensor:
     """Teacher residual stream after block `layer` for blocks `indices`: (n * T, d) fp32."""
-    from cocomix.teacher import run_teacher
-
     ids = blocks.get_batch(indices).to(device)
     _, h = run_teacher(teacher, ids, layer, stop_at_layer=True)
     return h.reshape(-1, h.size(-1)).float()  # (n, T, d) -> (n*T, d)
@@ -234,8 +232,6 @@ def activation_batches(teacher, blocks, cfg: Config, device, seed: int) -> Itera
     its first half emitted as batches, and the rest kept and topped up, so consecutive batches mix
     many documents while memory stays at one buffer.
     """
-    from cocomix.data.shards import BlockOrder
-
     s, T = cfg.sae, blocks.block_size
     order = BlockOrder(len(blocks), seed)
     per_forward = max(1, s.batch_tokens // T)
@@ -308,10 +304,6 @@ def init_sae(cfg: Config, d_model: int, first_batch: torch.Tensor, seed: int) ->
 def train_sae(cfg: Config, progress: bool = True) -> dict[str, float]:
     """`cocomix train-sae`: train on training-split activations, evaluate on held-out blocks, and
     write `<experiment_dir>/sae/` (weights, config, metrics.json) atomically. Returns the metrics."""
-    from cocomix.data.shards import TokenBlocks
-    from cocomix.teacher import load_teacher, teacher_hash
-    from cocomix.tracking import RunTracker, environment_info
-
     s = cfg.sae
     if cfg.sae.path:
         raise ConfigError(f"config key 'sae.path': set to {cfg.sae.path}; train-sae trains a new SAE, unset it")
@@ -381,7 +373,7 @@ def train_sae(cfg: Config, progress: bool = True) -> dict[str, float]:
         save_sae(sae, tmp, {"layer": s.layer, "teacher_path": str(cfg.teacher.path), "teacher_sha256": teacher_hash(cfg),
                             "data_dir": str(cfg.data_dir), "sae_config": dataclasses.asdict(s), "environment": env})
         metrics["mlflow_run_id"] = tracker.run_id
-        (tmp / METRICS).write_text(json.dumps(metrics, indent=1))
+        atomic_write_json(tmp / METRICS, metrics, indent=1)
         tracker.log_artifact(tmp / METRICS)
         tracker.log_artifact(tmp / SAE_CONFIG)
         status = "FINISHED"
@@ -415,8 +407,6 @@ def evaluate_sae(sae: TopKSAE, teacher, val_blocks, cfg: Config, device) -> dict
                     replaced by the reconstruction (the SAE's cost in the teacher's own terms)
     recovery/*      synthetic corpus only: see `concept_recovery`
     """
-    from cocomix.teacher import next_token_losses, run_teacher
-
     n = len(val_blocks) if cfg.eval.max_blocks is None else min(cfg.eval.max_blocks, len(val_blocks))
     sq_err = sum_x = sum_x2 = 0.0
     tokens, nonzero = 0, 0.0
@@ -436,9 +426,9 @@ def evaluate_sae(sae: TopKSAE, teacher, val_blocks, cfg: Config, device) -> dict
         tokens += len(x)
         nonzero += (top_acts > 0).sum().item()
         fired[top_indices[top_acts > 0]] = True
-        loss_clean += next_token_losses(logits, ids).mean(dim=1).sum().item()
+        loss_clean += token_nll(logits, ids).mean(dim=1).sum().item()
         spliced, _ = run_teacher(teacher, ids, cfg.sae.layer, edit=lambda hh: sae(hh))
-        loss_spliced += next_token_losses(spliced, ids).mean(dim=1).sum().item()
+        loss_spliced += token_nll(spliced, ids).mean(dim=1).sum().item()
         if val_blocks.has_concepts:
             codes.append((top_acts.reshape(-1, sae.k).cpu(), top_indices.reshape(-1, sae.k).cpu()))
             concepts.append(val_blocks.get_concepts(idx).reshape(len(x), -1))  # (B*T, n_slots)

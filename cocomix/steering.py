@@ -20,8 +20,7 @@ negatively at a position is pushed further out by a positive factor and pulled i
 
 from __future__ import annotations
 
-import json
-import os
+import io
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,8 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cocomix.data import DataError
-from cocomix.interpret import _show, _write_atomic, encode_prompt
+from cocomix.data import DataError, load_concepts
+from cocomix.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from cocomix.interpret import _show, encode_prompt
+from cocomix.teacher import run_teacher
 
 
 def check_concepts(factors: dict[int, float], n_concepts: int) -> None:
@@ -102,8 +103,6 @@ def continuation_texts(tokenizer, new_ids: torch.Tensor) -> list[str]:
 def latent_activation(teacher, sae, layer: int, input_ids: torch.Tensor, latents: list[int]) -> torch.Tensor:
     """(B, T) summed SAE activation of `latents` on the (unedited) teacher's residual stream: how
     present the steered concepts are in a text, measured the same way for both models' outputs."""
-    from cocomix.teacher import run_teacher
-
     _, h = run_teacher(teacher, input_ids, layer, stop_at_layer=True)
     acts, inds, _ = sae.encode(h)  # (B, T, k)
     chosen = torch.isin(inds, torch.tensor(latents, device=inds.device))
@@ -116,7 +115,7 @@ def steer(model, tokenizer, teacher, sae, layer: int, prompt: str, factors: dict
     the same seed for all four. Returns {prompt, factors, seed, temperature, cocomix: {...}, teacher:
     {...}}; per model `unsteered` and `steered` texts and `activation`, the mean (over samples) summed
     activation of the chosen latents at each generated position (see `latent_activation`), NaN past EOS."""
-    check_concepts(factors, model.config.n_concepts)
+    check_concepts(factors, model.slot.n_concepts)
     input_ids = encode_prompt(tokenizer, prompt, model.device)
     check_length((model, teacher), input_ids, max_new_tokens)
     result = {"prompt": prompt, "factors": {str(j): f for j, f in factors.items()}, "seed": seed,
@@ -155,8 +154,8 @@ def write_steering(result: dict, descriptions: dict, out_dir: Path, header: list
             lines += [f"  sample {i}", f"    unsteered: {plain}", f"    steered:   {steered}"]
         lines.append("")
     files = [out_dir / "steer.txt", out_dir / "steer.json", out_dir / "steer.png"]
-    _write_atomic(files[0], "\n".join(lines))
-    _write_atomic(files[1], json.dumps(result, indent=1, ensure_ascii=False))
+    atomic_write_text(files[0], "\n".join(lines))
+    atomic_write_json(files[1], result, indent=1, ensure_ascii=False)
     _activation_plot(result, latents, titles, files[2])
     return files
 
@@ -179,10 +178,10 @@ def _activation_plot(result: dict, latents: list[dict], titles: dict, path: Path
     axes[0].set_ylabel("steered latents' activation\n(teacher SAE, mean of samples)")
     fig.suptitle(f"steered concepts: {names}", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, png.getvalue())
 
 
 # --------------------------------------------------------------------------------------
@@ -209,8 +208,6 @@ def steering_check(cfg, model, tokenizer, teacher, sae, descriptions: dict, conc
     besides unsteered. Returns the matched concept and latent, and per model the word frequency of
     each run and whether factor 1 reproduced the unsteered tokens exactly.
     """
-    from cocomix.data import load_concepts
-
     matches = descriptions.get("concept_matches")
     if not matches:
         raise DataError(f"{cfg.data_dir}: no ground-truth concepts (the steering check needs the synthetic corpus)")
@@ -257,6 +254,6 @@ def write_check(result: dict, out_dir: Path) -> list[Path]:
                      f"{100 * r['steered']:.2f}% steered (factor 1: {100 * r['factor_one']:.2f}%, "
                      f"identical tokens: {r['factor_one_identical']})")
     files = [out_dir / "steer_check.txt", out_dir / "steer_check.json"]
-    _write_atomic(files[0], "\n".join(lines) + "\n")
-    _write_atomic(files[1], json.dumps(result, indent=1))
+    atomic_write_text(files[0], "\n".join(lines) + "\n")
+    atomic_write_json(files[1], result, indent=1)
     return files

@@ -27,8 +27,9 @@ base train.tokens), importance.png and contour.png, logs/worker-<i>.log, trials/
 from __future__ import annotations
 
 import copy
+import csv
 import fcntl
-import hashlib
+import io
 import json
 import math
 import os
@@ -39,7 +40,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cocomix.config import Config, ConfigError, SweepParam, _set_dotted, config_from_dict
+import yaml
+
+from cocomix.config import RUN_SECTIONS, Config, ConfigError, SweepParam, _set_dotted, config_from_dict, fingerprint
+from cocomix.data import DataError
+from cocomix.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from cocomix.tracking import RunTracker, init_store, tracking_uri
 
 # Keys every sweep searches (the issue's two design choices); the rest of `sweep.space` is optional.
 REQUIRED_KEYS = ("concept.insert_layer", "concept.k")
@@ -150,23 +156,14 @@ def best_config_tree(cfg: Config, params: dict[str, Any]) -> dict[str, Any]:
 
 def study_key(cfg: Config, space: dict[str, SweepParam]) -> str:
     """What a study's trials must share to be comparable: every config section a CoCoMix run reads
-    (minus the searched keys and where things are stored), the budget and the search space."""
-    from cocomix.dag import COMMON_SECTIONS, EXECUTION_KEYS
-    from cocomix.methods import get_method
+    (minus the searched keys and where things are stored), the budget and the search space. `method`
+    is left out: the base config may name any method, every trial is CoCoMix."""
+    from cocomix.methods import get_method  # lazy: torch/transformers; the Snakefile imports sweep
 
-    tree = _flat_tree(cfg)
-    for dotted in EXECUTION_KEYS + tuple(space):
-        node = tree
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node.pop(last, None)
-    picked = {k: tree[k] for k in COMMON_SECTIONS + tuple(get_method("cocomix").uses) if k in tree}
-    picked.pop("method", None)
-    picked["train"].pop("tokens", None)
-    picked["budget"] = budget(cfg)
-    picked["space"] = {k: vars(v) for k, v in sorted(space.items())}
-    return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    m = get_method("cocomix")
+    sections = [k for k in RUN_SECTIONS + tuple(getattr(m, "reads", None) or m.uses) if k != "method"]
+    return fingerprint(cfg, sections, drop=(*space, "train.tokens"),
+                       extra={"budget": budget(cfg), "space": {k: vars(v) for k, v in sorted(space.items())}})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,8 +272,6 @@ def create_study(cfg: Config):
 def _client(cfg: Config):
     import mlflow
 
-    from cocomix.tracking import init_store, tracking_uri
-
     uri = tracking_uri(cfg)
     init_store(uri)
     return mlflow.MlflowClient(uri)
@@ -284,8 +279,6 @@ def _client(cfg: Config):
 
 def _create_parent_run(cfg: Config, space: dict[str, SweepParam]) -> str:
     from mlflow.entities import Param
-
-    from cocomix.tracking import RunTracker
 
     # RunTracker creates (or finds) the experiment and logs the config as params, like any run.
     folder = sweep_dir(cfg)
@@ -334,7 +327,7 @@ def _ensure_labels(cfg: Config) -> None:
         return
     if (cfg.concept_dir / "manifest.json").is_file():
         return
-    from cocomix.concepts import extract_concepts
+    from cocomix.concepts import extract_concepts  # lazy: torch/transformers; the Snakefile imports sweep
 
     cfg.concept_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(cfg.concept_dir.parent / f".{cfg.concept_dir.name}.lock", "w") as fh:
@@ -373,8 +366,7 @@ def objective_for(cfg: Config, space: dict[str, SweepParam], parent_run_id: str 
     import optuna
     import torch
 
-    from cocomix.data import DataError
-    from cocomix.trainer import EarlyStop, TrainingError, train
+    from cocomix.trainer import EarlyStop, TrainingError, train  # lazy: torch/transformers; the Snakefile imports sweep
 
     total = budget(cfg)
 
@@ -469,12 +461,6 @@ def launch_workers(cfg: Config, config_path: Path, n: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, text: str | bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(text if isinstance(text, bytes) else text.encode())
-    os.replace(tmp, path)
-
-
 def trials_table(study) -> tuple[list[str], list[list[str]]]:
     space_keys = sorted({k for t in study.trials for k in t.params})
     header = ["trial", "state", "held-out loss", "last reported at (tokens)", *space_keys, "retry of",
@@ -518,30 +504,25 @@ def _plots(study, out: Path) -> list[Path]:
         fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
         fig.set_size_inches(7, 5)
         fig.tight_layout()
-        tmp = out / f".{name}"
-        fig.savefig(tmp, format="png", dpi=110)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110)
         plt.close(fig)
-        os.replace(tmp, out / name)
+        atomic_write_bytes(out / name, png.getvalue())
         written.append(out / name)
     return written
 
 
 def write_outputs(cfg: Config, study) -> dict[str, Any]:
     """Trials table, best config and plots; logged to the sweep's MLflow run, which ends FINISHED."""
-    import csv
-    import io
-
-    import yaml
-
     out = sweep_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     header, rows = trials_table(study)
     buf = io.StringIO()
     csv.writer(buf).writerows([header, *rows])
-    _write_atomic(out / "trials.csv", buf.getvalue())
+    atomic_write_text(out / "trials.csv", buf.getvalue())
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
-    _write_atomic(out / "trials.md", "\n".join(md) + "\n")
+    atomic_write_text(out / "trials.md", "\n".join(md) + "\n")
     counts = _counts(study)
     summary: dict[str, Any] = {"study": study_name(cfg), "storage": storage_url(cfg), **counts}
     files = [out / "trials.csv", out / "trials.md"]
@@ -551,10 +532,10 @@ def write_outputs(cfg: Config, study) -> dict[str, Any]:
         tree = best_config_tree(cfg, best.params)
         head = (f"# Best of sweep '{study_name(cfg)}' (trial {best.number}, held-out loss {best.value:.4f} at "
                 f"{budget(cfg):,} tokens).\n# Train it: cocomix train --config {out / 'best_config.yaml'}\n")
-        _write_atomic(out / "best_config.yaml", head + yaml.safe_dump(tree, sort_keys=False))
+        atomic_write_text(out / "best_config.yaml", head + yaml.safe_dump(tree, sort_keys=False))
         files.append(out / "best_config.yaml")
     files += _plots(study, out)
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    atomic_write_json(out / "summary.json", summary, indent=2, default=str)
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if cfg.tracking.enabled and parent:
         from mlflow.entities import Metric
@@ -581,9 +562,7 @@ def sweep(cfg: Config, config_path: Path | None, workers: int) -> dict[str, Any]
     if workers > 0:
         # Workers read the resolved config (identical to this one whatever file and overrides made it).
         resolved = sweep_dir(cfg) / "sweep_config.yaml"
-        import yaml
-
-        _write_atomic(resolved, yaml.safe_dump(_flat_tree(cfg), sort_keys=False))
+        atomic_write_text(resolved, yaml.safe_dump(_flat_tree(cfg), sort_keys=False))
         try:
             launch_workers(cfg, resolved, workers)
         finally:

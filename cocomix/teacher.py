@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from cocomix.config import Config, ConfigError
 from cocomix.data import DataError
+from cocomix.files import list_checkpoints, update_sha256
 from cocomix.model import CocomixForCausalLM
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -31,8 +31,6 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 def teacher_dir(cfg: Config) -> Path:
     """`teacher.path`: a checkpoint or GPT-2 folder, or a run folder (its latest checkpoint). Unset,
     the teacher is the experiment's own NTP run named 'teacher' (trained first by the DAG)."""
-    from cocomix.trainer import list_checkpoints
-
     path = Path(cfg.teacher.path) if cfg.teacher.path else cfg.experiment_dir / "runs" / "teacher"
     if not path.exists() and not cfg.teacher.path:
         raise ConfigError(f"config key 'teacher.path': not set and no teacher run at {path} "
@@ -73,10 +71,7 @@ def teacher_hash(cfg: Config) -> str:
     weights = [path / f for f in _WEIGHT_FILES if (path / f).is_file()]
     if not weights:
         raise DataError(f"teacher {path}: no weights (expected one of {list(_WEIGHT_FILES)})")
-    with weights[0].open("rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+    return update_sha256(h, weights[0]).hexdigest()
 
 
 class _Stop(Exception):
@@ -118,12 +113,3 @@ def run_teacher(
         handle.remove()
     return logits, captured["h"]
 
-
-def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Per-position next-token cross-entropy (B, T-1), at least fp32: position t predicts token t+1."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)),  # (B*(T-1), V)
-        input_ids[:, 1:].reshape(-1),                         # (B*(T-1),)
-        reduction="none",
-    ).view(input_ids.size(0), -1)

@@ -13,10 +13,12 @@ import json
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 from cocomix.config import Config
+from cocomix.files import atomic_write_text
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -107,9 +109,7 @@ class MetricsLog:
             line for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line)["tokens_seen"] <= tokens_seen
         ]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as fh:
@@ -167,9 +167,7 @@ class RunTracker:
             self.run_id = run.info.run_id
             # Record the id before anything else, so a kill from here on cannot orphan the run: the
             # resumed run finds it and continues it.
-            tmp = id_file.with_suffix(".tmp")
-            tmp.write_text(self.run_id)
-            os.replace(tmp, id_file)
+            atomic_write_text(id_file, self.run_id)
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params
             self.client.log_batch(self.run_id, params=items[i : i + 100])
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
@@ -180,7 +178,6 @@ class RunTracker:
         if self.client is None:
             return
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
         step = int(record["tokens_seen"])

@@ -22,7 +22,6 @@ below turns one into exactly the fields the task reads, and nothing else:
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Callable, Iterator
 import yaml
 
 from cocomix.data import DataError
+from cocomix.files import atomic_write_text
 
 PAPER_TASKS = ("lambada_openai", "wikitext", "hellaswag", "piqa", "social_iqa", "arc_easy", "winogrande")
 
@@ -205,10 +205,7 @@ def write_if_changed(path: Path, text: str) -> None:
     `datasets`' cache, keyed on the data files, is reused across evaluations."""
     if path.exists() and path.read_text(encoding="utf-8") == text:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def offline_group(task: str, data_file: Path, split: str) -> dict:

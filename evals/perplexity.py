@@ -15,10 +15,10 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from cocomix.data import DataError
 from cocomix.data.shards import TokenBlocks
+from cocomix.model import token_nll
 
 
 @torch.no_grad()
@@ -49,9 +49,7 @@ def heldout_perplexity(
             ids = blocks.get_batch(range(start, min(start + batch_size, n))).to(device)  # (B, T)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-            nll = F.cross_entropy(  # position t predicts token t+1
-                logits[:, :-1].float().reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none"
-            ).view(ids.size(0), -1)  # (B, T-1)
+            nll = token_nll(logits, ids)  # (B, T-1): position t predicts token t+1, in >= fp32
             total += nll.mean(dim=1).double().sum().item()
             bar.update(ids.size(0))
     finally:

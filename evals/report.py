@@ -18,14 +18,15 @@ Every row lists the MLflow run ids it aggregates, so any cell can be traced to i
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cocomix.config import load_config
-from cocomix.dag import plan_runs
+from cocomix.plan import plan_runs
+from cocomix.files import atomic_write_bytes, atomic_write_text
 
 # Downstream columns in the paper's Table 1 order: (column, eval-JSON metric key, lower is better).
 DOWNSTREAM = [
@@ -156,15 +157,9 @@ def fmt(mean: float | None, spread: float | None = None, digits: int = 2) -> str
 
 def write_table(out_dir: Path, name: str, header: list[str], rows: list[list[str]], caption: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    def atomic(path: Path, text: str) -> None:
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-
     md = [f"<!-- {caption} -->", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
-    atomic(out_dir / f"{name}.md", "\n".join(md) + "\n")
+    atomic_write_text(out_dir / f"{name}.md", "\n".join(md) + "\n")
 
     def tex_escape(s: str) -> str:
         return s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("±", "$\\pm$").replace("–", "--")
@@ -174,14 +169,11 @@ def write_table(out_dir: Path, name: str, header: list[str], rows: list[list[str
            " & ".join(tex_escape(h) for h in header) + " \\\\", "\\midrule"]
     tex += [" & ".join(tex_escape(c) for c in r) + " \\\\" for r in rows]
     tex += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
-    atomic(out_dir / f"{name}.tex", "\n".join(tex) + "\n")
+    atomic_write_text(out_dir / f"{name}.tex", "\n".join(tex) + "\n")
 
-    tmp = out_dir / f"{name}.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, out_dir / f"{name}.csv")
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header, *rows])
+    atomic_write_text(out_dir / f"{name}.csv", buf.getvalue())
 
 
 def group(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
@@ -315,11 +307,11 @@ def plot_curves(runs: list[Run], out_dir: Path) -> list[Path]:
             else:
                 ax.text(0.5, 0.5, "no evaluations yet", ha="center", va="center", transform=ax.transAxes)
             path = out_dir / f"{kind}_{scale}.png"
-            tmp = path.with_name(path.stem + ".tmp.png")
             fig.tight_layout()
-            fig.savefig(tmp, dpi=120)
+            png = io.BytesIO()
+            fig.savefig(png, format="png", dpi=120)
             plt.close(fig)
-            os.replace(tmp, path)
+            atomic_write_bytes(path, png.getvalue())
             written.append(path)
     return written
 

@@ -15,7 +15,6 @@ Settings come from the run's resolved `config.yaml` (section `eval`), then dotte
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,14 @@ from typing import Any
 import torch
 import yaml
 
+# (importing the cocomix package registers the "cocomix" architecture with the Auto classes)
 from cocomix.config import Config, config_from_dict, load_config, parse_overrides, _set_dotted
 from cocomix.data import DataError
+from cocomix.files import atomic_write_json, list_checkpoints
+from cocomix.tracking import tracking_uri
+
+from .harness import make_lm, paper_summary, prepare_harness, set_quiet
+from .perplexity import heldout_perplexity
 
 RESULTS_FILE = "eval.json"
 
@@ -35,8 +40,6 @@ def _is_checkpoint(path: Path) -> bool:
 
 def find_checkpoints(path: str | Path) -> tuple[Path | None, list[Path]]:
     """(run folder or None, checkpoints oldest first) for a run folder or one checkpoint folder."""
-    from cocomix.trainer import list_checkpoints
-
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: not found (expected a run folder or a checkpoint folder)")
@@ -77,20 +80,12 @@ def _settings(cfg: Config, tasks: list[str]) -> dict[str, Any]:
     }
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def _log_mlflow(cfg: Config, run_dir: Path | None, tokens_seen: int, metrics: dict[str, float]) -> str | None:
     """Log on the training run (step = tokens seen); returns its id, or None when there is none."""
     if run_dir is None or not cfg.tracking.enabled or not (run_dir / "mlflow_run_id").is_file():
         return None
     import mlflow
     from mlflow.entities import Metric
-
-    from cocomix.tracking import tracking_uri
 
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
     client = mlflow.MlflowClient(tracking_uri(cfg))
@@ -113,11 +108,6 @@ def evaluate(
     results of all of them (freshly computed or read back)."""
     import lm_eval
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import cocomix  # noqa: F401  registers the architecture with the Auto classes
-
-    from .harness import make_lm, paper_summary, prepare_harness, set_quiet
-    from .perplexity import heldout_perplexity
 
     run_dir, checkpoints = find_checkpoints(path)
     cfg = load_eval_config(run_dir, config_path, list(overrides or []))
@@ -191,7 +181,7 @@ def evaluate(
             "versions": {"lm_eval": lm_eval.__version__, "torch": torch.__version__},
         }
         record["mlflow_run_id"] = _log_mlflow(cfg, run_dir, meta["tokens_seen"], metrics)
-        _write_json(out_path, record)  # last: its presence means "done"
+        atomic_write_json(out_path, record, indent=1)  # last: its presence means "done"
         results.append(record)
         if progress:
             shown = {k: round(v, 4) for k, v in metrics.items() if k in ("val_ppl", "avg_acc") or k.endswith(
@@ -200,10 +190,10 @@ def evaluate(
         del model
     if run_dir is not None and Path(path).resolve() == run_dir.resolve():
         # A run-level record (the DAG's output for "every checkpoint of this run is evaluated").
-        _write_json(run_dir / "eval_summary.json", {
+        atomic_write_json(run_dir / "eval_summary.json", {
             "checkpoints": [r["checkpoint"] for r in results],
             "tokens_seen": [r["tokens_seen"] for r in results],
             "final": results[-1]["metrics"] if results else {},
-        })
+        }, indent=1)
     return results
 

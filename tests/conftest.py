@@ -87,3 +87,15 @@ def concept_cache(tmp_path_factory, tiny_data, tiny_teacher):
     train_sae(cfg, progress=False)
     extract_concepts(cfg, progress=False)
     return root, overrides
+
+
+# The fast tier (`make test-fast`: pytest -m "not slow") leaves out every test that trains a model
+# for more than a few seconds or starts snakemake, a sweep, torchrun or a training subprocess; those
+# carry @pytest.mark.slow. A test that uses a fixture which trains is slow through it.
+TRAINING_FIXTURES = ("tiny_teacher", "concept_cache")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(name in item.fixturenames for name in TRAINING_FIXTURES):
+            item.add_marker(pytest.mark.slow)

@@ -62,7 +62,7 @@ def test_kd_teacher_equal_to_student_init_gives_zero_kl(tmp_path, tiny_data, tin
     trainer = Trainer(_cfg(tmp_path, tiny_data, "method=kd", f"teacher.path={init_ckpt}"), progress=False)
     for name, p in trainer.model.state_dict().items():
         assert torch.equal(p, trainer.method.teacher.state_dict()[name]), name
-    batch = trainer._micro_batches()[0]
+    batch = trainer.next_micro_batches()[0]
     loss, parts = trainer.method.loss(trainer.model, batch)
     assert parts["kd_loss"].item() == pytest.approx(0.0, abs=1e-6)
     assert loss.item() == pytest.approx(parts["ntp_loss"].item() + 0.1 * parts["kd_loss"].item(), rel=1e-6)
@@ -130,7 +130,7 @@ def _pause_model(tmp_path, readout="pause"):
     torch.manual_seed(0)
     model = get_method("pause").build_model(cfg, vocab_size=512, eos_id=0).eval()
     assert model.config.slot == "pause" and model.config.insert_layer == 1
-    assert model.config.pause_readout == readout
+    assert model.config.slot_options == {"readout": readout}
     return model
 
 
@@ -154,7 +154,7 @@ def test_pause_training_forward_is_causal(tmp_path, readout):
     # The pause slots are really read: a different pause vector changes every prediction, except, with
     # the token read-out, the first one (token 0's slot comes before any pause slot).
     with torch.no_grad():
-        model.pause.embedding.add_(torch.randn(model.config.n_embd))  # not a constant: LayerNorm removes those
+        model.slot.embedding.add_(torch.randn(model.config.n_embd))  # not a constant: LayerNorm removes those
     shifted = model(input_ids=ids, use_cache=False).logits
     first = 1 if readout == "token" else 0
     assert (shifted - logits)[0, first:].abs().amax(dim=-1).min() > 1e-3

@@ -11,10 +11,11 @@ from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
 
 import cocomix  # noqa: F401  registers the "cocomix" model type
-from cocomix.concept_mixing import CoCoMix, concept_loss, hidden_regression_loss
+from cocomix.methods.cocomix import concept_loss, hidden_regression_loss
 from cocomix.config import ConfigError, load_config
 from cocomix.methods import Batch, get_method
-from cocomix.model import CocomixConfig, CocomixForCausalLM, sparse_compress
+from cocomix.model import CocomixConfig, CocomixForCausalLM
+from cocomix.slots import sparse_compress
 from cocomix.params import count_params, count_params_for, matching_ntp_width, ntp_params
 
 from conftest import ROOT, tiny_overrides
@@ -22,9 +23,12 @@ from conftest import ROOT, tiny_overrides
 VOCAB, PAD, C, K = 300, 0, 128, 8
 
 
-def config(**overrides):
+def config(slot="concept", concept_mix="interleave", **overrides):
+    """A small CoCoMix (or pause, or plain: slot="none") backbone config; the slot's options filled in."""
+    options = {"concept": {"n_concepts": C, "k": K, "mix": concept_mix}, "pause": {}, "none": None}[slot]
     fields = dict(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=3, n_head=4, bos_token_id=1,
-                  eos_token_id=2, pad_token_id=PAD, slot="concept", insert_layer=1, n_concepts=C, concept_k=K)
+                  eos_token_id=2, pad_token_id=PAD, slot=None if slot == "none" else slot, insert_layer=1,
+                  slot_options=options)
     return CocomixConfig(**(fields | overrides))
 
 
@@ -41,7 +45,7 @@ def randomize_biases(model):
     """Zero-initialised biases would hide a sign or placement error in the formulas."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "bias" in name and "concept_head" in name:
+            if "bias" in name and name.startswith("slot."):
                 p.normal_(0, 0.5)
 
 
@@ -71,7 +75,7 @@ def test_interleaved_forward_matches_the_official_code_written_out():
     randomize_biases(model)
     ids = random_ids(2, 10)
     out = model(ids)
-    head, blocks = model.concept_head, model.transformer.h
+    head, blocks = model.slot, model.transformer.h
     # by hand, spec 1.3-1.5: after 1 block, unbiased per-token LN, pre-bias, dense predictor ...
     h = model.transformer.wte(ids) + model.transformer.wpe(torch.arange(10))[None]
     h = blocks[0](h)
@@ -114,11 +118,11 @@ def test_interleaving_off_and_lambda_zero_is_exactly_the_ntp_backbone(tiny_data,
     method = get_method("cocomix")
     torch.manual_seed(cfg.seed)
     mix_off = method.build_model(cfg, 512, 0)
-    assert mix_off.config.slot == "concept" and mix_off.config.concept_mix == "none"
+    assert mix_off.config.slot == "concept" and mix_off.config.slot_options["mix"] == "none"
     # same seed -> the same backbone weights (the concept head is created after the backbone)
     reference = ntp.state_dict()
     for name, tensor in mix_off.state_dict().items():
-        if not name.startswith("concept_head."):
+        if not name.startswith("slot."):
             assert torch.equal(tensor, reference[name]), name
     method.cfg = cfg
     batch = Batch(random_ids(4, 64) % 512)
@@ -173,7 +177,8 @@ def test_save_and_load_through_auto_classes(tmp_path):
     randomize_biases(model)
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert (saved["slot"], saved["n_concepts"], saved["concept_k"], saved["insert_layer"]) == ("concept", C, K, 1)
+    assert (saved["slot"], saved["slot_options"], saved["insert_layer"]) == (
+        "concept", {"n_concepts": C, "k": K, "mix": "interleave"}, 1)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = random_ids(2, 9)
     with torch.no_grad():
@@ -305,11 +310,14 @@ def test_ablation_switches_build_the_intended_model(tmp_path):
     for extra, (mix, target, k, insert_layer) in cases.items():
         cfg = load_config(ROOT / "config/tiny.yaml", base + ["concept.insert_layer=2", *extra])
         model_config = get_method("cocomix").model_config(cfg, 300, 2)
-        assert (model_config.concept_mix, model_config.concept_target, model_config.concept_k,
-                model_config.insert_layer, model_config.n_concepts) == (mix, target, k, insert_layer, 128)
-        if target == "hidden":
+        options = model_config.slot_options
+        assert (model_config.slot, options["mix"], model_config.insert_layer) == (
+            "concept" if target == "concepts" else "hidden", mix, insert_layer)
+        if target == "concepts":
+            assert (options["k"], options["n_concepts"]) == (k, 128)
+        else:
             model = CocomixForCausalLM(model_config)
-            assert model_config.concept_hidden_dim == 32
+            assert options["hidden_dim"] == 32
             assert model(random_ids(1, 5)).concept_logits.shape == (1, 5, 32)  # the teacher's width
     with pytest.raises(ValueError, match="insert_layer=3 must be between 1 and n_layer-1=2"):
         config(insert_layer=3)

@@ -1,12 +1,17 @@
-"""Config loading: types, dotted overrides, scales, and one-line errors naming the key."""
+"""Config loading: types, dotted overrides, scales, and one-line errors naming the key; a docstring
+on every field, and `describe_config` (`cocomix config`) that prints them."""
 
+import ast
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from cocomix.config import ConfigError, config_from_dict, load_config
+import cocomix.config as config_module
+from cocomix.config import Config, ConfigError, Section, config_from_dict, describe_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +51,8 @@ def test_paper_scales_match_the_spec():
         (["data.source=web"], "data.source"),
         (["scale=7B"], "scale"),
         (["model.n_positions=16"], "model.n_positions"),
-        (["method=magic"], "method"),
+        (["dag.scales=[7B]"], "dag.scales[0]"),
+        (["concept.k_attr=40"], "concept.k_attr"),
     ],
 )
 def test_bad_values_name_the_key(overrides, key):
@@ -66,3 +72,67 @@ def test_cli_exits_nonzero_with_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines == ["cocomix: error: unknown config key 'model.n_embdd' (expected one of: dropout, init_std, "
                      "layer_norm_eps, n_embd, n_head, n_layer, n_positions, vocab_size)"]
+
+
+def test_config_layer_does_not_know_method_names(tmp_path):
+    # The method registry (cocomix.methods) owns the list; the CLI asks it (tests/test_cli.py).
+    path = tmp_path / "magic.yaml"
+    path.write_text("method: magic\ndag: {methods: [ntp, magic]}\nmethod_overrides: {magic: {base: {model.n_embd: 64}}}\n")
+    cfg = load_config(path)
+    assert cfg.method == "magic" and cfg.dag.methods == ["ntp", "magic"] and cfg.model.n_embd == 64
+    assert not hasattr(config_module, "KNOWN_METHODS")
+
+
+def test_every_config_field_has_a_docstring():
+    """Parse cocomix/config.py: every annotated field of every dataclass is followed by a string."""
+    tree = ast.parse(Path(config_module.__file__).read_text(encoding="utf-8"))
+    missing, n_fields = [], 0
+    for node in tree.body:
+        is_dataclass = isinstance(node, ast.ClassDef) and any(
+            (d.id if isinstance(d, ast.Name) else getattr(d, "attr", None)) == "dataclass"
+            for d in (dec.func if isinstance(dec, ast.Call) else dec for dec in node.decorator_list))
+        if not is_dataclass:
+            continue
+        for stmt, after in zip(node.body, node.body[1:] + [None]):
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                n_fields += 1
+                documented = (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                              and isinstance(after.value.value, str) and after.value.value.strip())
+                if not documented:
+                    missing.append(f"{node.name}.{stmt.target.id}")
+    assert n_fields > 100
+    assert not missing, f"config fields without a docstring: {', '.join(missing)}"
+
+
+def test_each_section_checks_itself():
+    sections = [c for c in vars(config_module).values()
+                if dataclasses.is_dataclass(c) and isinstance(c, type) and c is not Config]
+    assert len(sections) >= 17 and all(issubclass(c, Section) for c in sections)
+    cfg = Config()
+    with pytest.raises(ConfigError, match=r"^config key 'model.n_embd': 100 is not divisible by model.n_head=3$"):
+        config_module.ModelConfig(n_embd=100, n_head=3).check(cfg)
+    with pytest.raises(ConfigError, match=r"^config key 'concept.insert_layer': 4 must be between 1 and "
+                                          r"model.n_layer-1=3$"):
+        config_module.ConceptConfig(insert_layer=4).check(cfg)
+    config_module.validate(cfg)  # the defaults are consistent
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
+def test_describe_config_round_trips_and_shows_docstrings(path):
+    cfg = load_config(path, ["model.n_embd=96", "train.lr=3e-4"])
+    text = describe_config(cfg)
+    stripped = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    tree = yaml.safe_load(stripped)
+    assert tree == cfg.to_dict()
+    assert config_from_dict(tree) == cfg
+    assert yaml.safe_load(text) == tree  # the comments are plain YAML comments
+    lines = text.splitlines()
+    i = lines.index("  n_embd: 96")
+    assert lines[i - 1].startswith("  # ") and "Residual-stream width" in "\n".join(lines[i - 3:i])
+    assert "# Peak AdamW learning rate" in text
+
+
+def test_config_module_imports_no_torch():
+    code = "import sys, cocomix.config; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

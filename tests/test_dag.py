@@ -1,5 +1,6 @@
 """The Snakemake DAG for real (tiny `.test/` config): outputs, idempotence, targeted reruns,
-resume after a kill, and dry runs of the gpu/slurm profiles and the paper's full plan."""
+resume after a kill, and dry runs of the gpu/slurm profiles and the paper's full plan (slow: each
+starts snakemake). Fast: the plan (cocomix/plan.py) and what the rules ask of it (cocomix/dag.py)."""
 
 import os
 import shutil
@@ -12,6 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cocomix.config import ConfigError
+from cocomix.dag import Dag
+from cocomix.plan import plan_runs
 from conftest import ROOT
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
@@ -32,6 +36,7 @@ def dag_run(tmp_path_factory):
     return work
 
 
+@pytest.mark.slow
 def test_full_dag_writes_tables_and_plots(dag_run):
     exp = dag_run / "results" / "ci"
     for table in ("main", "sample_efficiency", "ablations"):
@@ -53,11 +58,13 @@ def test_full_dag_writes_tables_and_plots(dag_run):
             assert all((c / "eval.json").exists() for c in (run / "checkpoints").iterdir()), run
 
 
+@pytest.mark.slow
 def test_second_invocation_does_nothing(dag_run):
     proc = smk(dag_run, ROOT / ".test/config.yaml", "--cores", "2", "-n")
     assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_sweep_target_reuses_the_dags_data_teacher_sae_and_labels(dag_run):
     """`snakemake sweep` is not part of `all`; after the DAG, it plans the sweep job alone."""
     proc = smk(dag_run, ROOT / ".test/config.yaml", "--cores", "2", "-n", "sweep")
@@ -65,6 +72,7 @@ def test_sweep_target_reuses_the_dags_data_teacher_sae_and_labels(dag_run):
     assert planned_jobs(proc.stdout) == {("sweep", None)}
 
 
+@pytest.mark.slow
 def test_changing_one_setting_reruns_only_what_reads_it(dag_run, tmp_path):
     cfg = yaml.safe_load((ROOT / ".test/config.yaml").read_text())
     cfg.setdefault("kd", {})["lam"] = 0.5  # no NTP run reads kd.*
@@ -108,6 +116,7 @@ def planned_jobs(dry_run: str) -> set[tuple[str, str | None]]:
     return jobs
 
 
+@pytest.mark.slow
 def test_killed_snakemake_resumes_training(tmp_path):
     cfg = yaml.safe_load((ROOT / ".test/config.yaml").read_text())
     cfg["dag"] = {"methods": ["ntp"], "seeds": [0]}
@@ -135,6 +144,7 @@ def test_killed_snakemake_resumes_training(tmp_path):
     assert "resumed from" in log and "step_00000" in log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--profile", "gpu"], ["--profile", "slurm"]], ids=["gpu", "slurm"])
 def test_profile_dry_runs(tmp_path, args):
     proc = subprocess.run([*SNAKEMAKE, "--directory", str(tmp_path), "--config", f"config={ROOT / '.test/config.yaml'}", "-n", *args],
@@ -144,8 +154,69 @@ def test_profile_dry_runs(tmp_path, args):
         assert "torch.distributed.run --standalone --nproc_per_node 8" in proc.stdout
 
 
+@pytest.mark.slow
 def test_paper_config_plans_the_full_dag(tmp_path):
     proc = subprocess.run([*SNAKEMAKE, "--directory", str(tmp_path), "--config", f"config={ROOT / 'config/paper.yaml'}",
                            "-n", "--cores", "1"], capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train" in proc.stdout
+
+
+# ---- the plan and the rules' questions, without snakemake (fast) ----
+
+def write_config(tmp_path: Path, **changes) -> Path:
+    """.test/config.yaml with some top-level keys replaced (dotted: one level down)."""
+    cfg = yaml.safe_load((ROOT / ".test/config.yaml").read_text())
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            cfg.setdefault(section, {})[field] = value
+        else:
+            cfg[section] = value
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"dag": {"methods": ["ntp", "magic"]}}, r"^config key 'dag.methods\[1\]': expected one of \[.*'ntp'.*\], got 'magic'$"),
+    ({"method_overrides": {"magic": {"base": {"model.n_embd": 32}}}},
+     r"^config key 'method_overrides.magic': expected a method name, one of \[.*\], got 'magic'$"),
+], ids=["dag.methods", "method_overrides"])
+def test_plan_rejects_unknown_methods_naming_the_key(tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_runs(write_config(tmp_path, **changes))
+
+
+def test_each_run_reads_what_its_method_needs(tmp_path):
+    dag = Dag(write_config(tmp_path, dag={"methods": ["ntp", "kd", "pause", "cocomix"], "seeds": [0],
+                                          "ablations": {"act_labels": {"concept.scoring": "activation"},
+                                                        "online": {"concept.labels": "online"},
+                                                        "hidden": {"concept.target": "hidden_l2"}}}))
+    exp = dag.exp
+    data, teacher, sae = f"{exp}/data/manifest.json", f"{exp}/runs/teacher/final_metrics.json", f"{exp}/sae/metrics.json"
+    assert dag.train_inputs("teacher") == [data]
+    assert dag.train_inputs("ntp-base-s0") == dag.train_inputs("pause-base-s0") == [data]
+    assert dag.train_inputs("kd-base-s0") == [data, teacher]
+    assert dag.train_inputs("cocomix-base-s0") == [data, f"{exp}/concepts/attribution-sequence_mean-k4/manifest.json"]
+    assert dag.train_inputs("act_labels-base-s0") == [data, f"{exp}/concepts/activation-sequence_mean-k4/manifest.json"]
+    assert dag.train_inputs("online-base-s0") == [data, teacher, sae]  # labels recomputed every step
+    assert dag.train_inputs("hidden-base-s0") == [data, teacher]  # the teacher's hidden states, no SAE
+    # One label cache per scoring, each made by a representative run, from the teacher and the SAE.
+    assert {v: s.name for v, s in dag.label_specs.items()} == {
+        "attribution-sequence_mean-k4": "cocomix-base-s0", "activation-sequence_mean-k4": "act_labels-base-s0"}
+    assert dag.extract_inputs("activation-sequence_mean-k4") == [data, teacher, sae]
+    assert "'concept.scoring=activation'" in dag.extract_overrides("activation-sequence_mean-k4")
+    assert dag.labels_fingerprint("activation-sequence_mean-k4") != dag.labels_fingerprint("attribution-sequence_mean-k4")
+    assert dag.fingerprint("kd-base-s0") != dag.fingerprint("ntp-base-s0")
+    assert dag.launcher(1).endswith("python") and "--nproc_per_node 8" in dag.launcher(8)
+    assert f"{exp}/tables/main.csv" in dag.report_outputs() and f"{exp}/runs/kd-base-s0/eval_summary.json" in dag.report_inputs()
+
+
+def test_given_teacher_and_sae_are_not_built(tmp_path):
+    dag = Dag(write_config(tmp_path, teacher__path="some/teacher", sae__path="some/sae.pt",
+                           dag={"methods": ["kd", "cocomix"], "seeds": [0]}))
+    data = f"{dag.exp}/data/manifest.json"
+    assert dag.teacher is None and dag.train_inputs("kd-base-s0") == [data]
+    assert dag.extract_inputs("attribution-sequence_mean-k4") == [data]
+    assert dag.sweep_inputs() == [data, f"{dag.exp}/concepts/attribution-sequence_mean-k4/manifest.json"]

@@ -158,6 +158,7 @@ def trained_tiny(tmp_path_factory):
     return ckpt, harness
 
 
+@pytest.mark.slow
 def test_synthetic_tasks_trained_model_above_chance(trained_tiny):
     ckpt, harness = trained_tiny
     scores = _synthetic_scores(harness, *_load(ckpt))

@@ -71,6 +71,7 @@ def test_top_contexts_merged_batch_by_batch_equal_one_full_sort():
         assert torch.equal(acts[best_where[j, : len(mine)]], mine) and (best_where[j, len(mine):] == -1).all()
 
 
+@pytest.mark.slow
 def test_descriptions_are_saved_once_per_sae_and_rebuilt_when_it_changes(cocomix_run, tmp_path, capsys):
     run_dir, overrides, _ = cocomix_run
     cfg = load_config(ROOT / "config/tiny.yaml", overrides)
@@ -114,6 +115,7 @@ def test_descriptions_are_saved_once_per_sae_and_rebuilt_when_it_changes(cocomix
     assert [d["promoted_tokens"] for d in second["latents"]] != [d["promoted_tokens"] for d in first["latents"]]
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_factor_one_leaves_generation_unchanged(cocomix_run):
     run_dir, _, _ = cocomix_run
@@ -133,6 +135,7 @@ def test_factor_one_leaves_generation_unchanged(cocomix_run):
             pass
 
 
+@pytest.mark.slow
 def test_amplifying_the_matched_latent_raises_its_concepts_word_frequency(cocomix_run):
     run_dir, _, _ = cocomix_run
     model, tokenizer, cfg, _ = load_cocomix(run_dir)
@@ -150,6 +153,7 @@ def test_amplifying_the_matched_latent_raises_its_concepts_word_frequency(cocomi
         assert r["steered"] > r["unsteered"] + 0.05, (name, r)
 
 
+@pytest.mark.slow
 def test_inspect_and_steer_commands_write_text_and_png(cocomix_run, tmp_path, capsys):
     run_dir, overrides, teacher_checkpoint = cocomix_run
     teacher_run = Path(teacher_checkpoint).parent.parent  # <run>/checkpoints/step_N -> <run>
@@ -203,6 +207,7 @@ def test_inspect_and_steer_commands_write_text_and_png(cocomix_run, tmp_path, ca
     assert f"topic_2: latent {check['latent']}" in printed and "cocomix: topic_2 words" in printed
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_naming_what_was_expected(cocomix_run, tmp_path, capsys):
     run_dir, _, teacher = cocomix_run
 

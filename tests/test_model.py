@@ -182,14 +182,16 @@ def load_in_subprocess(tmp_path, checkpoint, ids, prelude, kwargs, name):
 
 
 @pytest.mark.slow
-def test_save_and_load_in_a_fresh_process_both_ways(tmp_path):
+@pytest.mark.parametrize("slot", [None, "concept"])
+def test_save_and_load_in_a_fresh_process_both_ways(tmp_path, slot):
     torch.manual_seed(0)
-    original = CocomixForCausalLM(tiny_config()).eval()
+    extra = {} if slot is None else dict(slot=slot, insert_layer=1, slot_options={"n_concepts": 40, "k": 4})
+    original = CocomixForCausalLM(tiny_config(**extra)).eval()
     checkpoint = tmp_path / "checkpoint"
     original.save_pretrained(checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["model_type"] == "cocomix" and "AutoModelForCausalLM" in config["auto_map"]
-    assert (checkpoint / "model.py").exists()
+    assert (checkpoint / "model.py").exists() and (checkpoint / "slots.py").exists()  # remote code: both files
     ids = random_ids(2, 12)
     with torch.no_grad():
         expected = original(ids).logits

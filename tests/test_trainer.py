@@ -1,16 +1,13 @@
 """The shared trainer: learning, exact resume after SIGKILL, DDP equivalence, NaN guard, tracking."""
 
 import json
-import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -40,6 +37,7 @@ def test_lr_schedule_shape():
     assert lr_at(total, total, warm, peak, 0.1) == pytest.approx(peak * 0.1)
 
 
+@pytest.mark.slow
 def test_ntp_learns_below_unigram_entropy_and_checkpoint_generates(tmp_path, tiny_data):
     cfg = _cfg(tmp_path, tiny_data, "train.tokens=327680")
     final = train(cfg, progress=False)
@@ -70,6 +68,7 @@ def _run_cli_train(overrides, env=ENV, **kw):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_exact_resume_after_sigkill(tmp_path, tiny_data):
     """Kill -9 mid-run, rerun the same command: same final weights and loss as an uninterrupted run."""
     common = ["model.dropout=0.1"]  # dropout makes the RNG state part of what must be restored
@@ -152,6 +151,7 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, tiny_data):
     assert any((saved[k] - before[k]).abs().max() > 0 for k in saved)
 
 
+@pytest.mark.slow
 def test_mlflow_run_has_params_tags_and_metric_history(tmp_path, tiny_data):
     import mlflow
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..config import Config
+from ..files import atomic_write_json, sha256_file
 from .errors import DataError
 from .sources import iter_documents
 from .synthetic import N_SLOTS, SLOT_NAMES, SyntheticDoc, SyntheticLanguage
@@ -260,24 +261,13 @@ def prepare_data(cfg: Config, progress: bool = True, force: bool = False) -> Pat
     for p in tmp.iterdir():
         os.replace(p, out / p.name)
     tmp.rmdir()
-    part = out / (MANIFEST + ".tmp")
-    part.write_text(json.dumps(manifest, indent=1))
-    os.replace(part, out / MANIFEST)
+    atomic_write_json(out / MANIFEST, manifest, indent=1)  # last: its presence means complete
     return out
 
 
 # --------------------------------------------------------------------------------------
 # Reading and checking
 # --------------------------------------------------------------------------------------
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 8 MiB chunks (bounded memory)."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 23):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _verify_file(data_dir: Path, entry: dict[str, Any], check_sha: bool) -> None:
@@ -288,7 +278,7 @@ def _verify_file(data_dir: Path, entry: dict[str, Any], check_sha: bool) -> None
     if size != entry["bytes"]:
         raise DataError(f"shard {path}: size mismatch (expected {entry['bytes']} bytes, got {size})")
     if check_sha:
-        got = file_sha256(path)
+        got = sha256_file(path)
         if got != entry["sha256"]:
             raise DataError(f"shard {path}: sha256 mismatch (expected {entry['sha256']}, got {got})")
 

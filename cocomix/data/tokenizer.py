@@ -6,11 +6,11 @@ special token `<|endoftext|>` separates documents and doubles as bos/unk/pad.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ..files import sha256_text
 from .errors import DataError
 
 EOS = "<|endoftext|>"
@@ -64,7 +64,7 @@ def _canonical_hash(tokenizer_json: str) -> str:
     spec.pop("padding", None)
     spec.pop("truncation", None)
     blob = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return sha256_text(blob)
 
 
 def tokenizer_hash(tok_or_dir) -> str:

@@ -1,42 +1,17 @@
 # Teacher -> SAE -> concept labels. Labels are computed once per way of scoring them and shared by
-# every CoCoMix run and seed (cocomix/concepts.py).
-
-
-def teacher_inputs():
-    """The teacher run's output when the DAG trains the teacher (teacher.path unset)."""
-    return [f"{EXP}/runs/teacher/final_metrics.json"] if TEACHER else []
-
-
-def sae_inputs():
-    """The trained SAE when the DAG trains it (sae.path unset, e.g. not OpenAI's GPT-2 SAE)."""
-    return [] if BASE.sae.path else [f"{EXP}/sae/metrics.json"]
-
-
-def label_variant(spec):
-    """The label cache a run reads (None for methods without cached labels)."""
-    cfg = spec.config(CONFIG)
-    if cfg.method != "cocomix" or cfg.concept.labels != "cached" or cfg.concept.target != "concepts":
-        return None
-    return str(cfg.concept_dir.relative_to(BASE.experiment_dir / "concepts"))
-
-
-# One representative run per label cache: its overrides tell extract-concepts how to score.
-LABEL_SPECS = {}
-for _spec in RUNS.values():
-    _variant = label_variant(_spec)
-    if _variant is not None:
-        LABEL_SPECS.setdefault(_variant, _spec)
+# every run and seed whose method reads that cache (cocomix/concepts.py, Dag.label_specs).
 
 
 rule train_sae:
     """TopK SAE on the teacher's residual stream after block sae.layer."""
+    # lint: no conda/container and COCOMIX/CONFIG in the shell on purpose (notes in the Snakefile)
     input:
-        f"{EXP}/data/manifest.json",
-        teacher_inputs(),
+        PLAN.data_manifest(),
+        PLAN.teacher_inputs(),
     output:
         f"{EXP}/sae/metrics.json",
     params:
-        fingerprint=lambda wc: section_fingerprint(BASE, ("data", "tokenizer", "teacher", "sae", "train.block_size")),
+        fingerprint=lambda wc: PLAN.sae_fingerprint(),
     log:
         f"{EXP}/logs/train_sae.log",
     threads: workflow.cores
@@ -48,16 +23,14 @@ rule train_sae:
 
 rule extract_concepts:
     """Attribution labels for every train and val block, once (resumable after a kill)."""
+    # lint: no conda/container and COCOMIX/CONFIG in the shell on purpose (notes in the Snakefile)
     input:
-        f"{EXP}/data/manifest.json",
-        teacher_inputs(),
-        sae_inputs(),
+        lambda wc: PLAN.extract_inputs(wc.variant),
     output:
         f"{EXP}/concepts/{{variant}}/manifest.json",
     params:
-        overrides=lambda wc: " ".join(f"'{o}'" for o in LABEL_SPECS[wc.variant].overrides),
-        fingerprint=lambda wc: section_fingerprint(LABEL_SPECS[wc.variant].config(CONFIG),
-                                                   ("data", "tokenizer", "teacher", "sae", "concept", "train.block_size")),
+        overrides=lambda wc: PLAN.extract_overrides(wc.variant),
+        fingerprint=lambda wc: PLAN.labels_fingerprint(wc.variant),
     log:
         f"{EXP}/logs/extract_concepts/{{variant}}.log",
     wildcard_constraints:

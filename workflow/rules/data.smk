@@ -1,7 +1,8 @@
 rule prepare_data:
     """Corpus -> tokenizer -> token shards + manifest (written last)."""
+    # lint: no conda/container and COCOMIX/CONFIG in the shell on purpose (notes in the Snakefile)
     output:
-        manifest=f"{EXP}/data/manifest.json",
+        manifest=PLAN.data_manifest(),
     log:
         f"{EXP}/logs/prepare_data.log",
     threads: workflow.cores

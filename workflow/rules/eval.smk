@@ -1,5 +1,6 @@
 rule evaluate:
     """Held-out perplexity and lm-eval tasks on every checkpoint of a run (each once)."""
+    # lint: no conda/container and COCOMIX/EXP in the shell on purpose (notes in the Snakefile)
     input:
         f"{EXP}/runs/{{run}}/final_metrics.json",
     output:

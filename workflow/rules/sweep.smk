@@ -4,27 +4,20 @@
 #   snakemake sweep --cores all [--config config=...]
 
 
-def sweep_label_inputs():
-    """The base CoCoMix label cache when the DAG builds it; otherwise the sweep extracts its own."""
-    variant = str(load_config(CONFIG, ["method=cocomix"]).concept_dir.relative_to(BASE.experiment_dir / "concepts"))
-    return [f"{EXP}/concepts/{variant}/manifest.json"] if variant in LABEL_SPECS else []
-
-
 rule sweep:
-    """sweep.workers local workers on one Optuna study; trials table, best config and plots."""
+    """sweep.workers local workers on one Optuna study; trials table, best config and plots.
+    Inputs: data, teacher, SAE, and the base label cache when the DAG builds it (Dag.sweep_inputs)."""
+    # lint: no conda/container and COCOMIX/CONFIG in the shell on purpose (notes in the Snakefile)
     input:
-        f"{EXP}/data/manifest.json",
-        teacher_inputs(),
-        sae_inputs(),
-        sweep_label_inputs(),
+        PLAN.sweep_inputs(),
     output:
-        f"{EXP}/sweeps/{study_name(load_config(CONFIG, ['method=cocomix']))}/summary.json",
+        PLAN.sweep_output(),
     params:
-        omp=lambda wc, threads: max(1, threads // max(1, BASE.sweep.workers)),
+        omp=lambda wc, threads: PLAN.sweep_threads(threads),
     log:
         f"{EXP}/logs/sweep.log",
     threads: workflow.cores
     resources:
-        gpu=max(1, BASE.sweep.workers),
+        gpu=PLAN.sweep_workers(),
     shell:
         "OMP_NUM_THREADS={params.omp} {COCOMIX} sweep --config {CONFIG} > {log} 2>&1"

@@ -1,8 +1,8 @@
 """CoCoMix (spec 1.3-1.6) as a method on the shared backbone and trainer.
 
-The model side (concept head, TopK, sparse compression, interleaving) lives in `cocomix/model.py`
-(`slot="concept"`); this file builds that model from the config, fetches the concept labels and
-computes the objective
+The model side (concept head, TopK, sparse compression, interleaving) is the `concept` slot module of
+`cocomix/slots.py` (`hidden` for the hidden-state ablation); this file fills its options from the
+`concept` config section, fetches the concept labels and computes the objective
 
     L = CE_next_token + lam * mean_{i in I_t} CE(z_t, i)           (spec 1.6, Eq. 2)
 
@@ -17,16 +17,18 @@ normalised hidden state at `sae.layer` instead of predicting concepts), and `k`,
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from cocomix.concepts import LabelCache, concept_labels
 from cocomix.config import Config, ConfigError
-from cocomix.methods import Batch, Method
-from cocomix.model import normalize_per_token
+from cocomix.flops import block_params, concept_label_flops_per_token
+from cocomix.methods.base import Batch, Method, register
+from cocomix.sae import load_sae
+from cocomix.slots import normalize_per_token
+from cocomix.teacher import load_teacher, run_teacher, teacher_dir
 
 
 def concept_loss(logits: torch.Tensor, labels: torch.Tensor, per_block: bool = False) -> torch.Tensor:
@@ -55,9 +57,11 @@ def hidden_regression_loss(prediction: torch.Tensor, target: torch.Tensor, kind:
     return 1.0 - F.cosine_similarity(prediction, target, dim=-1).mean()
 
 
+@register
 class CoCoMix(Method):
     name = "cocomix"
-    uses = ("teacher", "sae", "concept")  # the labels depend on all three
+    reads = ("teacher", "sae", "concept")  # the labels depend on all three
+    slot = "concept"
 
     def __init__(self):
         self.cfg: Config | None = None
@@ -65,21 +69,23 @@ class CoCoMix(Method):
         self.teacher = None
         self.sae = None
 
-    # ---- model ----
+    # ---- declarations ----
 
-    def model_config(self, cfg: Config, vocab_size: int, eos_id: int):
+    def artifacts(self, cfg: Config) -> frozenset[str]:
         c = cfg.concept
-        hidden = c.target != "concepts"
-        return dataclasses.replace(
-            super().model_config(cfg, vocab_size, eos_id),
-            slot="concept",
-            insert_layer=c.insert_layer,
-            concept_mix=c.mix,
-            concept_target="hidden" if hidden else "concepts",
-            n_concepts=cfg.sae.n_latents,
-            concept_k=c.k,
-            concept_hidden_dim=_teacher_width(cfg) if hidden else 0,
-        )
+        if c.target != "concepts":
+            return frozenset({"teacher"})  # the hidden-state target is the teacher's, computed online
+        return frozenset({"labels"}) if c.labels == "cached" else frozenset({"teacher", "sae"})
+
+    def slot_for(self, cfg: Config) -> str:
+        # the concept head, or the hidden-state regressor of the direct-hidden-state ablation
+        return "concept" if cfg.concept.target == "concepts" else "hidden"
+
+    def slot_options(self, cfg: Config) -> dict:
+        c = cfg.concept
+        if c.target != "concepts":
+            return {"hidden_dim": _teacher_width(cfg), "mix": c.mix}
+        return {"n_concepts": cfg.sae.n_latents, "k": c.k, "mix": c.mix}
 
     # ---- labels ----
 
@@ -90,16 +96,10 @@ class CoCoMix(Method):
     def setup(self, trainer) -> None:
         self.cfg = cfg = trainer.cfg
         if self._needs_labels and cfg.concept.labels == "cached":
-            from cocomix.concepts import LabelCache
-
             self.label_cache = LabelCache(cfg)  # refuses a cache made for other data/teacher/SAE/k_attr
         elif self._needs_labels or cfg.concept.target != "concepts":
-            from cocomix.teacher import load_teacher
-
             self.teacher = load_teacher(cfg, trainer.device)
             if cfg.concept.target == "concepts":
-                from cocomix.sae import load_sae
-
                 self.sae = load_sae(cfg, trainer.device)
 
     def extras(self, split: str, block_indices) -> dict[str, torch.Tensor]:
@@ -110,14 +110,10 @@ class CoCoMix(Method):
     def _labels(self, batch: Batch) -> torch.Tensor:
         if "concept_labels" in batch.extras:
             return batch.extras["concept_labels"]
-        from cocomix.concepts import concept_labels
-
         with torch.enable_grad(), torch.autocast(batch.input_ids.device.type, enabled=False):  # fp32 attribution
             return concept_labels(self.teacher, self.sae, batch.input_ids, self.cfg.concept, self.cfg.sae.layer)
 
     def _teacher_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        from cocomix.teacher import run_teacher
-
         with torch.no_grad(), torch.autocast(input_ids.device.type, enabled=False):
             h = run_teacher(self.teacher, input_ids, self.cfg.sae.layer, stop_at_layer=True)[1]
         return normalize_per_token(h)[0]  # (B, T, D): the scale-free target the head regresses
@@ -157,8 +153,6 @@ class CoCoMix(Method):
     def teacher_flops_per_token(self) -> float:
         """Online labels: teacher forward + backward to the SAE layer + SAE (`cocomix.flops`);
         hidden-state targets: the teacher's forward up to `sae.layer`. Cached labels: 0 (extracted before)."""
-        from cocomix.flops import block_params, concept_label_flops_per_token
-
         if self.teacher is None:
             return 0.0
         T, layer = self.cfg.train.block_size, self.cfg.sae.layer
@@ -171,8 +165,6 @@ class CoCoMix(Method):
 
 def _teacher_width(cfg: Config) -> int:
     """The teacher's hidden width from its config.json (ours or GPT-2's; both call it n_embd)."""
-    from cocomix.teacher import teacher_dir
-
     config_file = teacher_dir(cfg) / "config.json"  # a one-line error when there is no teacher
     if not config_file.is_file():
         raise ConfigError(f"config key 'teacher.path': {config_file} not found")

@@ -1,0 +1,317 @@
+"""The small components around the training loop (as OLMo-core's callbacks): each one is a plain
+object that overrides the few hooks it needs, and the loop only calls them.
+
+    on_start(trainer)                  once, before the first step (after any resume)
+    before_optimizer_step(trainer, s)  after the backward pass of a step, before clipping and AdamW
+    on_step(trainer, s, record)        after each optimizer step; add metrics to `record`, which the
+                                       tracker logs (components run in list order)
+    on_end(trainer, final)             the run is complete; add entries to final_metrics.json
+    on_finish(trainer, status)         always, last: FINISHED, KILLED (EarlyStop) or FAILED
+
+`trainer.default_callbacks()` lists them in order: the NaN guard, progress, train metrics and
+throughput/MFU, held-out evaluation, tracking, checkpointing, the `on_eval` hook (sweep pruning).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from cocomix.config import dump_config
+from cocomix.device import all_reduce_mean, barrier
+from cocomix.files import atomic_write_json, list_checkpoints
+from cocomix.tracking import RunTracker, environment_info
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot continue (diverged, incompatible checkpoint); one-line message."""
+
+
+class EarlyStop(Exception):
+    """Raised by an `on_eval` callback to end a run early (a pruned sweep trial). The MLflow run is
+    marked KILLED and no final_metrics.json is written."""
+
+
+class Callback:
+    def on_start(self, trainer) -> None:
+        pass
+
+    def before_optimizer_step(self, trainer, step) -> None:
+        pass
+
+    def on_step(self, trainer, step, record: dict[str, float]) -> None:
+        pass
+
+    def on_end(self, trainer, final: dict) -> None:
+        pass
+
+    def on_finish(self, trainer, status: str) -> None:
+        pass
+
+
+class NaNGuard(Callback):
+    """A non-finite loss stops the run before the optimizer step, so the weights are still those of
+    the last good step: they are saved as a checkpoint and named in the one-line error."""
+
+    def before_optimizer_step(self, trainer, step) -> None:
+        if math.isfinite(step.loss):
+            return
+        trainer.optimizer.zero_grad(set_to_none=True)
+        path = trainer.checkpointer.save(trainer)
+        raise TrainingError(f"non-finite loss ({step.loss}) at step {trainer.step} (tokens {trainer.tokens_seen}); "
+                            f"last good checkpoint: {path}")
+
+
+class Progress(Callback):
+    """The start line, and a tqdm bar when `progress` is on (main process only)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+
+    def on_start(self, trainer) -> None:
+        if not trainer.dist.is_main:
+            return
+        where = f"resumed from {trainer.resumed_from}" if trainer.resumed_from else "starting from scratch"
+        print(f"{trainer.cfg.resolved_run_name}: {where} (step {trainer.step}/{trainer.total_steps}, "
+              f"tokens {trainer.tokens_seen:,}/{trainer.total_steps * trainer.tokens_per_step:,})", flush=True)
+        if self.enabled:
+            from tqdm import tqdm  # lazy: only with a progress bar
+
+            self.bar = tqdm(total=trainer.total_steps, initial=trainer.step,
+                            desc=f"train {trainer.cfg.resolved_run_name}", unit="step")
+
+    def on_step(self, trainer, step, record) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{step.loss:.3f}")
+
+    def on_finish(self, trainer, status) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class TrainMetrics(Callback):
+    """Every `train.log_every_steps` (and at the last step): loss, lr, gradient norm, the method's loss
+    parts (averaged over processes), tokens/s over the window since the last line, and MFU on GPUs."""
+
+    def on_start(self, trainer) -> None:
+        self.window_tokens, self.window_start = 0, time.perf_counter()
+
+    def on_step(self, trainer, step, record) -> None:
+        self.window_tokens += trainer.tokens_per_step
+        if trainer.step % trainer.cfg.train.log_every_steps and not trainer.finished:
+            return
+        tok_s = self.window_tokens / max(time.perf_counter() - self.window_start, 1e-9)
+        record.update({"train/loss": step.loss, "train/lr": step.lr, "train/grad_norm": step.grad_norm.item(),
+                       "train/tokens_per_s": tok_s})
+        for k, v in step.parts.items():
+            record[f"train/{k}"] = all_reduce_mean(v, trainer.dist).item()
+        if trainer.peak_flops:
+            record["train/mfu"] = tok_s * trainer.flops_per_token / (trainer.peak_flops * trainer.dist.world_size)
+        self.window_tokens, self.window_start = 0, time.perf_counter()
+
+
+class Evaluator(Callback):
+    """Held-out loss every `eval.every_tokens` and at the end (`trainer.evaluate`)."""
+
+    def on_step(self, trainer, step, record) -> None:
+        if trainer.crossed(trainer.cfg.eval.every_tokens) or trainer.finished:
+            trainer.last_val = trainer.evaluate()
+            record.update(trainer.last_val)
+
+
+class Tracking(Callback):
+    """The run's record: config.yaml and environment.json in the run folder, metrics.jsonl, and the
+    MLflow run (params, tags, metrics at step = tokens seen, final_metrics.json as an artifact)."""
+
+    def __init__(self):
+        self.tracker: RunTracker | None = None
+
+    def on_start(self, trainer) -> None:
+        if not trainer.dist.is_main:
+            return
+        cfg, env = trainer.cfg, environment_info()
+        dump_config(cfg, trainer.run_dir / "config.yaml")
+        atomic_write_json(trainer.run_dir / "environment.json", env)
+        tags = {"experiment": cfg.experiment, "method": trainer.method.name, "scale": cfg.scale or "base",
+                "seed": str(cfg.seed), "git_commit": env["git_commit"], "device": env["device"],
+                "world_size": str(trainer.dist.world_size)}
+        self.tracker = RunTracker(cfg, trainer.run_dir, tags)
+        self.tracker.metrics.truncate_after(trainer.tokens_seen)  # lines after the checkpoint resumed from
+        if trainer.resumed_from is None:
+            self.tracker.log_artifact(trainer.run_dir / "config.yaml")
+            self.tracker.log_artifact(trainer.run_dir / "environment.json")
+            if self.tracker.client is not None:
+                from mlflow.entities import Param  # lazy: mlflow only when tracking is on
+
+                self.tracker.client.log_batch(self.tracker.run_id, params=[
+                    Param(f"accounting.{k}", str(v)) for k, v in trainer.accounting.items()])
+
+    def on_step(self, trainer, step, record) -> None:
+        if record and self.tracker is not None:
+            self.tracker.log({"step": trainer.step, "tokens_seen": trainer.tokens_seen, **record})
+
+    def on_end(self, trainer, final) -> None:
+        final["mlflow_run_id"] = self.tracker.run_id if self.tracker else None
+
+    def on_finish(self, trainer, status) -> None:
+        if self.tracker is None:
+            return
+        if status == "FINISHED":
+            self.tracker.log_artifact(trainer.run_dir / "final_metrics.json")
+        self.tracker.finish(status)
+
+
+class OnEval(Callback):
+    """Calls `fn(tokens_seen, val_metrics)` after each held-out evaluation, once the point is logged and
+    any checkpoint saved (a sweep's pruning: it may raise EarlyStop)."""
+
+    def __init__(self, fn: Callable[[int, dict[str, float]], None]):
+        self.fn = fn
+
+    def on_step(self, trainer, step, record) -> None:
+        if "val/loss" in record:
+            self.fn(trainer.tokens_seen, trainer.last_val)
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer(Callback):
+    """`checkpoints/step_<N>/` every `checkpoint.every_tokens` and at the end: the model as a Hugging Face
+    folder (loadable by AutoModelForCausalLM as it stands), the tokenizer, and the trainer state
+    (optimizer, step, tokens seen, data position, every process's RNG states), written to a temporary
+    folder renamed into place when complete. Only the newest `checkpoint.keep_last` are kept."""
+
+    RUN_FILES = ("checkpoints", "metrics.jsonl", "final_metrics.json", "mlflow_run_id", "config.yaml")
+
+    def __init__(self, fingerprint: str):
+        self.fingerprint = fingerprint
+
+    def on_step(self, trainer, step, record) -> None:
+        if trainer.crossed(trainer.cfg.checkpoint.every_tokens) or trainer.finished:
+            self.save(trainer)
+
+    # ---- resume ----
+
+    def resume(self, trainer) -> Path | None:
+        """Load the checkpoint `train.resume` names (auto: this run folder's newest); return its path."""
+        resume = trainer.cfg.train.resume
+        if resume == "never":
+            return None
+        if resume == "auto":
+            self.supersede_stale_run(trainer)
+            ckpts = list_checkpoints(trainer.run_dir)
+            if not ckpts:
+                return None
+            path = ckpts[-1]
+        else:
+            path = Path(resume)
+            if not (path / "trainer_state.pt").exists():
+                raise TrainingError(f"train.resume: '{path}' is not a checkpoint (no trainer_state.pt)")
+        self.load(trainer, path)
+        return path
+
+    def supersede_stale_run(self, trainer) -> None:
+        """A run folder whose checkpoints came from another config is moved aside, not resumed:
+        resuming it would silently mix two experiments (e.g. after a DAG rerun for a changed lr)."""
+        ckpts = list_checkpoints(trainer.run_dir)
+        if not ckpts:
+            return
+        meta = json.loads((ckpts[-1] / "checkpoint.json").read_text())
+        if meta.get("config_fingerprint") == self.fingerprint:
+            return
+        barrier(trainer.dist)
+        if trainer.dist.is_main:
+            run_dir = trainer.run_dir
+            n = 1 + sum(1 for p in run_dir.iterdir() if p.name.startswith("superseded-"))
+            dest = run_dir / f"superseded-{n}"
+            dest.mkdir()
+            for name in self.RUN_FILES:
+                if (run_dir / name).exists():
+                    os.replace(run_dir / name, dest / name)
+            warnings.warn(f"{run_dir}: its checkpoints were made with another config; moved to {dest}, "
+                          "starting over", stacklevel=2)
+        barrier(trainer.dist)
+
+    def load(self, trainer, path: Path) -> None:
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        if state["tokens_per_step"] != trainer.tokens_per_step:
+            raise TrainingError(
+                f"checkpoint {path}: tokens per step {state['tokens_per_step']} differs from the config's "
+                f"{trainer.tokens_per_step}; resume with the same batch settings or start a new run folder"
+            )
+        weights = load_file(str(path / "model.safetensors"), device=str(trainer.device))
+        missing, unexpected = trainer.model.load_state_dict(weights, strict=False)
+        # Tied weights are stored once; anything else missing means the checkpoint does not fit.
+        missing = [k for k in missing if k != "lm_head.weight"]
+        if missing or unexpected:
+            raise TrainingError(f"checkpoint {path}: does not match the model (missing {missing[:3]}, "
+                                f"unexpected {unexpected[:3]})")
+        trainer.model.tie_weights()
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.step, trainer.tokens_seen = state["step"], state["tokens_seen"]
+        trainer.data_position = state["data_position"]
+        rng = state["rng"]
+        set_rng_state(rng[trainer.dist.rank] if isinstance(rng, list) else rng)
+
+    # ---- save ----
+
+    def save(self, trainer) -> Path:
+        final = trainer.run_dir / "checkpoints" / f"step_{trainer.step:07d}"
+        rngs = [rng_state()]  # every process contributes its RNG state (dropout masks differ per rank)
+        if trainer.dist.world_size > 1:
+            gathered: list = [None] * trainer.dist.world_size
+            dist.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if trainer.dist.is_main and not final.exists():
+            tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            trainer.model.save_pretrained(tmp)
+            shutil.copytree(trainer.cfg.data_dir / "tokenizer", tmp, dirs_exist_ok=True)
+            torch.save({"step": trainer.step, "tokens_seen": trainer.tokens_seen,
+                        "data_position": trainer.data_position, "tokens_per_step": trainer.tokens_per_step,
+                        "optimizer": trainer.optimizer.state_dict(), "rng": rngs}, tmp / "trainer_state.pt")
+            (tmp / "checkpoint.json").write_text(json.dumps(
+                {"step": trainer.step, "tokens_seen": trainer.tokens_seen, "method": trainer.method.name,
+                 "config_fingerprint": self.fingerprint}))
+            os.replace(tmp, final)
+            self.prune(trainer)
+        barrier(trainer.dist)
+        return final
+
+    def prune(self, trainer) -> None:
+        keep = trainer.cfg.checkpoint.keep_last
+        if keep > 0:
+            for old in list_checkpoints(trainer.run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)

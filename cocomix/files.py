@@ -1,0 +1,68 @@
+"""Files and folders, the bottom layer (stdlib only): atomic writes, sha256, the run-folder layout.
+
+Everything the harness writes that another step reads is written here: to a temporary file in the
+same folder, then `os.replace`d into place, so a reader (or a rerun after SIGKILL) sees either the
+old file or the complete new one, never a prefix that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+CHUNK = 1 << 23  # 8 MiB: hashing reads bounded memory whatever the file size
+CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2, **kwargs) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=indent, **kwargs))
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file, read in 8 MiB chunks."""
+    return update_sha256(hashlib.sha256(), path).hexdigest()
+
+
+def update_sha256(h, path: str | Path):
+    """Feed a file into a running hash (several files into one identity)."""
+    with Path(path).open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return h
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """sha256 of a JSON-able object in canonical form (sorted keys)."""
+    return sha256_text(json.dumps(obj, sort_keys=True, default=str))
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (`checkpoints/step_<N>/` with trainer state) of a run, oldest first;
+    temporary folders of an interrupted save are ignored."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if CHECKPOINT_RE.match(p.name) and (p / "trainer_state.pt").exists()]
+    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))

@@ -1,0 +1,128 @@
+"""The method interface every training method implements, and its registry.
+
+A method builds the model (always `CocomixForCausalLM`, with the method's slot module if it has one)
+and computes the loss of one micro-batch. Everything else (data order, token budget, optimizer,
+schedule, checkpoints, tracking) is the trainer's and identical across methods, so runs differ only
+in the method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from cocomix.config import Config
+from cocomix.model import CocomixConfig, CocomixForCausalLM
+
+# What a method may need built before it trains (the DAG maps each to the rule that makes it):
+#   teacher  the frozen LM (`teacher.path`, or the DAG's teacher run)
+#   sae      the TopK SAE on the teacher's residual stream (`sae.path`, or `cocomix train-sae`)
+#   labels   the extracted concept-label cache of this run's scoring (`cocomix extract-concepts`)
+ARTIFACTS = ("teacher", "sae", "labels")
+
+REGISTRY: dict[str, type["Method"]] = {}
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: make a method known by its `name` (once)."""
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method {cls.name!r} is registered twice ({REGISTRY[cls.name].__module__}, {cls.__module__})")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+@dataclass
+class Batch:
+    """One micro-batch: token blocks plus whatever per-token side data a method needs."""
+
+    input_ids: torch.Tensor  # (B, T)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(
+            self.input_ids.to(device, non_blocking=True),
+            {k: v.to(device, non_blocking=True) for k, v in self.extras.items()},
+        )
+
+
+class Method:
+    """Base class: next-token prediction on the plain backbone. Subclasses override what they change."""
+
+    name: ClassVar[str] = "base"
+    reads: ClassVar[tuple[str, ...]] = ()
+    """Config sections or keys (dotted) this method reads beyond the common ones (data, model, train,
+    ...); its runs' fingerprint covers exactly these, so the DAG reruns them only when they change."""
+    slot: ClassVar[str | None] = None
+    """The model-side module (a name in `cocomix.slots.SLOTS`) this method adds after
+    `insert_layer(cfg)` blocks; None: the plain backbone."""
+
+    # ---- what the method declares ----
+
+    def artifacts(self, cfg: Config) -> frozenset[str]:
+        """Artifacts (from ARTIFACTS) this run needs before it starts; the DAG builds them."""
+        return frozenset()
+
+    def slot_for(self, cfg: Config) -> str | None:
+        """The slot module of this run (a method whose model side depends on its config overrides it)."""
+        return self.slot
+
+    def insert_layer(self, cfg: Config) -> int:
+        """Student blocks before the slot module (CoCoMix's and pause's: `concept.insert_layer`)."""
+        return cfg.concept.insert_layer
+
+    def slot_options(self, cfg: Config) -> dict:
+        """The slot module's fields (its `Options` in cocomix/slots.py), from this method's config section."""
+        return {}
+
+    # ---- the model ----
+
+    def model_config(self, cfg: Config, vocab_size: int, eos_id: int) -> CocomixConfig:
+        m = cfg.model
+        name = self.slot_for(cfg)
+        slot = {} if name is None else dict(
+            slot=name, insert_layer=self.insert_layer(cfg), slot_options=self.slot_options(cfg))
+        return CocomixConfig(
+            vocab_size=m.vocab_size or vocab_size,
+            n_positions=m.n_positions or cfg.train.block_size,
+            n_embd=m.n_embd,
+            n_layer=m.n_layer,
+            n_head=m.n_head,
+            dropout=m.dropout,
+            init_std=m.init_std,
+            layer_norm_eps=m.layer_norm_eps,
+            bos_token_id=eos_id,
+            eos_token_id=eos_id,
+            pad_token_id=eos_id,
+            method=self.name,
+            **slot,
+        )
+
+    def build_model(self, cfg: Config, vocab_size: int, eos_id: int) -> CocomixForCausalLM:
+        return CocomixForCausalLM(self.model_config(cfg, vocab_size, eos_id))
+
+    # ---- training hooks ----
+
+    def setup(self, trainer) -> None:
+        """Called once after the model is built and moved to its device (load a teacher, a label
+        cache, ...). `trainer` exposes cfg, device, model, train_blocks and val_blocks."""
+
+    def extras(self, split: str, block_indices) -> dict[str, torch.Tensor]:
+        """Per-block side data for a micro-batch (e.g. cached concept labels), as CPU tensors
+        whose first two dimensions are (blocks, block_size). The trainer puts them on `Batch.extras`."""
+        return {}
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return (loss to minimise, named scalar parts for logging)."""
+        out = model(input_ids=batch.input_ids, labels=batch.input_ids, use_cache=False)
+        return out.loss, {"ntp_loss": out.loss.detach()}
+
+    def eval_metrics(self, model: torch.nn.Module, batch: Batch, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra held-out metrics for one validation batch, each a per-block tensor of shape (B,);
+        the trainer averages them over blocks and logs them as `val/<name>`."""
+        return {}
+
+    def teacher_flops_per_token(self) -> float:
+        """Training FLOPs per token spent outside the student (an online teacher), reported apart."""
+        return 0.0

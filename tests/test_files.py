@@ -1,0 +1,35 @@
+"""cocomix/files.py: atomic writes, hashes and the run-folder layout, against hashlib and the OS."""
+
+import hashlib
+import os
+
+from cocomix.files import (atomic_write_json, atomic_write_text, list_checkpoints, sha256_file, sha256_json,
+                           update_sha256)
+
+
+def test_sha256_of_a_file_equals_hashlib_across_chunk_boundaries(tmp_path):
+    data = os.urandom((1 << 23) + 12345)  # more than one 8 MiB chunk
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+    assert update_sha256(hashlib.sha256(b"prefix"), path).hexdigest() == hashlib.sha256(b"prefix" + data).hexdigest()
+    assert sha256_json({"b": 1, "a": [2]}) == sha256_json({"a": [2], "b": 1})  # canonical: key order ignored
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "sub" / "out.json"
+    atomic_write_json(path, {"x": 1})
+    atomic_write_text(path, '{"x": 2}')
+    assert path.read_text() == '{"x": 2}'
+    assert sorted(p.name for p in path.parent.iterdir()) == ["out.json"]
+
+
+def test_list_checkpoints_orders_complete_ones_and_skips_interrupted_saves(tmp_path):
+    for name, complete in (("step_0000200", True), ("step_0000010", True), ("step_0000300.tmp99", True),
+                           ("step_0000400", False)):
+        folder = tmp_path / "checkpoints" / name
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / "trainer_state.pt").write_bytes(b"")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000010", "step_0000200"]
+    assert list_checkpoints(tmp_path / "missing") == []
