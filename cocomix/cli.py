@@ -219,10 +219,8 @@ def cmd_steer(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cocomix", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_setup_parsers(sub) -> None:
+    """`config` and `prepare-data`."""
     p = sub.add_parser("config", help="print the resolved config as YAML, each key with its docstring")
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
@@ -232,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if a matching manifest exists")
     p.set_defaults(func=cmd_prepare_data)
 
+
+def _add_training_parsers(sub) -> None:
+    """`train`, `train-sae` and `extract-concepts`."""
     p = sub.add_parser("train", help="train one (method, scale, seed) run; resumes automatically")
     _add_config_args(p)
     p.add_argument("--method", default=None, help="shorthand for method=...")
@@ -248,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_extract_concepts)
+
+
+def _add_results_parsers(sub) -> None:
+    """`report` and `eval`."""
     p = sub.add_parser("report", help="main, sample-efficiency and ablation tables + plots for an experiment")
     p.add_argument("--config", "-c", required=True, help="the experiment config the DAG ran")
     p.set_defaults(func=cmd_report)
@@ -263,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_sweep_parser(sub) -> None:
     p = sub.add_parser("sweep", help="Optuna sweep of concept.insert_layer, concept.k (and sweep.space) -> "
                                      "<experiment>/sweeps/<study>/")
     _add_config_args(p)
@@ -273,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offsets the sampler seed (default $SLURM_PROCID or 0)")
     p.set_defaults(func=cmd_sweep)
 
+
+def _add_params_parser(sub) -> None:
     p = sub.add_parser("params", help="total and active parameters (spec 1.7) and the matching NTP width")
     _add_config_args(p)
     p.add_argument("--method", default=None, help="shorthand for method=...")
@@ -280,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "else tokenizer.vocab_size")
     p.set_defaults(func=cmd_params)
 
+
+def _add_inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="top predicted concepts per position of a prompt -> text, JSON and heat-map PNG")
     p.add_argument("path", help="a CoCoMix checkpoint folder, or a run folder (its latest checkpoint)")
     _add_config_args(p)  # --config only matters for a checkpoint outside a run folder
@@ -288,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="concepts shown per position")
     p.set_defaults(func=cmd_inspect)
 
+
+def _add_steer_parser(sub) -> None:
     p = sub.add_parser("steer", help="generate with chosen concepts' logits x factor, beside unsteered; "
                                      "the same on the teacher through its SAE")
     p.add_argument("path", help="a CoCoMix checkpoint folder, or a run folder (its latest checkpoint)")
@@ -306,6 +319,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "ground-truth concept and count that concept's words")
     p.add_argument("--ground-truth", default=None, help="--check: the concept name, e.g. topic_3 (default: best matched)")
     p.set_defaults(func=cmd_steer)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cocomix", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_setup_parsers(sub)  # in `cocomix --help` order
+    _add_training_parsers(sub)
+    _add_results_parsers(sub)
+    _add_sweep_parser(sub)
+    _add_params_parser(sub)
+    _add_inspect_parser(sub)
+    _add_steer_parser(sub)
     return parser
 
 

@@ -229,67 +229,26 @@ def extract_concepts(cfg: Config, progress: bool = True) -> Path:
     key = cache_key(cfg)
     out = Path(cfg.concept_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / MANIFEST).is_file():
-        try:
-            LabelCache(cfg)
-            return out  # already complete for exactly this key
-        except DataError:
-            (out / MANIFEST).unlink()  # stale: invalidate first, then rebuild below
+    if _cache_is_current(cfg, out):
+        return out  # already complete for exactly this key
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = load_teacher(cfg, device)
-    sae = load_sae(cfg, device)
-    if sae.d_model != teacher.config.n_embd:
-        raise ConfigError(f"config key 'sae.path': the SAE reads {sae.d_model}-wide activations, the teacher is {teacher.config.n_embd} wide")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     dtype = label_dtype(cfg.sae.n_latents)
-    T, k_attr = cfg.train.block_size, cfg.concept.k_attr
-    row_bytes = T * k_attr * dtype.itemsize  # one block
-
-    run_key = {**key, "extract_batch_size": batch_blocks, "dtype": dtype.str}
-    state = {"key": run_key, "blocks_done": {}}
-    if (out / PROGRESS).is_file():
-        previous = json.loads((out / PROGRESS).read_text())
-        if previous.get("key") == run_key:
-            state = previous
-    blocks = {s: TokenBlocks(cfg.data_dir, s, T, verify=False) for s in SPLITS}
-    total = sum(len(b) for b in blocks.values())
+    label_bytes = _chunk_labeller(cfg, device, dtype)
+    row_bytes = cfg.train.block_size * cfg.concept.k_attr * dtype.itemsize  # one block
+    state = _resume_state(out, {**key, "extract_batch_size": batch_blocks, "dtype": dtype.str})
+    blocks = {s: TokenBlocks(cfg.data_dir, s, cfg.train.block_size, verify=False) for s in SPLITS}
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=sum(state["blocks_done"].values()), desc="extract-concepts", unit="block")
+        bar = tqdm(total=sum(len(b) for b in blocks.values()), initial=sum(state["blocks_done"].values()),
+                   desc="extract-concepts", unit="block")
     entries = {}
     for split in SPLITS:
-        n = len(blocks[split])
-        final = out / f"{split}.labels.bin"
-        partial = out / f"{split}.labels.bin.partial"
-        done = state["blocks_done"].get(split, 0)
-        if not (done == n and final.is_file() and final.stat().st_size == n * row_bytes):
-            if done == n:  # recorded complete but the file is gone: redo this split
-                done = 0
-            final.unlink(missing_ok=True)
-            mode = "r+b" if partial.is_file() and done > 0 else "wb"
-            with partial.open(mode) as f:
-                f.truncate(done * row_bytes)  # drops a chunk written but not recorded before a kill
-                f.seek(done * row_bytes)
-                for a in range(done, n, batch_blocks):
-                    ids = blocks[split].get_batch(range(a, min(n, a + batch_blocks))).to(device)
-                    with autocast:
-                        labels = concept_labels(teacher, sae, ids, cfg.concept, cfg.sae.layer)
-                    arr = labels.cpu().numpy()
-                    arr[arr == NO_LABEL] = _sentinel(dtype)
-                    f.write(arr.astype(dtype).tobytes())  # (n_chunk, T, k_attr) row-major
-                    f.flush()
-                    os.fsync(f.fileno())
-                    state["blocks_done"][split] = min(n, a + batch_blocks)
-                    atomic_write_json(out / PROGRESS, state, indent=1)
-                    if bar is not None:
-                        bar.update(min(n, a + batch_blocks) - a)
-            os.replace(partial, final)
-            state["blocks_done"][split] = n
-            atomic_write_json(out / PROGRESS, state, indent=1)
-        entries[split] = {"file": final.name, "n_blocks": n, "bytes": final.stat().st_size, "sha256": sha256_file(final)}
+        final = _extract_split(split, blocks[split], out, state, label_bytes, batch_blocks, row_bytes, bar)
+        entries[split] = {"file": final.name, "n_blocks": len(blocks[split]), "bytes": final.stat().st_size,
+                          "sha256": sha256_file(final)}
     if bar is not None:
         bar.close()
     manifest = {**key, "dtype": dtype.str, "no_label": _sentinel(dtype), "teacher_path": str(cfg.teacher.path),
@@ -297,3 +256,81 @@ def extract_concepts(cfg: Config, progress: bool = True) -> Path:
     atomic_write_json(out / MANIFEST, manifest, indent=1)  # last: its presence means complete
     (out / PROGRESS).unlink(missing_ok=True)
     return out
+
+
+def _cache_is_current(cfg: Config, out: Path) -> bool:
+    """Whether `out` holds a finished cache for exactly `cfg`'s key; a stale manifest is deleted
+    first (the cache is then rebuilt)."""
+    if not (out / MANIFEST).is_file():
+        return False
+    try:
+        LabelCache(cfg)
+        return True
+    except DataError:
+        (out / MANIFEST).unlink()  # stale: invalidate first, then rebuild
+        return False
+
+
+def _chunk_labeller(cfg: Config, device: torch.device, dtype: np.dtype):
+    """Load the teacher and SAE; return a function from token ids (n_chunk, T) to their labels as
+    `dtype` bytes, (n_chunk, T, k_attr) row-major, NO_LABEL written as the dtype's sentinel."""
+    teacher = load_teacher(cfg, device)
+    sae = load_sae(cfg, device)
+    if sae.d_model != teacher.config.n_embd:
+        raise ConfigError(f"config key 'sae.path': the SAE reads {sae.d_model}-wide activations, the teacher is {teacher.config.n_embd} wide")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    def label_bytes(ids: torch.Tensor) -> bytes:
+        ids = ids.to(device)
+        with autocast:
+            labels = concept_labels(teacher, sae, ids, cfg.concept, cfg.sae.layer)
+        arr = labels.cpu().numpy()  # (n_chunk, T, k_attr)
+        arr[arr == NO_LABEL] = _sentinel(dtype)
+        return arr.astype(dtype).tobytes()  # (n_chunk, T, k_attr) row-major
+
+    return label_bytes
+
+
+def _resume_state(out: Path, run_key: dict) -> dict:
+    """progress.json of an interrupted run with the same `run_key`, else a fresh state."""
+    state = {"key": run_key, "blocks_done": {}}
+    if (out / PROGRESS).is_file():
+        previous = json.loads((out / PROGRESS).read_text())
+        if previous.get("key") == run_key:
+            state = previous
+    return state
+
+
+def _record_progress(out: Path, state: dict, split: str, blocks_done: int) -> None:
+    state["blocks_done"][split] = blocks_done
+    atomic_write_json(out / PROGRESS, state, indent=1)
+
+
+def _extract_split(split: str, blocks: TokenBlocks, out: Path, state: dict, label_bytes, batch_blocks: int,
+                   row_bytes: int, bar) -> Path:
+    """`<split>.labels.bin` for every block of `split`, resumed after the chunks `state` records:
+    chunks are appended to a `.partial` file, fsynced, then recorded; the finished file is renamed
+    in place. A split already complete on disk is left as it is."""
+    n = len(blocks)
+    final = out / f"{split}.labels.bin"
+    partial = out / f"{split}.labels.bin.partial"
+    done = state["blocks_done"].get(split, 0)
+    if done == n and final.is_file() and final.stat().st_size == n * row_bytes:
+        return final
+    if done == n:  # recorded complete but the file is gone: redo this split
+        done = 0
+    final.unlink(missing_ok=True)
+    mode = "r+b" if partial.is_file() and done > 0 else "wb"
+    with partial.open(mode) as f:
+        f.truncate(done * row_bytes)  # drops a chunk written but not recorded before a kill
+        f.seek(done * row_bytes)
+        for a in range(done, n, batch_blocks):
+            f.write(label_bytes(blocks.get_batch(range(a, min(n, a + batch_blocks)))))
+            f.flush()
+            os.fsync(f.fileno())
+            _record_progress(out, state, split, min(n, a + batch_blocks))
+            if bar is not None:
+                bar.update(min(n, a + batch_blocks) - a)
+    os.replace(partial, final)
+    _record_progress(out, state, split, n)
+    return final

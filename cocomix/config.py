@@ -611,17 +611,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"config key '{key}': expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        return _coerce_union(value, args, key)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"config key '{key}': expected one of {list(args)}, got {value!r}")
@@ -640,6 +630,26 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _build(tp, value, key)
     if tp is Any:
         return value
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_union(value: Any, args: tuple, key: str) -> Any:
+    """`value` as the first member of the union `args` it fits (None only where the union allows it)."""
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, key)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError(f"config key '{key}': expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
+    """`value` checked against bool, int, float or str (numbers may come as YAML strings like `1e6`)."""
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -103,15 +103,44 @@ def _build_descriptions(cfg: Config, key: dict, device) -> dict:
     sae, teacher = load_sae(cfg, device), load_teacher(cfg, device)
     tokenizer = load_tokenizer(cfg.tokenizer.path or cfg.data_dir / "tokenizer")
     blocks = TokenBlocks(cfg.data_dir, "train", cfg.train.block_size)
-    T, C = blocks.block_size, sae.n_latents
+    T = blocks.block_size
     n_blocks = min(len(blocks), -(-ip.describe_tokens // T))  # the first blocks: a bounded, fixed scan
     if n_blocks == 0:
         raise DataError(f"{cfg.data_dir}: the train split has no block of {T} tokens to describe concepts with")
-
-    best_acts = torch.zeros(C, ip.contexts)                       # (C, m) top activations per latent
-    best_where = torch.full((C, ip.contexts), -1, dtype=torch.long)  # their token positions in the scan
-    fired = torch.zeros(C, dtype=torch.long)
     max_match = ip.match_tokens if blocks.has_concepts else 0
+    best_acts, best_where, fired, codes = _scan_latents(cfg, sae, teacher, blocks, n_blocks, max_match, device)
+    n_tokens = n_blocks * T
+
+    top_tokens = promoted_tokens(teacher, sae, ip.top_tokens).cpu()
+    latents = [{
+        "index": j,
+        "frequency": int(fired[j]) / n_tokens,
+        "max_activation": round(float(best_acts[j, 0]), 4),
+        "contexts": [{"activation": round(float(a), 4), **_context(tokenizer, blocks, int(w), T, ip)}
+                     for a, w in zip(best_acts[j], best_where[j]) if w >= 0],
+        "promoted_tokens": [tokenizer.decode([int(t)]) for t in top_tokens[j]],
+    } for j in range(sae.n_latents)]
+    concept_matches = _match_ground_truth(cfg, blocks, codes, max_match, latents) if codes else None
+    for d in latents:
+        d["label"], d["summary"] = _summarize(d, n_tokens)
+    return {
+        "key": key,
+        "n_tokens": n_tokens,
+        "promoted_by": "logit lens: LM head of the final LayerNorm's centring and scale applied to the decoder "
+                       "direction (the teacher blocks above sae.layer are skipped)",
+        "concept_matches": concept_matches,
+        "latents": latents,
+    }
+
+
+def _scan_latents(cfg: Config, sae, teacher, blocks, n_blocks: int, max_match: int, device):
+    """Encode the first `n_blocks` train blocks; returns (best_acts (C, m), best_where (C, m), fired (C,),
+    codes): per latent its top `interpret.contexts` activations and their token positions in the scan,
+    how many tokens it fired on, and the (acts, inds) batches covering the first `max_match` tokens."""
+    T, C, m = blocks.block_size, sae.n_latents, cfg.interpret.contexts
+    best_acts = torch.zeros(C, m)                       # (C, m) top activations per latent
+    best_where = torch.full((C, m), -1, dtype=torch.long)  # their token positions in the scan
+    fired = torch.zeros(C, dtype=torch.long)
     codes = []  # (acts, inds) of the first `match_tokens` tokens, for the ground-truth match
     for start in range(0, n_blocks, cfg.eval.batch_size):
         idx = np.arange(start, min(n_blocks, start + cfg.eval.batch_size))
@@ -123,44 +152,25 @@ def _build_descriptions(cfg: Config, key: dict, device) -> dict:
         best_acts, best_where = _merge_top(best_acts, best_where, acts[active], inds[active], where[active])
         if start * T < max_match:
             codes.append((acts, inds))
-    n_tokens = n_blocks * T
+    return best_acts, best_where, fired, codes
 
-    top_tokens = promoted_tokens(teacher, sae, ip.top_tokens).cpu()
-    latents = []
-    for j in range(C):
-        contexts = [{"activation": round(float(a), 4), **_context(tokenizer, blocks, int(w), T, ip)}
-                    for a, w in zip(best_acts[j], best_where[j]) if w >= 0]
-        latents.append({
-            "index": j,
-            "frequency": int(fired[j]) / n_tokens,
-            "max_activation": round(float(best_acts[j, 0]), 4),
-            "contexts": contexts,
-            "promoted_tokens": [tokenizer.decode([int(t)]) for t in top_tokens[j]],
-        })
 
-    concept_matches = None
-    if codes:
-        acts = torch.cat([a for a, _ in codes])[:max_match]
-        inds = torch.cat([i for _, i in codes])[:max_match]
-        truth = blocks.get_concepts(np.arange(-(-len(acts) // T)))  # (n, T, n_slots)
-        truth = truth.reshape(-1, truth.shape[-1])[: len(acts)]
-        ids, _, auc = concept_auroc(acts, inds, C, truth)  # (M, C)
-        names = {c["id"]: c["name"] for c in load_concepts(cfg.data_dir)["concepts"]}
-        concept_matches = [{"id": int(c), "concept": names[int(c)], "latent": int(auc[m].argmax()),
-                            "auroc": round(float(auc[m].max()), 4)} for m, c in enumerate(ids)]
-        for j, m in enumerate(auc.argmax(axis=0)):
-            latents[j]["ground_truth"] = {"id": int(ids[m]), "concept": names[int(ids[m])],
-                                          "auroc": round(float(auc[m, j]), 4)}
-    for d in latents:
-        d["label"], d["summary"] = _summarize(d, n_tokens)
-    return {
-        "key": key,
-        "n_tokens": n_tokens,
-        "promoted_by": "logit lens: LM head of the final LayerNorm's centring and scale applied to the decoder "
-                       "direction (the teacher blocks above sae.layer are skipped)",
-        "concept_matches": concept_matches,
-        "latents": latents,
-    }
+def _match_ground_truth(cfg: Config, blocks, codes: list, max_match: int, latents: list[dict]) -> list[dict]:
+    """Synthetic corpus: per ground-truth concept its best-detecting latent and AUROC, over the first
+    `max_match` scanned tokens; adds each latent's best-detected concept to its entry in `latents`."""
+    T, C = blocks.block_size, len(latents)
+    acts = torch.cat([a for a, _ in codes])[:max_match]  # (N, k)
+    inds = torch.cat([i for _, i in codes])[:max_match]
+    truth = blocks.get_concepts(np.arange(-(-len(acts) // T)))  # (n, T, n_slots)
+    truth = truth.reshape(-1, truth.shape[-1])[: len(acts)]  # (n*T, n_slots) -> (N, n_slots)
+    ids, _, auc = concept_auroc(acts, inds, C, truth)  # (M, C)
+    names = {c["id"]: c["name"] for c in load_concepts(cfg.data_dir)["concepts"]}
+    concept_matches = [{"id": int(c), "concept": names[int(c)], "latent": int(auc[m].argmax()),
+                        "auroc": round(float(auc[m].max()), 4)} for m, c in enumerate(ids)]
+    for j, m in enumerate(auc.argmax(axis=0)):
+        latents[j]["ground_truth"] = {"id": int(ids[m]), "concept": names[int(ids[m])],
+                                      "auroc": round(float(auc[m, j]), 4)}
+    return concept_matches
 
 
 def _merge_top(best_acts, best_where, acts, latents, where):

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cocomix.config import Config, ConfigError
+from cocomix.config import Config, ConfigError, SAEConfig
 from cocomix.data import DataError
 from cocomix.data.shards import BlockOrder, TokenBlocks
 from cocomix.files import atomic_write_json, sha256_file
@@ -304,11 +304,7 @@ def init_sae(cfg: Config, d_model: int, first_batch: torch.Tensor, seed: int) ->
 def train_sae(cfg: Config, progress: bool = True) -> dict[str, float]:
     """`cocomix train-sae`: train on training-split activations, evaluate on held-out blocks, and
     write `<experiment_dir>/sae/` (weights, config, metrics.json) atomically. Returns the metrics."""
-    s = cfg.sae
-    if cfg.sae.path:
-        raise ConfigError(f"config key 'sae.path': set to {cfg.sae.path}; train-sae trains a new SAE, unset it")
-    if s.batch_tokens <= 0 or s.tokens < s.batch_tokens:
-        raise ConfigError(f"config key 'sae.tokens': {s.tokens} is less than one batch of sae.batch_tokens={s.batch_tokens}")
+    _check_train_settings(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_teacher(cfg, device)
     train_blocks = TokenBlocks(cfg.data_dir, "train", cfg.train.block_size, verify="size")
@@ -326,69 +322,108 @@ def train_sae(cfg: Config, progress: bool = True) -> dict[str, float]:
     tracker = RunTracker(dataclasses.replace(cfg, run_name="sae"), tmp, tags)
     status = "FAILED"
     try:
-        seed = cfg.seed + 7919  # its own stream: the SAE's data order is not the student's
-        batches = activation_batches(teacher, train_blocks, cfg, device, seed)
-        first = next(batches)
-        sae = init_sae(cfg, teacher.config.n_embd, first, seed)
-        opt = torch.optim.Adam(sae.parameters(), lr=s.lr, betas=(0.9, 0.999), eps=6.25e-10)
-        n_steps = s.tokens // s.batch_tokens
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=n_steps, desc="train-sae", unit="step")
-        t0 = time.perf_counter()
-        x = first
-        for step in range(1, n_steps + 1):
-            dead = sae.stats_last_nonzero >= s.dead_after_tokens
-            loss, mse, aux, top_acts, top_indices = train_step_loss(sae, x, dead, s.aux_k, s.aux_coef)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sae.project_decoder_grad_()
-            opt.step()
-            sae.normalize_decoder_()
-            with torch.no_grad():
-                fired = torch.zeros(s.n_latents, dtype=torch.bool, device=device)
-                fired[top_indices[top_acts > 0]] = True
-                sae.stats_last_nonzero += len(x)
-                sae.stats_last_nonzero[fired] = 0
-            if bar is not None:
-                bar.update(1)
-            if step % cfg.train.log_every_steps == 0 or step == n_steps:
-                tracker.log({"step": step, "tokens_seen": step * s.batch_tokens, "sae/loss": loss.item(),
-                             "sae/nmse": mse.item(), "sae/auxk": aux.item(),
-                             "sae/dead_fraction": dead.float().mean().item(),
-                             "sae/tokens_per_s": step * s.batch_tokens / (time.perf_counter() - t0)})
-            if step < n_steps:
-                x = next(batches)
-        if bar is not None:
-            bar.close()
-        sae.eval().requires_grad_(False)
-        metrics = evaluate_sae(sae, teacher, val_blocks, cfg, device)
-        metrics["dead_fraction"] = float((sae.stats_last_nonzero >= s.dead_after_tokens).float().mean())
-        metrics["train_tokens"] = n_steps * s.batch_tokens
-        tracker.log({"step": n_steps, "tokens_seen": n_steps * s.batch_tokens,
+        sae, n_steps = _fit_sae(cfg, teacher, train_blocks, tracker, device, progress)
+        metrics = _final_metrics(cfg, sae, teacher, val_blocks, n_steps, device)
+        tracker.log({"step": n_steps, "tokens_seen": n_steps * cfg.sae.batch_tokens,
                      **{f"sae/{k}": v for k, v in metrics.items()}})
-
-        save_sae(sae, tmp, {"layer": s.layer, "teacher_path": str(cfg.teacher.path), "teacher_sha256": teacher_hash(cfg),
-                            "data_dir": str(cfg.data_dir), "sae_config": dataclasses.asdict(s), "environment": env})
-        metrics["mlflow_run_id"] = tracker.run_id
-        atomic_write_json(tmp / METRICS, metrics, indent=1)
-        tracker.log_artifact(tmp / METRICS)
-        tracker.log_artifact(tmp / SAE_CONFIG)
+        _write_sae(cfg, sae, tmp, metrics, tracker, env)
         status = "FINISHED"
     finally:
         tracker.finish(status)
         if status != "FINISHED":
             shutil.rmtree(tmp, ignore_errors=True)
-    # Swap the finished folder in; an older SAE is replaced only once the new one is complete.
+    _swap_in(tmp, out)
+    return metrics
+
+
+def _check_train_settings(cfg: Config) -> None:
+    s = cfg.sae
+    if cfg.sae.path:
+        raise ConfigError(f"config key 'sae.path': set to {cfg.sae.path}; train-sae trains a new SAE, unset it")
+    if s.batch_tokens <= 0 or s.tokens < s.batch_tokens:
+        raise ConfigError(f"config key 'sae.tokens': {s.tokens} is less than one batch of sae.batch_tokens={s.batch_tokens}")
+
+
+def _fit_sae(cfg: Config, teacher, train_blocks, tracker, device, progress: bool) -> tuple[TopKSAE, int]:
+    """Train a fresh SAE for `sae.tokens // sae.batch_tokens` steps, logging every
+    `train.log_every_steps`; returns (the SAE in eval mode, the number of steps)."""
+    s = cfg.sae
+    seed = cfg.seed + 7919  # its own stream: the SAE's data order is not the student's
+    batches = activation_batches(teacher, train_blocks, cfg, device, seed)
+    first = next(batches)
+    sae = init_sae(cfg, teacher.config.n_embd, first, seed)
+    opt = torch.optim.Adam(sae.parameters(), lr=s.lr, betas=(0.9, 0.999), eps=6.25e-10)
+    n_steps = s.tokens // s.batch_tokens
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_steps, desc="train-sae", unit="step")
+    t0 = time.perf_counter()
+    x = first
+    for step in range(1, n_steps + 1):
+        loss, mse, aux, dead = _sae_step(sae, opt, x, s)
+        if bar is not None:
+            bar.update(1)
+        if step % cfg.train.log_every_steps == 0 or step == n_steps:
+            tracker.log({"step": step, "tokens_seen": step * s.batch_tokens, "sae/loss": loss.item(),
+                         "sae/nmse": mse.item(), "sae/auxk": aux.item(),
+                         "sae/dead_fraction": dead.float().mean().item(),
+                         "sae/tokens_per_s": step * s.batch_tokens / (time.perf_counter() - t0)})
+        if step < n_steps:
+            x = next(batches)
+    if bar is not None:
+        bar.close()
+    sae.eval().requires_grad_(False)
+    return sae, n_steps
+
+
+def _sae_step(sae: TopKSAE, opt, x: torch.Tensor, s: SAEConfig) -> tuple[torch.Tensor, ...]:
+    """One optimiser step on the batch x (N, d): decoder gradient projected and columns renormalised
+    around it, then each latent's tokens-since-it-fired counter updated. Returns (loss, mse, aux, dead)."""
+    dead = sae.stats_last_nonzero >= s.dead_after_tokens
+    loss, mse, aux, top_acts, top_indices = train_step_loss(sae, x, dead, s.aux_k, s.aux_coef)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.project_decoder_grad_()
+    opt.step()
+    sae.normalize_decoder_()
+    with torch.no_grad():
+        fired = torch.zeros(s.n_latents, dtype=torch.bool, device=x.device)
+        fired[top_indices[top_acts > 0]] = True
+        sae.stats_last_nonzero += len(x)
+        sae.stats_last_nonzero[fired] = 0
+    return loss, mse, aux, dead
+
+
+def _final_metrics(cfg: Config, sae: TopKSAE, teacher, val_blocks, n_steps: int, device) -> dict[str, float]:
+    """Held-out metrics (`evaluate_sae`) plus the final dead fraction and the training tokens."""
+    metrics = evaluate_sae(sae, teacher, val_blocks, cfg, device)
+    metrics["dead_fraction"] = float((sae.stats_last_nonzero >= cfg.sae.dead_after_tokens).float().mean())
+    metrics["train_tokens"] = n_steps * cfg.sae.batch_tokens
+    return metrics
+
+
+def _write_sae(cfg: Config, sae: TopKSAE, tmp: Path, metrics: dict, tracker, env: dict) -> None:
+    """Weights and sae_config.json, then metrics.json (with the MLflow run id), into `tmp`; both
+    JSON files are logged as artifacts."""
+    s = cfg.sae
+    save_sae(sae, tmp, {"layer": s.layer, "teacher_path": str(cfg.teacher.path), "teacher_sha256": teacher_hash(cfg),
+                        "data_dir": str(cfg.data_dir), "sae_config": dataclasses.asdict(s), "environment": env})
+    metrics["mlflow_run_id"] = tracker.run_id
+    atomic_write_json(tmp / METRICS, metrics, indent=1)
+    tracker.log_artifact(tmp / METRICS)
+    tracker.log_artifact(tmp / SAE_CONFIG)
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Swap the finished folder in; an older SAE is replaced only once the new one is complete."""
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
-    return metrics
 
 
 # --------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,20 @@ def _log_mlflow(cfg: Config, run_dir: Path | None, tokens_seen: int, metrics: di
     return run_id
 
 
+@dataclass
+class _Evaluation:
+    """What every checkpoint evaluated by one `evaluate` call shares."""
+
+    cfg: Config
+    run_dir: Path | None
+    tasks: list[str]
+    device: torch.device
+    autocast: torch.dtype | None
+    progress: bool
+    versions: dict[str, str]
+    harness: Any = None  # built on the first checkpoint that needs it (task conversion + index)
+
+
 def evaluate(
     path: str | Path,
     overrides: list[str] | None = None,
@@ -107,87 +122,33 @@ def evaluate(
     """Evaluate every checkpoint under `path` not yet evaluated with these settings; returns the
     results of all of them (freshly computed or read back)."""
     import lm_eval
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir, checkpoints = find_checkpoints(path)
     cfg = load_eval_config(run_dir, config_path, list(overrides or []))
-    ev = cfg.eval
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # Same precision rule as training (bf16 autocast on CUDA unless fp32 is asked for), for every method.
     use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and dev.type == "cuda")
-    autocast = torch.bfloat16 if use_bf16 else None
-    tasks = list(ev.tasks)
+    tasks = list(cfg.eval.tasks)
     if cfg.data.source != "synthetic" and "synthetic" in tasks:
         tasks.remove("synthetic")  # the alias means "if the corpus has a generator"
     set_quiet()
+    run = _Evaluation(cfg, run_dir, tasks, dev, torch.bfloat16 if use_bf16 else None, progress,
+                      {"lm_eval": lm_eval.__version__, "torch": torch.__version__})
 
-    harness = None  # built on the first checkpoint that needs it (task conversion + index)
-    data_dir = cfg.data_dir
     results = []
     for i, ckpt in enumerate(checkpoints, 1):
         meta = json.loads((ckpt / "checkpoint.json").read_text())
         out_path = ckpt / RESULTS_FILE
         settings = _settings(cfg, tasks)
-        if out_path.is_file() and not force:
-            done = json.loads(out_path.read_text())
-            if done.get("settings") == settings:
-                if progress:
-                    print(f"[{i}/{len(checkpoints)}] {ckpt.name}: already evaluated ({out_path})", flush=True)
-                results.append(done)
-                continue
+        done = None if force else _previous_result(out_path, settings)
+        if done is not None:
+            if progress:
+                print(f"[{i}/{len(checkpoints)}] {ckpt.name}: already evaluated ({out_path})", flush=True)
+            results.append(done)
+            continue
         if progress:
             print(f"[{i}/{len(checkpoints)}] {ckpt.name} ({meta['tokens_seen']:,} tokens)", flush=True)
-        t0 = time.time()
-        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(dev).eval()
-        tokenizer = AutoTokenizer.from_pretrained(ckpt)
-        metrics: dict[str, float] = {}
-        seconds: dict[str, float] = {}
-
-        if (data_dir / "manifest.json").is_file():
-            ppl = heldout_perplexity(model, data_dir, cfg.train.block_size, ev.batch_size, ev.ppl_max_blocks,
-                                     autocast, progress)
-            metrics.update(ppl)
-            seconds["perplexity"] = time.time() - t0
-        elif progress:
-            print(f"  no prepared data at {data_dir}: held-out perplexity skipped", flush=True)
-
-        n_docs, clipped = {}, 0
-        if tasks:
-            if harness is None:
-                harness = prepare_harness(
-                    tasks, task_data=ev.task_data, work_dir=cfg.experiment_dir / "eval_tasks",
-                    data_dir=data_dir, tokenizer=tokenizer, synthetic_docs=ev.synthetic_docs,
-                    max_tokens=model.config.n_positions, seed=cfg.seed,
-                )
-            t1 = time.time()
-            lm = make_lm(model, tokenizer, ev.harness_batch_size, autocast)
-            task_metrics, raw = harness.run(lm, limit=ev.limit)
-            metrics.update(task_metrics)
-            n_docs, clipped = raw.get("n-samples", {}), raw["clipped_continuations"]
-            seconds["harness"] = time.time() - t1
-        metrics.update(paper_summary(metrics, metrics.get("val_ppl")))
-
-        record = {
-            "checkpoint": str(ckpt.resolve()),
-            "step": meta["step"],
-            "tokens_seen": meta["tokens_seen"],
-            "method": meta.get("method"),
-            "settings": settings,
-            "metrics": metrics,
-            "n_docs": n_docs,
-            "clipped_continuations": clipped,
-            "seconds": seconds,
-            "device": str(dev),
-            "versions": {"lm_eval": lm_eval.__version__, "torch": torch.__version__},
-        }
-        record["mlflow_run_id"] = _log_mlflow(cfg, run_dir, meta["tokens_seen"], metrics)
-        atomic_write_json(out_path, record, indent=1)  # last: its presence means "done"
-        results.append(record)
-        if progress:
-            shown = {k: round(v, 4) for k, v in metrics.items() if k in ("val_ppl", "avg_acc") or k.endswith(
-                ("/acc", "/acc_norm", "/perplexity", "/word_perplexity"))}
-            print(f"  {json.dumps(shown)}  ({time.time() - t0:.1f}s) -> {out_path}", flush=True)
-        del model
+        results.append(_evaluate_checkpoint(run, ckpt, meta, settings))
     if run_dir is not None and Path(path).resolve() == run_dir.resolve():
         # A run-level record (the DAG's output for "every checkpoint of this run is evaluated").
         atomic_write_json(run_dir / "eval_summary.json", {
@@ -197,3 +158,72 @@ def evaluate(
         }, indent=1)
     return results
 
+
+def _previous_result(out_path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint's eval.json if it was made with these settings, else None."""
+    if not out_path.is_file():
+        return None
+    done = json.loads(out_path.read_text())
+    return done if done.get("settings") == settings else None
+
+
+def _evaluate_checkpoint(run: _Evaluation, ckpt: Path, meta: dict, settings: dict[str, Any]) -> dict[str, Any]:
+    """Perplexity and tasks of one checkpoint -> its eval.json (written last) and the MLflow run."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, ev, out_path = run.cfg, run.cfg.eval, ckpt / RESULTS_FILE
+    t0 = time.time()
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(run.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    metrics: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    if (cfg.data_dir / "manifest.json").is_file():
+        ppl = heldout_perplexity(model, cfg.data_dir, cfg.train.block_size, ev.batch_size, ev.ppl_max_blocks,
+                                 run.autocast, run.progress)
+        metrics.update(ppl)
+        seconds["perplexity"] = time.time() - t0
+    elif run.progress:
+        print(f"  no prepared data at {cfg.data_dir}: held-out perplexity skipped", flush=True)
+    n_docs, clipped = _run_tasks(run, model, tokenizer, metrics, seconds) if run.tasks else ({}, 0)
+    metrics.update(paper_summary(metrics, metrics.get("val_ppl")))
+
+    record = {
+        "checkpoint": str(ckpt.resolve()),
+        "step": meta["step"],
+        "tokens_seen": meta["tokens_seen"],
+        "method": meta.get("method"),
+        "settings": settings,
+        "metrics": metrics,
+        "n_docs": n_docs,
+        "clipped_continuations": clipped,
+        "seconds": seconds,
+        "device": str(run.device),
+        "versions": dict(run.versions),
+    }
+    record["mlflow_run_id"] = _log_mlflow(cfg, run.run_dir, meta["tokens_seen"], metrics)
+    atomic_write_json(out_path, record, indent=1)  # last: its presence means "done"
+    if run.progress:
+        shown = {k: round(v, 4) for k, v in metrics.items() if k in ("val_ppl", "avg_acc") or k.endswith(
+            ("/acc", "/acc_norm", "/perplexity", "/word_perplexity"))}
+        print(f"  {json.dumps(shown)}  ({time.time() - t0:.1f}s) -> {out_path}", flush=True)
+    return record
+
+
+def _run_tasks(run: _Evaluation, model, tokenizer, metrics: dict[str, float],
+               seconds: dict[str, float]) -> tuple[dict, int]:
+    """lm-eval tasks on `model` (the harness is prepared on first use); adds their metrics and time
+    to `metrics` and `seconds`, returns (documents per task, clipped continuations)."""
+    cfg, ev = run.cfg, run.cfg.eval
+    if run.harness is None:
+        run.harness = prepare_harness(
+            run.tasks, task_data=ev.task_data, work_dir=cfg.experiment_dir / "eval_tasks",
+            data_dir=cfg.data_dir, tokenizer=tokenizer, synthetic_docs=ev.synthetic_docs,
+            max_tokens=model.config.n_positions, seed=cfg.seed,
+        )
+    t1 = time.time()
+    lm = make_lm(model, tokenizer, ev.harness_batch_size, run.autocast)
+    task_metrics, raw = run.harness.run(lm, limit=ev.limit)
+    metrics.update(task_metrics)
+    n_docs, clipped = raw.get("n-samples", {}), raw["clipped_continuations"]
+    seconds["harness"] = time.time() - t1
+    return n_docs, clipped

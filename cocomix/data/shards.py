@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Config
+from ..config import Config, DataConfig
 from ..files import atomic_write_json, sha256_file
 from .errors import DataError
 from .sources import iter_documents
@@ -142,25 +142,47 @@ def _config_key(cfg: Config) -> dict[str, Any]:
 
 def _build(cfg: Config, tmp: Path, progress: bool) -> dict[str, Any]:
     """Write tokenizer, shards and concepts into `tmp`; return the manifest (not yet written)."""
-    from tqdm.auto import tqdm
-
     data = cfg.data
+    tok = _make_tokenizer(cfg, tmp, progress)
+    eos_id = int(tok.eos_token_id)
+    vocab_size = len(tok)
+    dtype = np.dtype("<u2") if vocab_size <= 65535 else np.dtype("<u4")
+    splits, max_id = _write_shards(data, tmp, tok.backend_tokenizer, eos_id, dtype, progress)
+    concepts_info = _write_concept_table(data, tmp) if data.source == "synthetic" else None
+    return {
+        **_config_key(cfg),
+        "source": data.source,
+        "tokenizer_hash": tokenizer_hash(tok),
+        "vocab_size": vocab_size,
+        "eos_id": eos_id,
+        "max_token_id": max_id,
+        "dtype": dtype.name,
+        "splits": splits,
+        "concepts": concepts_info,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
-    # 1. Tokenizer: trained on the training documents only (val stays unseen), or loaded.
+
+def _make_tokenizer(cfg: Config, tmp: Path, progress: bool):
+    """Step 1: the tokenizer, trained on the training documents only (val stays unseen) or loaded,
+    saved to `tmp/tokenizer`."""
     if cfg.tokenizer.path:
         tok = load_tokenizer(cfg.tokenizer.path)
     else:
         if progress:
             print(f"training byte-level BPE (vocab {cfg.tokenizer.vocab_size}) on the training documents", flush=True)
-        texts = (d.text for d in iter_documents(data, split="train"))
+        texts = (d.text for d in iter_documents(cfg.data, split="train"))
         tok = train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.train_max_chars)
     tok.save_pretrained(str(tmp / "tokenizer"))
-    backend = tok.backend_tokenizer
-    eos_id = int(tok.eos_token_id)
-    vocab_size = len(tok)
-    dtype = np.dtype("<u2") if vocab_size <= 65535 else np.dtype("<u4")
+    return tok
 
-    # 2. Stream documents -> token ids -> shards.
+
+def _write_shards(data: DataConfig, tmp: Path, backend, eos_id: int, dtype: np.dtype,
+                  progress: bool) -> tuple[dict, int]:
+    """Step 2: stream documents -> token ids -> shards, encoded in batches of documents; returns
+    ({split: its shards}, the largest token id written)."""
+    from tqdm.auto import tqdm
+
     synthetic = data.source == "synthetic"
     writers = {s: _ShardWriter(tmp, s, dtype, data.shard_tokens, synthetic) for s in SPLITS}
     max_id = -1
@@ -168,16 +190,7 @@ def _build(cfg: Config, tmp: Path, progress: bool) -> dict[str, Any]:
 
     def flush(batch: list) -> None:
         nonlocal max_id
-        encodings = backend.encode_batch([d.text for d in batch], add_special_tokens=False)
-        for doc, enc in zip(batch, encodings):
-            ids = np.array(enc.ids + [eos_id], dtype=np.int64)
-            max_id = max(max_id, int(ids.max()))
-            concepts = None
-            if synthetic:
-                concepts = np.zeros((len(ids), N_SLOTS), dtype=np.uint16)  # EOS row stays 0
-                if len(enc.ids):
-                    concepts[:-1] = align_concepts(doc.synthetic, np.asarray(enc.offsets, dtype=np.int64))
-            writers[doc.split].write_doc(ids, concepts)
+        max_id = max(max_id, _encode_documents(batch, backend, eos_id, synthetic, writers))
         bar.update(len(batch))
         bar.set_postfix(tokens=sum(w.n_tokens for w in writers.values()), refresh=False)
 
@@ -198,30 +211,36 @@ def _build(cfg: Config, tmp: Path, progress: bool) -> dict[str, Any]:
             raise DataError(
                 f"data source {data.source}: no {s} documents (expected at least 2 documents so both splits get one)"
             )
+    return splits, max_id
 
-    concepts_info = None
-    if synthetic:
-        table = SyntheticLanguage(data.synthetic).concept_table()
-        (tmp / "concepts.json").write_text(json.dumps(table, indent=1))
-        concepts_info = {
-            "file": "concepts.json",
-            "n_slots": N_SLOTS,
-            "slot_names": list(SLOT_NAMES),
-            "n_concepts": table["n_concepts"],
-            "dtype": "uint16",
-        }
 
+def _encode_documents(batch: list, backend, eos_id: int, synthetic: bool, writers: dict) -> int:
+    """Encode a batch of documents, each followed by EOS, into the writers of their splits (with
+    each token's ground-truth concepts on the synthetic corpus); returns the largest token id."""
+    max_id = -1
+    encodings = backend.encode_batch([d.text for d in batch], add_special_tokens=False)
+    for doc, enc in zip(batch, encodings):
+        ids = np.array(enc.ids + [eos_id], dtype=np.int64)
+        max_id = max(max_id, int(ids.max()))
+        concepts = None
+        if synthetic:
+            concepts = np.zeros((len(ids), N_SLOTS), dtype=np.uint16)  # (n_tokens, n_slots); EOS row stays 0
+            if len(enc.ids):
+                concepts[:-1] = align_concepts(doc.synthetic, np.asarray(enc.offsets, dtype=np.int64))
+        writers[doc.split].write_doc(ids, concepts)
+    return max_id
+
+
+def _write_concept_table(data: DataConfig, tmp: Path) -> dict[str, Any]:
+    """Synthetic source: `concepts.json`, what every concept id means; returns its manifest entry."""
+    table = SyntheticLanguage(data.synthetic).concept_table()
+    (tmp / "concepts.json").write_text(json.dumps(table, indent=1))
     return {
-        **_config_key(cfg),
-        "source": data.source,
-        "tokenizer_hash": tokenizer_hash(tok),
-        "vocab_size": vocab_size,
-        "eos_id": eos_id,
-        "max_token_id": max_id,
-        "dtype": dtype.name,
-        "splits": splits,
-        "concepts": concepts_info,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "file": "concepts.json",
+        "n_slots": N_SLOTS,
+        "slot_names": list(SLOT_NAMES),
+        "n_concepts": table["n_concepts"],
+        "dtype": "uint16",
     }
 
 
