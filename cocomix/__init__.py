@@ -14,7 +14,7 @@ import sys
 def _register() -> None:
     if "cocomix.model" in sys.modules:
         return  # being imported right now (it imports transformers): it registers itself when done
-    import cocomix.model  # lazy: pulls in torch; registers the model type on import
+    import cocomix.model  # noqa: F401 (# lazy: pulls in torch; registers the model type on import)
 
 
 class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
