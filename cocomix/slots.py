@@ -10,6 +10,8 @@ name. A slot module says
     flops_params()    the weights a token's forward multiplies through (for FLOPs per token)
     inactive_params() stored parameters a token does not use (for active-parameter accounting)
     init_weights()    its own initialisation
+    all_params_reach_stream  False when some parameters may get no gradient from the LM loss
+                      (DDP must then look for unused parameters)
 
 and declares its fields of `CocomixConfig.slot_options` as a small dataclass (`Options`), so a
 checkpoint rebuilds itself. Register a new slot with `@register_slot`; its method (one module in
@@ -44,6 +46,7 @@ def interleave(h, slot):
 class Slot(nn.Module):
     name = "slot"
     streams = 1
+    all_params_reach_stream = True
 
     @dataclass
     class Options:
@@ -154,6 +157,8 @@ class _MixingSlot(Slot):
         if self.options.mix not in MIX_MODES:
             raise ValueError(f"concept mix must be one of {list(MIX_MODES)}, got {self.options.mix!r}")
         self.streams = 2 if self.options.mix == "interleave" else 1
+        # Prediction only: the compressed concept is computed but never enters the stream.
+        self.all_params_reach_stream = self.options.mix != "none"
         self.pre_bias = nn.Parameter(torch.zeros(config.n_embd))
 
     def forward(self, h, steering=None):

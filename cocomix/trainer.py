@@ -109,8 +109,12 @@ class Trainer:
         self.resumed_from = self.checkpointer.resume(self)
         self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
         if self.dist.world_size > 1:
+            # The prediction-only ablation leaves parameters without gradients (its compression, and with
+            # concept.lam=0 its whole head): DDP must search for them, at a cost only that run pays.
+            unused = self.model.slot is not None and not self.model.slot.all_params_reach_stream
             self.train_model = torch.nn.parallel.DistributedDataParallel(
-                self.train_model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
+                self.train_model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None,
+                find_unused_parameters=unused)
         self.last_val: dict[str, float] = {}
         self.callbacks = self.default_callbacks(progress, on_eval) + list(callbacks or [])
 

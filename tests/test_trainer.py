@@ -103,6 +103,27 @@ def test_exact_resume_after_sigkill(tmp_path, tiny_data):
 
 
 @pytest.mark.slow
+def test_ddp_runs_the_prediction_only_ablation_whose_compression_never_reaches_the_loss(tmp_path, tiny_data):
+    # concept.mix=none computes the concept but leaves the stream alone, and lam=0 drops the concept
+    # loss too: parameters without gradients, which DDP refuses unless told ("Expected to have
+    # finished reduction in the prior iteration"). Two gloo processes must train it like one.
+    extra = ["method=cocomix", "concept.mix=none", "concept.lam=0", "train.tokens=16384",
+             "train.log_every_steps=1", "train.global_batch_size=16", "train.micro_batch_size=8"]
+    one = _run_cli_train(tiny_overrides(tmp_path / "one", tiny_data, *extra))
+    assert one.wait(timeout=600) == 0, one.stderr.read()[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+                "-m", "cocomix.cli", "train", "--config", str(ROOT / "config/tiny.yaml"), "--no-progress",
+                *tiny_overrides(tmp_path / "two", tiny_data, *extra)]
+    two = subprocess.run(torchrun, env=ENV, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    runs = [load_config(ROOT / "config/tiny.yaml", tiny_overrides(tmp_path / n, tiny_data, *extra)).run_dir
+            for n in ("one", "two")]
+    losses = [[r["train/loss"] for r in _metrics(run) if "train/loss" in r] for run in runs]
+    assert len(losses[0]) == len(losses[1]) == 16
+    assert max(abs(x - y) for x, y in zip(*losses)) < 1e-5
+
+
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path, tiny_data):
     extra = ["train.tokens=32768", "train.log_every_steps=1", "train.global_batch_size=16", "train.micro_batch_size=4"]
     one = _run_cli_train(tiny_overrides(tmp_path / "one", tiny_data, *extra))
