@@ -102,40 +102,23 @@ def test_exact_resume_after_sigkill(tmp_path, tiny_data):
     assert all(abs(x["train/loss"] - y["train/loss"]) <= 1e-6 for x, y in zip(ma, mb) if "train/loss" in x)
 
 
-@pytest.mark.slow
-def test_ddp_runs_the_prediction_only_ablation_whose_compression_never_reaches_the_loss(tmp_path, tiny_data):
-    # concept.mix=none computes the concept but leaves the stream alone, and lam=0 drops the concept
-    # loss too: parameters without gradients, which DDP refuses unless told ("Expected to have
-    # finished reduction in the prior iteration"). Two gloo processes must train it like one.
-    extra = ["method=cocomix", "concept.mix=none", "concept.lam=0", "train.tokens=16384",
-             "train.log_every_steps=1", "train.global_batch_size=16", "train.micro_batch_size=8"]
-    one = _run_cli_train(tiny_overrides(tmp_path / "one", tiny_data, *extra))
+def _one_and_two_processes(tmp_path, data, extra, port):
+    """The same run on 1 process and under torchrun on 2 gloo processes: the two metrics logs."""
+    one = _run_cli_train(tiny_overrides(tmp_path / "one", data, *extra))
     assert one.wait(timeout=600) == 0, one.stderr.read()[-2000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                 "-m", "cocomix.cli", "train", "--config", str(ROOT / "config/tiny.yaml"), "--no-progress",
-                *tiny_overrides(tmp_path / "two", tiny_data, *extra)]
+                *tiny_overrides(tmp_path / "two", data, *extra)]
     two = subprocess.run(torchrun, env=ENV, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
-    runs = [load_config(ROOT / "config/tiny.yaml", tiny_overrides(tmp_path / n, tiny_data, *extra)).run_dir
+    return [_metrics(load_config(ROOT / "config/tiny.yaml", tiny_overrides(tmp_path / n, data, *extra)).run_dir)
             for n in ("one", "two")]
-    losses = [[r["train/loss"] for r in _metrics(run) if "train/loss" in r] for run in runs]
-    assert len(losses[0]) == len(losses[1]) == 16
-    assert max(abs(x - y) for x, y in zip(*losses)) < 1e-5
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path, tiny_data):
     extra = ["train.tokens=32768", "train.log_every_steps=1", "train.global_batch_size=16", "train.micro_batch_size=4"]
-    one = _run_cli_train(tiny_overrides(tmp_path / "one", tiny_data, *extra))
-    assert one.wait(timeout=600) == 0, one.stderr.read()[-2000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                "-m", "cocomix.cli", "train", "--config", str(ROOT / "config/tiny.yaml"), "--no-progress",
-                *tiny_overrides(tmp_path / "two", tiny_data, *extra)]
-    two = subprocess.run(torchrun, env=ENV, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    run_one = load_config(ROOT / "config/tiny.yaml", tiny_overrides(tmp_path / "one", tiny_data, *extra)).run_dir
-    run_two = load_config(ROOT / "config/tiny.yaml", tiny_overrides(tmp_path / "two", tiny_data, *extra)).run_dir
-    m1, m2 = _metrics(run_one), _metrics(run_two)
+    m1, m2 = _one_and_two_processes(tmp_path, tiny_data, extra, 29517)
     losses1 = [r["train/loss"] for r in m1 if "train/loss" in r]
     losses2 = [r["train/loss"] for r in m2 if "train/loss" in r]
     assert len(losses1) == len(losses2) == 32
@@ -143,6 +126,19 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_data):
     v1 = [r["val/loss"] for r in m1 if "val/loss" in r]
     v2 = [r["val/loss"] for r in m2 if "val/loss" in r]
     assert max(abs(x - y) for x, y in zip(v1, v2)) < 1e-5
+
+
+@pytest.mark.slow
+def test_ddp_runs_the_prediction_only_ablation_whose_compression_never_reaches_the_loss(tmp_path, tiny_data):
+    # concept.mix=none computes the concept but leaves the stream alone, and lam=0 drops the concept
+    # loss too: parameters without gradients, which DDP refuses unless told ("Expected to have
+    # finished reduction in the prior iteration"). Two gloo processes must train it like one.
+    extra = ["method=cocomix", "concept.mix=none", "concept.lam=0", "train.tokens=16384",
+             "train.log_every_steps=1", "train.global_batch_size=16", "train.micro_batch_size=8"]
+    m1, m2 = _one_and_two_processes(tmp_path, tiny_data, extra, 29519)
+    losses = [[r["train/loss"] for r in m if "train/loss" in r] for m in (m1, m2)]
+    assert len(losses[0]) == len(losses[1]) == 16
+    assert max(abs(x - y) for x, y in zip(*losses)) < 1e-5
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, tiny_data):
