@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -193,7 +194,11 @@ class OnEval(Callback):
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state as tensors and plain data, so trainer_state.pt loads with weights_only=True
+    (numpy's key array becomes an int64 tensor; nothing in a checkpoint can execute code on load)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -201,7 +206,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -265,7 +271,12 @@ class Checkpointer(Callback):
         barrier(trainer.dist)
 
     def load(self, trainer, path: Path) -> None:
-        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        try:  # tensors and plain data only: a crafted file cannot run code here
+            state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise TrainingError(f"checkpoint {path}: trainer_state.pt holds objects other than tensors and plain "
+                                "data (written before cocomix stored RNG states as tensors, or not by cocomix); "
+                                "refusing to unpickle it: start a new run folder or set train.resume=never") from None
         if state["tokens_per_step"] != trainer.tokens_per_step:
             raise TrainingError(
                 f"checkpoint {path}: tokens per step {state['tokens_per_step']} differs from the config's "

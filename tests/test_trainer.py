@@ -229,3 +229,25 @@ def test_changed_config_starts_over_instead_of_resuming(tmp_path, tiny_data):
     again = train(_cfg(tmp_path, tiny_data, "train.tokens=20480", "train.lr=1e-3", "train.log_every_steps=5"),
                   progress=False)
     assert again["val/loss"] == second["val/loss"] and not (cfg.run_dir / "superseded-2").exists()
+
+
+class _RunsCode:
+    """A pickle that runs code when unpickled (what a crafted trainer_state.pt could carry)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_refuses_a_trainer_state_that_would_run_code(tmp_path, tiny_data):
+    cfg = _cfg(tmp_path, tiny_data, "train.tokens=20480")
+    ckpt = Trainer(cfg, progress=False).save_checkpoint()
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)  # what we write is tensors and plain data
+    assert isinstance(state["rng"][0]["numpy"][1], torch.Tensor)
+    marker = tmp_path / "code-ran"
+    torch.save({**state, "payload": _RunsCode(marker)}, ckpt / "trainer_state.pt")
+    with pytest.raises(TrainingError, match=r"trainer_state.pt holds objects other than tensors and plain data"):
+        Trainer(cfg, progress=False)
+    assert not marker.exists()  # refused before anything was unpickled
