@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
 import platform
@@ -32,8 +33,6 @@ def make_train_step(method, model, batch, optimizer, autocast, forward=None):
 def config_parser(doc: str, warmup: int = 2):
     """The arguments every model benchmark takes: a config, dotted overrides, vocabulary, micro-batch,
     warm-up and where results go."""
-    import argparse
-
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "config/tiny.yaml"))
     ap.add_argument("overrides", nargs="*")

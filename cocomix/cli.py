@@ -334,11 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The errors that end in one `cocomix: error:` line, by a module that holds each (where it is defined,
-# and its public home where that differs); tests/test_cli.py checks every entry resolves.
+# The errors that end in one `cocomix: error:` line, by the module that defines each
+# (tests/test_cli.py checks every entry resolves).
 USER_ERRORS = (("cocomix.config", "ConfigError"), ("cocomix.data.errors", "DataError"),
-               ("cocomix.callbacks", "TrainingError"), ("cocomix.trainer", "TrainingError"),
-               ("cocomix.sweep", "SweepError"))
+               ("cocomix.callbacks", "TrainingError"), ("cocomix.sweep", "SweepError"))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -21,7 +21,6 @@ Like `model.py`, this file imports only torch: checkpoints ship it next to `mode
 with `trust_remote_code=True` without the `cocomix` package.
 """
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -54,10 +53,7 @@ class Slot(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        try:
-            self.options = self.Options(**(config.slot_options or {}))
-        except TypeError as e:  # an unknown or missing option
-            raise ValueError(f"slot {self.name!r}: bad slot_options {config.slot_options!r} ({e})") from None
+        self.options = self.Options(**(config.slot_options or {}))  # CocomixConfig has checked them
         self.n_embd = config.n_embd
 
     def forward(self, h, steering=None):
@@ -256,10 +252,3 @@ class HiddenSlot(_MixingSlot):
 
     def init_weights(self, init, std: float) -> None:
         init.zeros_(self.pre_bias)
-
-
-def slot_options(name: str, **values) -> dict:
-    """The options dict of slot `name` with defaults filled in and checked (for `CocomixConfig`)."""
-    if name not in SLOTS:
-        raise ValueError(f"unknown slot {name!r} (expected one of {sorted(SLOTS)})")
-    return dataclasses.asdict(SLOTS[name].Options(**values))

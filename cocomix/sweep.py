@@ -160,8 +160,7 @@ def study_key(cfg: Config, space: dict[str, SweepParam]) -> str:
     is left out: the base config may name any method, every trial is CoCoMix."""
     from cocomix.methods import get_method  # lazy: torch/transformers; the Snakefile imports sweep
 
-    m = get_method("cocomix")
-    sections = [k for k in RUN_SECTIONS + tuple(getattr(m, "reads", None) or m.uses) if k != "method"]
+    sections = [k for k in RUN_SECTIONS + get_method("cocomix").reads if k != "method"]
     return fingerprint(cfg, sections, drop=(*space, "train.tokens"),
                        extra={"budget": budget(cfg), "space": {k: vars(v) for k, v in sorted(space.items())}})
 

@@ -51,7 +51,7 @@ class StepResult:
 
     loss: float                     # mean over the global batch (all processes)
     lr: float
-    grad_norm: torch.Tensor         # before clipping
+    grad_norm: torch.Tensor | None  # before clipping (None until the gradients are clipped)
     parts: dict[str, torch.Tensor]  # the method's named loss parts, this process's mean
 
 
@@ -77,7 +77,7 @@ def train_step(model: torch.nn.Module, method: Method, optimizer: torch.optim.Op
         loss_sum += loss.detach().float() / len(micro)
         for k, v in parts.items():
             parts_sum[k] = parts_sum.get(k, 0.0) + v.float() / len(micro)
-    result = StepResult(all_reduce_mean(loss_sum, dist).item(), lr, torch.zeros(()), parts_sum)
+    result = StepResult(all_reduce_mean(loss_sum, dist).item(), lr, None, parts_sum)
     if before_update is not None:
         before_update(result)
     result.grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
@@ -158,6 +158,10 @@ class Trainer:
         callbacks = [NaNGuard(), Progress(progress), TrainMetrics(), Evaluator(), Tracking(), self.checkpointer]
         return callbacks + ([OnEval(on_eval)] if on_eval is not None else [])
 
+    def _before_update(self, result: StepResult) -> None:
+        for cb in self.callbacks:
+            cb.before_optimizer_step(self, result)
+
     def save_checkpoint(self):
         """Save a checkpoint of the current state now (the Checkpointer does it on schedule)."""
         return self.checkpointer.save(self)
@@ -185,14 +189,9 @@ class Trainer:
         """One optimizer step over `micro` (this process's micro-batches of one global batch)."""
         t = self.cfg.train
         lr = lr_at(self.step, self.total_steps, self.warmup_steps, t.lr, t.min_lr_ratio)
-
-        def before_update(result: StepResult) -> None:
-            for cb in self.callbacks:
-                cb.before_optimizer_step(self, result)
-
         result = train_step(self.model, self.method, self.optimizer, micro, lr=lr, grad_clip=t.grad_clip,
                             autocast=self.autocast, train_model=self.train_model, dist=self.dist,
-                            before_update=before_update)
+                            before_update=self._before_update)
         self.step += 1
         self.data_position += t.global_batch_size
         self.tokens_seen += self.tokens_per_step
