@@ -21,12 +21,13 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
-from cocomix.dag import Dag
+from cocomix.dag import Dag, requested
 
 # The typed loader is the schema: unknown keys, wrong types, impossible values and unknown methods
-# stop here, before any job starts, and so does every planned run's resolved config. (Not named
-# DAG: a Snakefile runs in snakemake.workflow's globals, where DAG is Snakemake's own class.)
-PLAN = Dag(config.get("config", "config/tiny.yaml"))
+# stop here, before any job starts, and so does every planned run's resolved config, and a global
+# batch the profile's GPUs per training job (train:gpu) cannot split. (Not named DAG: a Snakefile
+# runs in snakemake.workflow's globals, where DAG is Snakemake's own class.)
+PLAN = Dag(config.get("config", "config/tiny.yaml"), train_gpus=requested(workflow, "train", "gpu") or 1)
 
 
 include: "workflow/rules/common.smk"

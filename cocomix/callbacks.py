@@ -195,13 +195,23 @@ class OnEval(Callback):
 
 def rng_state() -> dict:
     """Every RNG state as tensors and plain data, so trainer_state.pt loads with weights_only=True
-    (numpy's key array becomes an int64 tensor; nothing in a checkpoint can execute code on load)."""
+    (numpy's key array becomes an int64 tensor; nothing in a checkpoint can execute code on load).
+    On CUDA, the state of this process's own device only: a job may resume where another number of
+    GPUs is visible, or on another GPU (the claimed device is always this process's cuda:0)."""
     name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian)}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def cuda_rng_for_this_device(saved, device_index: int):
+    """The CUDA RNG state to restore on this process's device: the saved tensor, or from an older
+    checkpoint's list of every visible device's states the entry of this device (None if absent)."""
+    if isinstance(saved, (list, tuple)):
+        return saved[device_index] if device_index < len(saved) else None
+    return saved
 
 
 def set_rng_state(state: dict) -> None:
@@ -210,7 +220,16 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = cuda_rng_for_this_device(state["cuda"], torch.cuda.current_device())
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+
+
+def seed_rngs(seed: int) -> None:
+    """Fresh RNG streams for a process the checkpoint has no state for."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 class Checkpointer(Callback):
@@ -293,8 +312,21 @@ class Checkpointer(Callback):
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.step, trainer.tokens_seen = state["step"], state["tokens_seen"]
         trainer.data_position = state["data_position"]
-        rng = state["rng"]
-        set_rng_state(rng[trainer.dist.rank] if isinstance(rng, list) else rng)
+        self.restore_rngs(trainer, path, state["rng"] if isinstance(state["rng"], list) else [state["rng"]])
+
+    @staticmethod
+    def restore_rngs(trainer, path: Path, rngs: list[dict]) -> None:
+        """Each process's RNG states. A checkpoint written by another number of processes resumes too:
+        processes it has states for take theirs, the others fresh streams seeded by (seed, step, rank),
+        and the run continues, not bit for bit (different dropout masks than one uninterrupted run)."""
+        d = trainer.dist
+        if len(rngs) != d.world_size and d.is_main:
+            print(f"{path}: written by {len(rngs)} process(es), resumed on {d.world_size}: continuing, but not "
+                  "bit-exact (exact resume needs the same world size)", flush=True)
+        if d.rank < len(rngs):
+            set_rng_state(rngs[d.rank])
+        else:
+            seed_rngs((trainer.cfg.seed * 1_000_003 + trainer.step) * 1_009 + d.rank)
 
     # ---- save ----
 

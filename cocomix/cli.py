@@ -27,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from cocomix.config import ConfigError, describe_config, load_config, parse_overrides  # noqa: E402
+from cocomix.gpus import claim_for_process  # noqa: E402
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -347,8 +348,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(cls for cls in found if isinstance(cls, type))
 
 
+# Subcommands that run on a GPU when there is one: each claims one device (cocomix/gpus.py) before
+# torch starts, so concurrent DAG jobs never share a GPU. `sweep` claims in its workers (--join).
+GPU_COMMANDS = ("train", "train-sae", "extract-concepts", "eval", "inspect", "steer")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in GPU_COMMANDS or (args.command == "sweep" and args.join):
+        claim_for_process()
     try:
         return args.func(args)
     except Exception as e:

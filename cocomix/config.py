@@ -185,7 +185,8 @@ class TrainConfig(Section):
     global_batch_size: int = 32
     """Sequences per optimizer step summed over processes and accumulation steps."""
     micro_batch_size: int = 16
-    """Sequences per forward pass on one process."""
+    """Most sequences per forward pass on one process (a memory cap): with more processes than
+    global_batch_size / micro_batch_size, each runs its whole share in one smaller pass."""
     lr: float = 1e-3
     """Peak AdamW learning rate, reached after warm-up (the paper: 6e-4 / 3e-4 / 2e-4 at 69M / 386M /
     1.38B, spec section 2)."""
@@ -226,6 +227,22 @@ class TrainConfig(Section):
         _need(self.lr > 0, "train.lr", "must be positive")
         _need(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
         _need(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+
+
+def split_batch(global_batch_size: int, micro_batch_size: int, world_size: int) -> tuple[int, int]:
+    """How `world_size` processes share one optimizer step: (sequences per forward pass on each
+    process, accumulation steps). The global batch is split evenly; each process runs passes of at
+    most `micro_batch_size`, all of one size. The same split whatever the number of processes gives
+    the same mean loss, so results do not depend on it."""
+    if global_batch_size % world_size:
+        raise ConfigError(f"train.global_batch_size={global_batch_size} cannot be split evenly over "
+                          f"{world_size} processes")
+    per_rank = global_batch_size // world_size
+    micro = min(micro_batch_size, per_rank)
+    if per_rank % micro:
+        raise ConfigError(f"train.global_batch_size={global_batch_size} over {world_size} processes is {per_rank} "
+                          f"sequences each, not a multiple of train.micro_batch_size={micro_batch_size}")
+    return micro, per_rank // micro
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cocomix.config import Config, fingerprint, load_config
+from cocomix.config import Config, ConfigError, fingerprint, load_config, split_batch
 from cocomix.methods import get_method, run_fingerprint
 from cocomix.plan import RunSpec, plan_runs, teacher_spec
 from cocomix.sweep import study_name
@@ -34,8 +34,11 @@ SWEEP_METHOD = "cocomix"
 class Dag:
     """The experiment of one config file, as the rules see it."""
 
-    def __init__(self, config_path: str | Path):
+    def __init__(self, config_path: str | Path, train_gpus: int = 1):
+        """`train_gpus`: the GPUs (DDP processes) the profile gives each training job; every planned
+        run's global batch must split over them, checked here, before any job starts."""
         self.config_path = str(config_path)
+        self.train_gpus = train_gpus
         self.base = load_config(self.config_path)
         self.runs: dict[str, RunSpec] = {r.name: r for r in plan_runs(self.config_path)}
         self.teacher: RunSpec | None = teacher_spec(self.config_path)
@@ -50,6 +53,18 @@ class Dag:
             variant = self.label_variant(cfg)
             if variant is not None and "labels" in self.artifacts(cfg):
                 self.label_specs.setdefault(variant, spec)
+        self.check_launch()
+
+    def check_launch(self) -> None:
+        """Every training job (the teacher's too) can split its global batch over `train_gpus`."""
+        names = (["teacher"] if self.teacher else []) + list(self.runs)
+        for name in names:
+            t = self.config(name).train
+            try:
+                split_batch(t.global_batch_size, t.micro_batch_size, self.train_gpus)
+            except ConfigError as e:
+                raise ConfigError(f"run {name}: {e}, the GPUs the profile gives each training job (train:gpu); "
+                                  f"set train.global_batch_size to a multiple of {self.train_gpus} or lower train:gpu") from None
 
     # ---- runs ----
 
@@ -96,10 +111,17 @@ class Dag:
 
     @staticmethod
     def launcher(gpus: int) -> str:
-        """The run's interpreter; several GPUs in one job (SLURM profile): DDP through torchrun."""
+        """What runs a `cocomix` command: the CLI; with several GPUs in one job (SLURM profile), DDP
+        through cocomix.launch (torchrun on one node, srun + torchrun rendezvous on several)."""
         if gpus > 1:
-            return f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node {gpus}"
-        return sys.executable
+            return f"{sys.executable} -m cocomix.launch --gpus {gpus}"
+        return f"{sys.executable} -m cocomix.cli"
+
+    @staticmethod
+    def gpu_job_threads(cores: int, gpus: int | None) -> int:
+        """CPU threads of each GPU job: the cores shared among the GPUs (`--resources gpu=N`), so N
+        GPU jobs run at once; all cores when no GPU count is given (a laptop: one job at a time)."""
+        return max(1, cores // gpus) if gpus else cores
 
     # ---- data, teacher, SAE, labels ----
 
@@ -181,6 +203,15 @@ class Dag:
     def sweep_threads(self, threads: int) -> int:
         """OMP threads of each sweep worker: the job's threads shared among the workers."""
         return max(1, threads // self.sweep_workers())
+
+
+def requested(workflow, rule: str | None, resource: str):
+    """A resource the Snakemake profile or command line sets: for `rule` (set-resources) or for the
+    whole workflow (--resources) when `rule` is None. None when not set."""
+    settings = workflow.resource_settings
+    found = settings.overwrite_resources.get(rule, {}).get(resource) if rule else workflow.global_resources.get(resource)
+    value = getattr(found, "value", found)
+    return int(value) if isinstance(value, (int, float)) else None
 
 
 def _quote(overrides) -> str:

@@ -1,7 +1,7 @@
 """Device, precision and processes: the one place that decides where and in what dtype work runs.
 
     default_device()              cuda if there is one, else cpu (what SAE training, labelling,
-                                  evaluation and inspection use unless told otherwise)
+                                  evaluation and inspection use unless told otherwise); TF32 on
     autocast(device, precision)   bf16 autocast on CUDA for "auto"/"bf16", nothing (fp32) otherwise
     setup_distributed()           torchrun's WORLD_SIZE/RANK/LOCAL_RANK -> (Dist, device)
     peak_flops(device)            dense bf16 peak FLOP/s for MFU; None on CPU or an unknown GPU
@@ -17,11 +17,21 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from cocomix.gpus import claim_device
-
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """cuda:0 (the one GPU the CLI claimed for this process, cocomix/gpus.py) if there is one, else cpu."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    enable_tf32(device)
+    return device
+
+
+def enable_tf32(device: torch.device) -> None:
+    """fp32 matmuls and convolutions on CUDA use TF32 tensor cores (what stays fp32 under bf16
+    autocast: the SAE, online labels, the hidden-state ablation, concept metrics). Paths that must
+    be full fp32 (cached labels by default) turn it off around themselves."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def use_bf16(device: torch.device, precision: str = "auto") -> bool:
@@ -53,11 +63,11 @@ def setup_distributed() -> tuple[Dist, torch.device]:
     d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not torch.cuda.is_available():
         return d, torch.device("cpu")
-    index = d.local_rank
-    if world == 1 and torch.cuda.device_count() > 1:
-        index = claim_device(torch.cuda.device_count())  # concurrent DAG jobs: one GPU each
-    torch.cuda.set_device(index)
-    return d, torch.device("cuda", index)
+    # torchrun: one device per local rank; a single process: cuda:0, the GPU the CLI claimed for it
+    device = torch.device("cuda", d.local_rank)
+    torch.cuda.set_device(device)
+    enable_tf32(device)
+    return d, device
 
 
 def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from cocomix.callbacks import (Callback, Checkpointer, EarlyStop, Evaluator, NaNGuard, OnEval, Progress,
                                Tracking, TrainingError, TrainMetrics)
-from cocomix.config import Config
+from cocomix.config import Config, split_batch
 from cocomix.data import DataError
 from cocomix.data.shards import BlockOrder, TokenBlocks, check_tokenizer_matches, load_manifest
 from cocomix.device import Dist, all_reduce_mean, autocast, peak_flops, setup_distributed
@@ -128,11 +128,8 @@ class Trainer:
             if len(blocks) == 0:
                 raise DataError(f"{data_dir}: the {split} split has fewer tokens than one block of {t.block_size}")
         self.order = BlockOrder(len(self.train_blocks), t.data_seed)
-        per_rank = t.global_batch_size // self.dist.world_size
-        if t.global_batch_size % self.dist.world_size or per_rank % t.micro_batch_size:
-            raise TrainingError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                                f"world_size={self.dist.world_size} x train.micro_batch_size={t.micro_batch_size}")
-        self.accum_steps = per_rank // t.micro_batch_size
+        self.micro_batch_size, self.accum_steps = split_batch(t.global_batch_size, t.micro_batch_size,
+                                                              self.dist.world_size)
         self.tokens_per_step = t.global_batch_size * t.block_size
         self.total_steps = t.tokens // self.tokens_per_step
         self.warmup_steps = t.warmup_steps if t.warmup_steps is not None else max(1, self.total_steps // 300)
@@ -182,8 +179,9 @@ class Trainer:
         indices = self.order.take(self.data_position, t.global_batch_size)
         per_rank = t.global_batch_size // self.dist.world_size
         mine = indices[self.dist.rank * per_rank : (self.dist.rank + 1) * per_rank]
+        m = self.micro_batch_size
         return [Batch(self.train_blocks.get_batch(idx), self.method.extras("train", idx))
-                for idx in (mine[i : i + t.micro_batch_size] for i in range(0, per_rank, t.micro_batch_size))]
+                for idx in (mine[i : i + m] for i in range(0, per_rank, m))]
 
     def train_step(self, micro: list[Batch]) -> StepResult:
         """One optimizer step over `micro` (this process's micro-batches of one global batch)."""

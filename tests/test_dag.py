@@ -3,6 +3,7 @@ resume after a kill, and dry runs of the gpu/slurm profiles and the paper's full
 starts snakemake). Fast: the plan (cocomix/plan.py) and what the rules ask of it (cocomix/dag.py)."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cocomix.config import ConfigError
+from cocomix.config import ConfigError, split_batch
 from cocomix.dag import Dag
 from cocomix.plan import plan_runs
 from conftest import ROOT
@@ -144,14 +145,50 @@ def test_killed_snakemake_resumes_training(tmp_path):
     assert "resumed from" in log and "step_00000" in log
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("args", [["--profile", "gpu"], ["--profile", "slurm"]], ids=["gpu", "slurm"])
-def test_profile_dry_runs(tmp_path, args):
-    proc = subprocess.run([*SNAKEMAKE, "--directory", str(tmp_path), "--config", f"config={ROOT / '.test/config.yaml'}", "-n", *args],
+def _dry_run(tmp_path, config, *args):
+    return subprocess.run([*SNAKEMAKE, "--directory", str(tmp_path), "--config", f"config={config}", "-n", *args],
                           capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [".test/config.yaml", "config/tiny.yaml", "config/gutenberg.yaml"])
+def test_slurm_profile_plans_training_jobs_whose_batch_splits_over_eight_gpus(tmp_path, config):
+    # The profile gives every training job 8 GPUs; gutenberg's global batch 64 = micro-batch 64 and
+    # tiny's 32 = 32 could not be split over 8 ranks by the old trainer (every job failed at start).
+    proc = _dry_run(tmp_path, ROOT / config, "--profile", "slurm")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    if args[1] == "slurm":
-        assert "torch.distributed.run --standalone --nproc_per_node 8" in proc.stdout
+    assert "-m cocomix.launch --gpus 8 train" in proc.stdout
+    plan = Dag(ROOT / config, train_gpus=8)
+    for name in [*plan.runs, *(["teacher"] if plan.teacher else [])]:
+        t = plan.config(name).train
+        micro, accum = split_batch(t.global_batch_size, t.micro_batch_size, 8)
+        assert micro * accum * 8 == t.global_batch_size and micro <= t.micro_batch_size
+
+
+@pytest.mark.slow
+def test_a_batch_the_profiles_gpus_cannot_split_fails_at_planning_in_one_line(tmp_path):
+    config = tmp_path / "b12.yaml"
+    config.write_text(yaml.safe_dump({"experiment": "b12", "train": {"global_batch_size": 12, "micro_batch_size": 4}}))
+    proc = _dry_run(tmp_path, config, "--profile", "slurm")
+    assert proc.returncode != 0
+    assert re.search(r"ConfigError .*\n run [\w.-]+: train.global_batch_size=12 cannot be split evenly over 8 processes, "
+                     r"the GPUs the profile gives each training job \(train:gpu\)", (proc.stdout + proc.stderr).replace("\nrun", "\n run"))
+
+
+@pytest.mark.slow
+def test_gpu_profile_with_four_gpus_gives_every_gpu_job_a_quarter_of_the_cores(tmp_path):
+    # The old rules asked for all cores: with --resources gpu=4 four evaluations ran one after another.
+    proc = _dry_run(tmp_path, ROOT / ".test/config.yaml", "--cores", "16", "--profile", "gpu", "--resources", "gpu=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = [block for block in proc.stdout.split("\nrule ")[1:]]
+    threads = {}
+    for block in jobs:
+        rule = block.split(":", 1)[0]
+        line = next((ln for ln in block.splitlines() if ln.strip().startswith("threads:")), "threads: 1")
+        threads.setdefault(rule, set()).add(int(line.split(":")[1]))
+    for rule in ("train", "train_sae", "extract_concepts", "evaluate"):
+        assert threads[rule] == {4}, (rule, threads)
+    assert "OMP_NUM_THREADS=4" in proc.stdout
 
 
 @pytest.mark.slow
@@ -209,7 +246,7 @@ def test_each_run_reads_what_its_method_needs(tmp_path):
     assert "'concept.scoring=activation'" in dag.extract_overrides("activation-sequence_mean-k4")
     assert dag.labels_fingerprint("activation-sequence_mean-k4") != dag.labels_fingerprint("attribution-sequence_mean-k4")
     assert dag.fingerprint("kd-base-s0") != dag.fingerprint("ntp-base-s0")
-    assert dag.launcher(1).endswith("python") and "--nproc_per_node 8" in dag.launcher(8)
+    assert dag.launcher(1).endswith("python -m cocomix.cli") and dag.launcher(8).endswith("-m cocomix.launch --gpus 8")
     assert f"{exp}/tables/main.csv" in dag.report_outputs() and f"{exp}/runs/kd-base-s0/eval_summary.json" in dag.report_inputs()
 
 
@@ -220,3 +257,22 @@ def test_given_teacher_and_sae_are_not_built(tmp_path):
     assert dag.teacher is None and dag.train_inputs("kd-base-s0") == [data]
     assert dag.extract_inputs("attribution-sequence_mean-k4") == [data]
     assert dag.sweep_inputs() == [data, f"{dag.exp}/concepts/attribution-sequence_mean-k4/manifest.json"]
+
+
+def test_dag_checks_every_runs_batch_against_the_training_jobs_gpus():
+    Dag(ROOT / "config/paper.yaml", train_gpus=8)  # 512 / 8 = 64 per rank, micro 16: 4 accumulation steps
+    with pytest.raises(ConfigError, match=r"^run teacher: train.global_batch_size=32 cannot be split evenly over 3"):
+        Dag(ROOT / "config/tiny.yaml", train_gpus=3)
+
+
+@pytest.mark.parametrize("cores,gpus,threads", [(16, 4, 4), (16, None, 16), (2, 4, 1), (16, 1, 16)])
+def test_gpu_job_threads_share_the_cores_among_the_gpus(cores, gpus, threads):
+    assert Dag.gpu_job_threads(cores, gpus) == threads
+
+
+def test_split_batch_shrinks_micro_batches_to_a_process_share():
+    assert split_batch(64, 64, 8) == (8, 1)
+    assert split_batch(512, 16, 8) == (16, 4)
+    assert split_batch(16, 4, 2) == (4, 2)
+    with pytest.raises(ConfigError, match="48 sequences each, not a multiple of train.micro_batch_size=32"):
+        split_batch(96, 32, 2)

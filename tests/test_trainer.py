@@ -132,13 +132,44 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_data):
 def test_ddp_runs_the_prediction_only_ablation_whose_compression_never_reaches_the_loss(tmp_path, tiny_data):
     # concept.mix=none computes the concept but leaves the stream alone, and lam=0 drops the concept
     # loss too: parameters without gradients, which DDP refuses unless told ("Expected to have
-    # finished reduction in the prior iteration"). Two gloo processes must train it like one.
+    # finished reduction in the prior iteration"). Two gloo processes must train it like one. The
+    # global batch equals the micro-batch, so each process runs a smaller pass of its 8 sequences (the
+    # old trainer refused: "not divisible by world_size=2 x train.micro_batch_size=16").
     extra = ["method=cocomix", "concept.mix=none", "concept.lam=0", "train.tokens=16384",
-             "train.log_every_steps=1", "train.global_batch_size=16", "train.micro_batch_size=8"]
+             "train.log_every_steps=1", "train.global_batch_size=16", "train.micro_batch_size=16"]
     m1, m2 = _one_and_two_processes(tmp_path, tiny_data, extra, 29519)
     losses = [[r["train/loss"] for r in m if "train/loss" in r] for m in (m1, m2)]
     assert len(losses[0]) == len(losses[1]) == 16
     assert max(abs(x - y) for x, y in zip(*losses)) < 1e-5
+
+
+@pytest.mark.slow
+def test_a_one_process_checkpoint_resumes_on_two_processes(tmp_path, tiny_data):
+    # The old trainer indexed the checkpoint's RNG list by rank: rank 1 of 2 failed with IndexError.
+    common = ["model.dropout=0.1", "train.log_every_steps=1", "train.global_batch_size=8", "train.micro_batch_size=8"]
+    one = _run_cli_train(tiny_overrides(tmp_path / "one", tiny_data, *common, "train.tokens=8192"))
+    assert one.wait(timeout=600) == 0, one.stderr.read()[-2000:]
+    ckpt = list_checkpoints(load_config(ROOT / "config/tiny.yaml",
+                                        tiny_overrides(tmp_path / "one", tiny_data, *common)).run_dir)[-1]
+    overrides = tiny_overrides(tmp_path / "two", tiny_data, *common, "train.tokens=16384", f"train.resume={ckpt}")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+                "-m", "cocomix.cli", "train", "--config", str(ROOT / "config/tiny.yaml"), "--no-progress", *overrides]
+    two = subprocess.run(torchrun, env=ENV, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert f"{ckpt}: written by 1 process(es), resumed on 2: continuing, but not bit-exact" in two.stdout
+    steps = [r["step"] for r in _metrics(load_config(ROOT / "config/tiny.yaml", overrides).run_dir) if "train/loss" in r]
+    assert steps == list(range(17, 33))  # continues after the checkpoint's 16 steps (512 tokens each)
+
+
+def test_cuda_rng_state_is_this_devices_even_from_a_checkpoint_of_eight_visible_gpus():
+    from cocomix.callbacks import cuda_rng_for_this_device
+
+    # Old checkpoints stored every visible device's state (torch.cuda.get_rng_state_all); restoring
+    # all eight where one is visible failed. Now: this device's entry, or none.
+    states = [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]
+    assert torch.equal(cuda_rng_for_this_device(states, 0), states[0])
+    assert cuda_rng_for_this_device(states[:1], 3) is None
+    assert cuda_rng_for_this_device(states[5], 0) is states[5]  # new checkpoints: one tensor, this device's
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, tiny_data):

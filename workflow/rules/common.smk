@@ -4,3 +4,6 @@ CONFIG = PLAN.config_path
 EXP = PLAN.exp
 OFFLINE = PLAN.offline
 COCOMIX = PLAN.cli
+# CPU threads of each GPU job (training, SAE, labels, evaluation): the cores shared among the GPUs
+# of `--resources gpu=N`, so N of them run side by side.
+GPU_THREADS = PLAN.gpu_job_threads(workflow.cores, requested(workflow, None, "gpu"))

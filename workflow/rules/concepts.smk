@@ -14,7 +14,7 @@ rule train_sae:
         fingerprint=lambda wc: PLAN.sae_fingerprint(),
     log:
         f"{EXP}/logs/train_sae.log",
-    threads: workflow.cores
+    threads: GPU_THREADS
     resources:
         gpu=1,
     shell:
@@ -35,7 +35,7 @@ rule extract_concepts:
         f"{EXP}/logs/extract_concepts/{{variant}}.log",
     wildcard_constraints:
         variant="[^/]+",
-    threads: workflow.cores
+    threads: GPU_THREADS
     resources:
         gpu=1,
     shell:

@@ -9,7 +9,7 @@ rule evaluate:
         f"{EXP}/logs/eval/{{run}}.log",
     wildcard_constraints:
         run="[^/]+",
-    threads: workflow.cores
+    threads: GPU_THREADS
     resources:
         gpu=1,
     shell:

@@ -10,15 +10,15 @@ rule train:
     params:
         fingerprint=lambda wc: PLAN.fingerprint(wc.run),
         overrides=lambda wc: PLAN.overrides(wc.run),
-        # Several GPUs in one job (SLURM profile): DDP through torchrun, same global batch.
+        # Several GPUs in one job (SLURM profile): DDP through cocomix.launch, same global batch.
         launcher=lambda wc, resources: PLAN.launcher(resources.gpu),
     log:
         f"{EXP}/logs/train/{{run}}.log",
     wildcard_constraints:
         run="[^/]+",
-    threads: workflow.cores
+    threads: GPU_THREADS
     resources:
         gpu=1,
     shell:
-        "OMP_NUM_THREADS={threads} {OFFLINE} {params.launcher} -m cocomix.cli train --config {CONFIG} --no-progress "
+        "OMP_NUM_THREADS={threads} {OFFLINE} {params.launcher} train --config {CONFIG} --no-progress "
         "{params.overrides} > {log} 2>&1"
