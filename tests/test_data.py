@@ -229,6 +229,141 @@ def test_manifest_detects_corruption_truncation_and_absence(tmp_path):
         TokenBlocks(d, "train", 16)
 
 
+@pytest.fixture
+def hash_calls(monkeypatch):
+    """Counts the shard hashes load_manifest does: every file name passed to the module's sha256."""
+    import cocomix.data.shards as shards
+
+    calls = []
+    real = shards.sha256_file
+
+    def counting(path):
+        calls.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(shards, "sha256_file", counting)
+    return calls
+
+
+def _n_files(m) -> int:
+    return sum(1 + bool(s.get("concepts")) for split in m["splits"].values() for s in split["shards"])
+
+
+def test_shard_hashes_are_verified_once_per_data_folder(tmp_path, hash_calls):
+    d = prepare_data(_synthetic_cfg(tmp_path / "data", shard_tokens=20_000), progress=False)
+    m = load_manifest(d)
+    n = _n_files(m)
+    assert n >= 4 and len(hash_calls) == n  # the first load hashes every file and records it
+    stamp = json.loads((d / "manifest.verified.json").read_text())
+    assert sorted(stamp["files"]) == sorted(set(hash_calls))
+    hash_calls.clear()
+    assert load_manifest(d) == m
+    assert hash_calls == []  # the second load only stats
+    # "full" hashes regardless; "size" and False never hash.
+    load_manifest(d, verify="full")
+    assert len(hash_calls) == n
+    hash_calls.clear()
+    load_manifest(d, verify="size"), load_manifest(d, verify=False)
+    assert hash_calls == []
+    with pytest.raises(ValueError, match="verify"):
+        load_manifest(d, verify="sha")
+
+
+def test_rewritten_shard_is_rehashed_despite_the_stamp(tmp_path, hash_calls):
+    d = prepare_data(_synthetic_cfg(tmp_path / "data", shard_tokens=20_000), progress=False)
+    load_manifest(d)
+    shard = d / "train_000.bin"
+    good = shard.read_bytes()
+    st = shard.stat()
+    bad = bytearray(good)
+    bad[100] ^= 0xFF
+    # Same size, new mtime: only this file is hashed again, and the one-line error names it.
+    shard.write_bytes(bytes(bad))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    hash_calls.clear()
+    with pytest.raises(DataError, match=r"^shard \S*train_000\.bin: sha256 mismatch[^\n]*$"):
+        load_manifest(d)
+    assert hash_calls == ["train_000.bin"]
+    with pytest.raises(DataError, match=r"train_000\.bin: sha256 mismatch"):
+        load_manifest(d)  # a failure never records the bad file as good
+    # Restored bytes are hashed once, then trusted again.
+    shard.write_bytes(good)
+    hash_calls.clear()
+    load_manifest(d), load_manifest(d)
+    assert hash_calls == ["train_000.bin"]
+    # Same size AND the old mtime restored: the ctime still moves (it cannot be set), so the
+    # change is seen where the file system keeps ctime; beyond that lies the stamp's stated limit.
+    before = shard.stat()
+    time.sleep(0.05)  # past the file system's timestamp tick
+    shard.write_bytes(bytes(bad))
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = shard.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    if after.st_ctime_ns == before.st_ctime_ns:
+        pytest.skip("this file system did not move the ctime: undetectable without hashing (the stated limit)")
+    with pytest.raises(DataError, match=r"train_000\.bin: sha256 mismatch"):
+        load_manifest(d)
+
+
+def test_changed_manifest_or_damaged_stamp_means_rehash(tmp_path, hash_calls):
+    d = prepare_data(_synthetic_cfg(tmp_path / "data", shard_tokens=20_000), progress=False)
+    n = _n_files(load_manifest(d))
+    stamp = d / "manifest.verified.json"
+    good_stamp = stamp.read_bytes()
+    # A changed manifest (same shards, other bytes) invalidates the whole stamp.
+    manifest = d / "manifest.json"
+    manifest.write_text(manifest.read_text() + "\n")
+    hash_calls.clear()
+    load_manifest(d)
+    assert len(hash_calls) == n
+    hash_calls.clear()
+    load_manifest(d)
+    assert hash_calls == []  # re-stamped for the new manifest
+    # Garbage, a half-written stamp, valid JSON of the wrong shape, or an edited record with a
+    # stale checksum: each is ignored (re-hash), never a crash nor trusted.
+    edited = json.loads(stamp.read_text())
+    edited["files"]["train_000.bin"]["mtime_ns"] += 1
+    for damage in (b"\xff\x00garbage", stamp.read_bytes()[:-40], b"[1, 2]", b'{"files": {}}',
+                   json.dumps(edited).encode()):
+        stamp.write_bytes(damage)
+        hash_calls.clear()
+        load_manifest(d)
+        assert len(hash_calls) == n, damage[:20]
+    # An intact stamp made for the manifest as it was before is not reused either.
+    stamp.write_bytes(good_stamp)
+    hash_calls.clear()
+    load_manifest(d)
+    assert len(hash_calls) == n
+    # A stamp that cannot be read at all (a folder in its place) also means hashing.
+    stamp.unlink()
+    stamp.mkdir()
+    hash_calls.clear()
+    with pytest.warns(UserWarning, match="could not record"):
+        load_manifest(d)
+    assert len(hash_calls) == n
+
+
+def test_verification_works_on_a_read_only_data_folder(tmp_path, hash_calls, monkeypatch):
+    import cocomix.data.shards as shards
+
+    d = prepare_data(_synthetic_cfg(tmp_path / "data", shard_tokens=20_000), progress=False)
+    n = _n_files(load_manifest(d, verify=False))
+    d.chmod(0o555)
+    try:
+        if os.access(d, os.W_OK):  # root ignores the mode: make the write fail as a read-only mount would
+            def read_only(path, *a, **kw):
+                raise PermissionError(30, "Read-only file system", str(path))
+
+            monkeypatch.setattr(shards, "atomic_write_json", read_only)
+        for _ in range(2):
+            with pytest.warns(UserWarning, match="could not record the shard verification"):
+                load_manifest(d)
+        assert len(hash_calls) == 2 * n  # verified both times, nothing recorded
+        assert not (d / "manifest.verified.json").exists()
+    finally:
+        d.chmod(0o755)
+
+
 def test_prepare_skips_when_current_and_rebuilds_on_change(tmp_path):
     cfg = _synthetic_cfg(tmp_path / "data")
     d = prepare_data(cfg, progress=False)

@@ -10,6 +10,8 @@ Layout of a data folder (`cfg.data_dir`):
     concepts.json               synthetic source only: what every concept id means
     manifest.json               written LAST: sizes and sha256 of every shard, the data config,
                                 the tokenizer hash. No manifest = not a finished data folder.
+    manifest.verified.json      written by `load_manifest(verify=True)` after the shards' sha256
+                                matched: lets later loads skip the hashing (see `load_manifest`)
 
 Everything streams (documents are encoded in batches and appended to the open shard), so memory
 stays bounded whatever the corpus size. Files are written into a temporary folder and moved in
@@ -25,13 +27,14 @@ import os
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..config import Config, DataConfig
-from ..files import atomic_write_json, sha256_file
+from ..files import atomic_write_json, sha256_file, sha256_json
 from .errors import DataError
 from .sources import iter_documents
 from .synthetic import N_SLOTS, SLOT_NAMES, SyntheticDoc, SyntheticLanguage
@@ -39,6 +42,8 @@ from .tokenizer import load_tokenizer, tokenizer_hash, train_bpe
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+VERIFIED = "manifest.verified.json"  # the verification stamp (see load_manifest)
+STAMP_VERSION = 1
 SPLITS = ("train", "val")
 _OUTPUT_NAME = re.compile(r"^(train|val)_\d+(\.concepts)?\.bin$")
 _ENCODE_BATCH_DOCS = 256
@@ -273,6 +278,7 @@ def prepare_data(cfg: Config, progress: bool = True, force: bool = False) -> Pat
 
     # Swap in: first invalidate the old folder (manifest), then replace outputs, manifest last.
     (out / MANIFEST).unlink(missing_ok=True)
+    (out / VERIFIED).unlink(missing_ok=True)  # vouched for the old manifest only
     for p in out.iterdir():
         if _OUTPUT_NAME.match(p.name) or p.name == "concepts.json":
             p.unlink()
@@ -289,40 +295,117 @@ def prepare_data(cfg: Config, progress: bool = True, force: bool = False) -> Pat
 # --------------------------------------------------------------------------------------
 
 
-def _verify_file(data_dir: Path, entry: dict[str, Any], check_sha: bool) -> None:
+def _file_id(st: os.stat_result) -> dict[str, int]:
+    """What the stamp compares to decide a file is unchanged since it was hashed."""
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+
+
+def _verify_file(data_dir: Path, entry: dict[str, Any], check_sha: bool,
+                 trusted: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Check one file against its manifest entry (size; sha256 if `check_sha`).
+
+    `trusted`: the stamp's records ({file name: record}); a file whose record matches its current
+    size, mtime, ctime and inode and the manifest's sha256 is not hashed again. Returns the file's
+    record for the next stamp when its sha256 is known good (None otherwise, e.g. when the file
+    changed while it was being hashed).
+    """
     path = data_dir / entry["file"]
     if not path.is_file():
         raise DataError(f"shard {path}: missing (listed in {data_dir / MANIFEST}; re-run `cocomix prepare-data`)")
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        raise DataError(f"shard {path}: size mismatch (expected {entry['bytes']} bytes, got {size})")
-    if check_sha:
-        got = sha256_file(path)
-        if got != entry["sha256"]:
-            raise DataError(f"shard {path}: sha256 mismatch (expected {entry['sha256']}, got {got})")
+    st = path.stat()
+    if st.st_size != entry["bytes"]:
+        raise DataError(f"shard {path}: size mismatch (expected {entry['bytes']} bytes, got {st.st_size})")
+    if not check_sha:
+        return None
+    record = {**_file_id(st), "sha256": entry["sha256"]}
+    if trusted is not None and trusted.get(entry["file"]) == record:
+        return record  # unchanged since its sha256 matched
+    got = sha256_file(path)
+    if got != entry["sha256"]:
+        raise DataError(f"shard {path}: sha256 mismatch (expected {entry['sha256']}, got {got})")
+    return record if _file_id(path.stat()) == _file_id(st) else None  # changed while hashed: vouch for nothing
+
+
+def _read_stamp(data_dir: Path, manifest_sha: str) -> dict[str, Any]:
+    """The records of the verification stamp if it is intact and was made for this very manifest
+    (same sha256 of its bytes); {} otherwise. Whatever is wrong with the file (absent, unreadable,
+    half-written, garbage, another version) means "no stamp": the shards are hashed again."""
+    try:
+        stamp = json.loads((data_dir / VERIFIED).read_bytes())
+        body = {k: v for k, v in stamp.items() if k != "checksum"}
+        if (stamp["checksum"] == sha256_json(body) and body["stamp_version"] == STAMP_VERSION
+                and body["manifest_sha256"] == manifest_sha and isinstance(body["files"], dict)):
+            return body["files"]
+    except Exception:  # noqa: BLE001 - any damage to the stamp only costs a re-hash
+        pass
+    return {}
+
+
+def _write_stamp(data_dir: Path, manifest_sha: str, records: dict[str, Any]) -> None:
+    """Record that these files' sha256 matched the manifest; atomic (concurrent jobs just replace
+    each other's equivalent stamps). A folder we cannot write to (read-only) only costs a warning."""
+    body = {
+        "stamp_version": STAMP_VERSION,
+        "manifest_sha256": manifest_sha,
+        "verified": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "files": records,
+    }
+    path = data_dir / VERIFIED
+    try:
+        # The checksum catches what atomic replace alone cannot, e.g. two hosts of a shared file
+        # system writing the same temporary name at once.
+        atomic_write_json(path, {**body, "checksum": sha256_json(body)}, indent=1)
+    except OSError as e:
+        warnings.warn(f"{path}: could not record the shard verification ({e.strerror or e}); "
+                      "the shards will be hashed again at the next start", stacklevel=3)
 
 
 def load_manifest(data_dir: str | Path, verify: bool | str = True) -> dict[str, Any]:
-    """Read `manifest.json`; with `verify` check every shard's size and sha256.
+    """Read `manifest.json`; with `verify` check every shard's size (and sha256).
 
-    verify: True (size + sha256), "size" (size only; fast on big data) or False.
+    verify: True (size + sha256, hashing only files changed since their last verification),
+    "full" (size + sha256 of every file, ignoring the stamp), "size" (size only) or False.
+
+    Hashes are verified once per data folder, not once per job: after the shards' sha256 match,
+    `manifest.verified.json` records, for each file, its size, mtime_ns, ctime_ns, inode and the
+    sha256 that matched, plus the sha256 of the manifest itself. A later `verify=True` hashes only
+    the files whose record no longer matches (rewritten, touched, replaced, copied elsewhere);
+    a changed manifest, or a stamp that is absent, unreadable or damaged, means hashing everything.
+    A mismatch raises the usual one-line DataError naming the file.
+
+    The stamp's stated limit (the rule of make and rsync, plus ctime and inode): a change to a
+    file's bytes that keeps its size, mtime, ctime and inode cannot be seen without hashing (e.g.
+    a file system that does not maintain ctime, a clock set back, a write within the same
+    timestamp tick as the verification, or damage below the file system such as bit rot). Use
+    verify="full" to hash everything regardless (`cocomix prepare-data --force` rebuilds).
     """
+    if verify not in (True, False, "size", "full"):
+        raise ValueError(f"verify={verify!r}: expected True, False, 'size' or 'full'")
     data_dir = Path(data_dir)
     path = data_dir / MANIFEST
     if not path.is_file():
         raise DataError(f"{path}: not found (expected a prepared data folder; run `cocomix prepare-data` first)")
+    raw = path.read_bytes()
     try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        m = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError or bytes that are not UTF-8
         raise DataError(f"{path}: not valid JSON ({e}); re-run `cocomix prepare-data`") from None
     if m.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path}: format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}; re-run `cocomix prepare-data`")
     if verify:
+        check_sha = verify != "size"
+        manifest_sha = hashlib.sha256(raw).hexdigest()
+        trusted = _read_stamp(data_dir, manifest_sha) if verify is True else None
+        records: dict[str, Any] = {}
         for split in m["splits"].values():
             for shard in split["shards"]:
                 for entry in (shard, shard.get("concepts")):
                     if entry is not None:
-                        _verify_file(data_dir, entry, check_sha=verify != "size")
+                        record = _verify_file(data_dir, entry, check_sha, trusted)
+                        if record is not None:
+                            records[entry["file"]] = record
+        if check_sha and records != trusted:
+            _write_stamp(data_dir, manifest_sha, records)
     return m
 
 
