@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["train", "--config", "config/tiny.yaml", "model.n_embdd=1"]
 EXPECTED = ("cocomix: error: unknown config key 'model.n_embdd' (expected one of: dropout, init_std, "
-            "layer_norm_eps, n_embd, n_head, n_layer, n_positions, vocab_size)")
+            "layer_norm_eps, n_embd, n_head, n_layer, n_positions, vocab_multiple, vocab_size)")
 GOAL_S = 1.0
 
 

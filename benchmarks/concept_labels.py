@@ -6,8 +6,8 @@
 Measured, for the config's block size, micro-batch, SAE size (sae.n_latents, sae.k) and K_attr:
 
 1. extraction: `concept_labels` (teacher forward + backward + SAE encode + attribution) on batches
-   of `concept.extract_batch_size` blocks, as `extract-concepts` runs it (bf16 autocast on CUDA);
-   reported in tokens/s.
+   of `concept.extract_batch_size` blocks, as `extract-concepts` runs it (at
+   `concept.label_precision`, fp32 by default); reported in tokens/s.
 2. per micro-batch, side by side: "cached" = `LabelCache.get` of random blocks from a label file
    on disk (the memmap read a training step does) against "online" = `concept_labels` on the
    micro-batch (fp32, as CoCoMix's online mode runs it).
@@ -28,7 +28,6 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,8 +39,9 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cocomix.concepts import LabelCache, concept_labels, label_dtype  # noqa: E402
+from cocomix.concepts import LabelCache, concept_labels, label_dtype, label_precision  # noqa: E402
 from cocomix.config import load_config  # noqa: E402
+from cocomix.device import autocast  # noqa: E402
 from cocomix.methods import Batch, get_method  # noqa: E402
 from cocomix.model import CocomixConfig, CocomixForCausalLM  # noqa: E402
 from cocomix.sae import TopKSAE  # noqa: E402
@@ -102,7 +102,6 @@ def main():
         sae.decoder.weight.copy_(sae.encoder.weight.t())
         sae.normalize_decoder_()
     sae = sae.to(device).eval().requires_grad_(False)
-    bf16 = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     gen = torch.Generator().manual_seed(0)
     extract_ids = torch.randint(0, vocab, (eb, T), generator=gen).to(device)
     micro_ids = torch.randint(0, vocab, (mb, T), generator=gen).to(device)
@@ -112,7 +111,7 @@ def main():
     rng = np.random.default_rng(1)
 
     def extract():
-        with bf16:
+        with label_precision(device, cfg.concept.label_precision):
             concept_labels(teacher, sae, extract_ids, cfg.concept, cfg.sae.layer)
 
     def cached_labels():
@@ -137,7 +136,7 @@ def main():
 
         def train_step(online: bool):
             extras = {} if online else {"concept_labels": cached_labels()}
-            with bf16:
+            with autocast(device, cfg.train.precision):  # bf16 on CUDA, as training
                 loss, _ = method.loss(model, Batch(micro_ids, extras))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -181,7 +180,7 @@ def main():
                   "n_latents": cfg.sae.n_latents, "sae_k": cfg.sae.k, "k_attr": cfg.concept.k_attr,
                   "scoring": cfg.concept.scoring, "loss_scope": cfg.concept.loss_scope,
                   "student": {"n_embd": cfg.model.n_embd, "n_layer": cfg.model.n_layer},
-                  "extraction_precision": "bf16" if device.type == "cuda" else "fp32",
+                  "extraction_precision": cfg.concept.label_precision,
                   "repeats": args.repeats, "statistic": "median"},
         "results": results,
         "raw_ms": {name: [1000 * t for t in v] for name, v in times.items()},

@@ -15,7 +15,6 @@ throughput/MFU, held-out evaluation, tracking, checkpointing, the `on_eval` hook
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import random
@@ -31,7 +30,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from cocomix.config import dump_config
-from cocomix.device import all_reduce_mean, barrier
+from cocomix.device import all_reduce_mean, barrier, sync
 from cocomix.files import atomic_write_json, list_checkpoints
 from cocomix.tracking import RunTracker, environment_info
 
@@ -63,20 +62,83 @@ class Callback:
 
 
 class NaNGuard(Callback):
-    """A non-finite loss stops the run before the optimizer step, so the weights are still those of
-    the last good step: they are saved as a checkpoint and named in the one-line error."""
+    """Stops a run whose loss or gradient norm became non-finite, without a host sync every step:
+    each step folds `isfinite` into a flag on the device, read at log steps and before every
+    checkpoint (so no checkpoint holds the weights of a diverged step). The one-line error names the
+    newest checkpoint saved before it, whose weights are finite."""
 
-    def before_optimizer_step(self, trainer, step) -> None:
-        if math.isfinite(step.loss):
+    def on_start(self, trainer) -> None:
+        self.bad = torch.zeros((), dtype=torch.bool, device=trainer.device)
+        self.checked = trainer.step  # the last step known good
+
+    def on_step(self, trainer, step, record) -> None:
+        self.bad |= ~torch.isfinite(step.loss)
+        if step.grad_norm is not None:
+            self.bad |= ~torch.isfinite(step.grad_norm)
+        t = trainer.cfg
+        if (trainer.step % t.train.log_every_steps == 0 or trainer.finished
+                or trainer.crossed(t.checkpoint.every_tokens) or trainer.crossed(t.eval.every_tokens)):
+            self.check(trainer)
+
+    def check(self, trainer) -> None:
+        bad = self.bad.float()
+        if trainer.dist.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every process stops together
+        if bad.item():
+            last = trainer.checkpointer.last_saved
+            raise TrainingError(f"non-finite loss or gradient norm between step {self.checked + 1} and step "
+                                f"{trainer.step} (tokens {trainer.tokens_seen}); last good checkpoint: "
+                                f"{last or 'none (no checkpoint was saved before it)'}")
+        self.checked = trainer.step
+
+
+class TrainMetrics(Callback):
+    """Every `train.log_every_steps` (and at the last step): loss and the method's loss parts
+    (averaged over processes), lr, gradient norm, and throughput: tokens/s over the window since the
+    last line, and MFU on GPUs. Windows leave out the first step of a process (torch.compile, CUDA
+    warm-up) and evaluation and checkpoint time (`trainer.untimed`); final_metrics.json gets the
+    run's average over the timed steps (`tokens_per_s`, `mfu`)."""
+
+    def on_start(self, trainer) -> None:
+        self.window_tokens, self.window_start, self.window_untimed = 0, None, 0.0
+        self.total_tokens, self.total_s = 0, 0.0
+
+    def _open_window(self, trainer) -> None:
+        self.window_tokens, self.window_start, self.window_untimed = 0, time.perf_counter(), trainer.untimed_s
+
+    def on_step(self, trainer, step, record) -> None:
+        if self.window_start is None:  # the first step: compile and warm-up, not throughput
+            sync(trainer.device)
+            self._open_window(trainer)
+        else:
+            self.window_tokens += trainer.tokens_per_step
+        if trainer.step % trainer.cfg.train.log_every_steps and not trainer.finished:
             return
-        trainer.optimizer.zero_grad(set_to_none=True)
-        path = trainer.checkpointer.save(trainer)
-        raise TrainingError(f"non-finite loss ({step.loss}) at step {trainer.step} (tokens {trainer.tokens_seen}); "
-                            f"last good checkpoint: {path}")
+        record.update({"train/loss": all_reduce_mean(step.loss, trainer.dist).item(), "train/lr": step.lr,
+                       "train/grad_norm": step.grad_norm.item()})  # .item() waits for the queued steps
+        for k, v in step.parts.items():
+            record[f"train/{k}"] = all_reduce_mean(v, trainer.dist).item()
+        if self.window_tokens:
+            seconds = max(time.perf_counter() - self.window_start - (trainer.untimed_s - self.window_untimed), 1e-9)
+            self.total_tokens += self.window_tokens
+            self.total_s += seconds
+            record["train/tokens_per_s"] = self.window_tokens / seconds
+            if trainer.peak_flops:
+                record["train/mfu"] = self.mfu(trainer, record["train/tokens_per_s"])
+        self._open_window(trainer)
+
+    @staticmethod
+    def mfu(trainer, tokens_per_s: float) -> float:
+        return tokens_per_s * trainer.flops_per_token / (trainer.peak_flops * trainer.dist.world_size)
+
+    def on_end(self, trainer, final) -> None:
+        final["tokens_per_s"] = self.total_tokens / self.total_s if self.total_s else None
+        final["mfu"] = self.mfu(trainer, final["tokens_per_s"]) if trainer.peak_flops and self.total_s else None
 
 
 class Progress(Callback):
-    """The start line, and a tqdm bar when `progress` is on (main process only)."""
+    """The start line, and a tqdm bar when `progress` is on (main process only); the bar shows the
+    loss of the last log step (reading it every step would wait for the GPU every step)."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -97,32 +159,12 @@ class Progress(Callback):
     def on_step(self, trainer, step, record) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{step.loss:.3f}")
+            if "train/loss" in record:
+                self.bar.set_postfix(loss=f"{record['train/loss']:.3f}")
 
     def on_finish(self, trainer, status) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-class TrainMetrics(Callback):
-    """Every `train.log_every_steps` (and at the last step): loss, lr, gradient norm, the method's loss
-    parts (averaged over processes), tokens/s over the window since the last line, and MFU on GPUs."""
-
-    def on_start(self, trainer) -> None:
-        self.window_tokens, self.window_start = 0, time.perf_counter()
-
-    def on_step(self, trainer, step, record) -> None:
-        self.window_tokens += trainer.tokens_per_step
-        if trainer.step % trainer.cfg.train.log_every_steps and not trainer.finished:
-            return
-        tok_s = self.window_tokens / max(time.perf_counter() - self.window_start, 1e-9)
-        record.update({"train/loss": step.loss, "train/lr": step.lr, "train/grad_norm": step.grad_norm.item(),
-                       "train/tokens_per_s": tok_s})
-        for k, v in step.parts.items():
-            record[f"train/{k}"] = all_reduce_mean(v, trainer.dist).item()
-        if trainer.peak_flops:
-            record["train/mfu"] = tok_s * trainer.flops_per_token / (trainer.peak_flops * trainer.dist.world_size)
-        self.window_tokens, self.window_start = 0, time.perf_counter()
 
 
 class Evaluator(Callback):
@@ -130,7 +172,8 @@ class Evaluator(Callback):
 
     def on_step(self, trainer, step, record) -> None:
         if trainer.crossed(trainer.cfg.eval.every_tokens) or trainer.finished:
-            trainer.last_val = trainer.evaluate()
+            with trainer.untimed():
+                trainer.last_val = trainer.evaluate()
             record.update(trainer.last_val)
 
 
@@ -234,18 +277,22 @@ def seed_rngs(seed: int) -> None:
 
 class Checkpointer(Callback):
     """`checkpoints/step_<N>/` every `checkpoint.every_tokens` and at the end: the model as a Hugging Face
-    folder (loadable by AutoModelForCausalLM as it stands), the tokenizer, and the trainer state
-    (optimizer, step, tokens seen, data position, every process's RNG states), written to a temporary
-    folder renamed into place when complete. Only the newest `checkpoint.keep_last` are kept."""
+    folder (loadable by AutoModelForCausalLM as it stands), the tokenizer, the trainer state (step,
+    tokens seen, data position, every process's RNG states) and the optimizer state (optimizer.pt),
+    written to a temporary folder renamed into place when complete. Only the newest
+    `checkpoint.keep_last` are kept, and only the newest `checkpoint.keep_optimizer` keep optimizer.pt
+    (resuming reads the newest; evaluation never reads it)."""
 
     RUN_FILES = ("checkpoints", "metrics.jsonl", "final_metrics.json", "mlflow_run_id", "config.yaml")
 
     def __init__(self, fingerprint: str):
         self.fingerprint = fingerprint
+        self.last_saved: Path | None = None  # the newest checkpoint this run saved or resumed from
 
     def on_step(self, trainer, step, record) -> None:
         if trainer.crossed(trainer.cfg.checkpoint.every_tokens) or trainer.finished:
-            self.save(trainer)
+            with trainer.untimed():
+                self.save(trainer)
 
     # ---- resume ----
 
@@ -265,6 +312,7 @@ class Checkpointer(Callback):
             if not (path / "trainer_state.pt").exists():
                 raise TrainingError(f"train.resume: '{path}' is not a checkpoint (no trainer_state.pt)")
         self.load(trainer, path)
+        self.last_saved = path
         return path
 
     def supersede_stale_run(self, trainer) -> None:
@@ -309,10 +357,23 @@ class Checkpointer(Callback):
             raise TrainingError(f"checkpoint {path}: does not match the model (missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]})")
         trainer.model.tie_weights()
-        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.optimizer.load_state_dict(self.optimizer_state(path, state))
         trainer.step, trainer.tokens_seen = state["step"], state["tokens_seen"]
         trainer.data_position = state["data_position"]
         self.restore_rngs(trainer, path, state["rng"] if isinstance(state["rng"], list) else [state["rng"]])
+
+    @staticmethod
+    def optimizer_state(path: Path, state: dict) -> dict:
+        if "optimizer" in state:  # checkpoints written before optimizer.pt
+            return state["optimizer"]
+        if not (path / "optimizer.pt").exists():
+            raise TrainingError(f"checkpoint {path}: has no optimizer.pt (only the newest checkpoint.keep_optimizer "
+                                "checkpoints keep the optimizer state); resume from a newer one or start a new run folder")
+        try:  # mmap: each process maps the file instead of reading a private copy of it
+            return torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            raise TrainingError(f"checkpoint {path}: optimizer.pt holds objects other than tensors and plain data; "
+                                "refusing to unpickle it") from None
 
     @staticmethod
     def restore_rngs(trainer, path: Path, rngs: list[dict]) -> None:
@@ -344,17 +405,25 @@ class Checkpointer(Callback):
             shutil.copytree(trainer.cfg.data_dir / "tokenizer", tmp, dirs_exist_ok=True)
             torch.save({"step": trainer.step, "tokens_seen": trainer.tokens_seen,
                         "data_position": trainer.data_position, "tokens_per_step": trainer.tokens_per_step,
-                        "optimizer": trainer.optimizer.state_dict(), "rng": rngs}, tmp / "trainer_state.pt")
+                        "rng": rngs}, tmp / "trainer_state.pt")
+            torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
             (tmp / "checkpoint.json").write_text(json.dumps(
                 {"step": trainer.step, "tokens_seen": trainer.tokens_seen, "method": trainer.method.name,
                  "config_fingerprint": self.fingerprint}))
             os.replace(tmp, final)
             self.prune(trainer)
         barrier(trainer.dist)
+        self.last_saved = final
         return final
 
     def prune(self, trainer) -> None:
-        keep = trainer.cfg.checkpoint.keep_last
+        """After a new checkpoint is complete: drop checkpoints beyond keep_last, and the optimizer
+        state of those beyond keep_optimizer (a kill in between leaves only extra files)."""
+        keep, keep_opt = trainer.cfg.checkpoint.keep_last, trainer.cfg.checkpoint.keep_optimizer
+        ckpts = list_checkpoints(trainer.run_dir)
         if keep > 0:
-            for old in list_checkpoints(trainer.run_dir)[:-keep]:
+            for old in ckpts[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
+        if keep_opt > 0:
+            for old in ckpts[:-keep_opt]:
+                (old / "optimizer.pt").unlink(missing_ok=True)

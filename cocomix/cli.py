@@ -150,15 +150,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_params(args: argparse.Namespace) -> int:
     cfg = _load(args, [f"method={args.method}"] if args.method else [])
     from cocomix.methods import get_method  # lazy: torch after the config is valid
-    from cocomix.params import count_params_for, matching_ntp_width  # lazy: torch after the config is valid
+    from cocomix.params import count_params_for, head_counts, matching_ntp_width  # lazy: torch after the config is valid
 
     vocab = args.vocab or cfg.model.vocab_size or (50257 if cfg.tokenizer.path else cfg.tokenizer.vocab_size)
     model_config = get_method(cfg.method).model_config(cfg, vocab, 0)
     counts = count_params_for(model_config)
-    n_positions = model_config.n_positions
-    width = matching_ntp_width(counts.active, cfg.model.n_layer, vocab, n_positions)
-    print(f"{cfg.method} d={cfg.model.n_embd} L={cfg.model.n_layer} vocab={vocab}: total {counts.total:,} "
-          f"active {counts.active:,}; the NTP width matching these active parameters: {width}")
+    rows, n_positions = model_config.vocab_size, model_config.n_positions  # rows: padding included
+    width = matching_ntp_width(counts.active, cfg.model.n_layer, rows, n_positions)
+    line = (f"{cfg.method} d={cfg.model.n_embd} L={cfg.model.n_layer} vocab={vocab} ({rows} rows): total "
+            f"{counts.total:,} active {counts.active:,}; the NTP width matching these active parameters: {width}")
+    if not head_counts(width):  # no head count gives heads a multiple of 8 wide: the closest width that has one
+        fast = matching_ntp_width(counts.active, cfg.model.n_layer, rows, n_positions, multiple_of=8, head_dim_multiple=8)
+        heads = min(head_counts(fast), key=lambda h: abs(fast // h - 64))
+        line += f" (whose heads cannot be a multiple of 8 wide; the closest that can: {fast}, {heads} heads of {fast // heads})"
+    print(line)
     return 0
 
 

@@ -25,14 +25,21 @@ Cache layout (`cfg.concept_dir`), aligned with `TokenBlocks` (block i of a split
                                        n_latents < 65535 (65535 = no label), else int32 (-1)
     manifest.json                      written last: what the labels are a function of (data,
                                        teacher and SAE hashes; layer, K_attr, scoring, loss scope,
-                                       block size), file sizes and sha256
+                                       label precision, block size), the device type, file sizes
+                                       and sha256
+
+Precision (`concept.label_precision`, part of the cache key): extraction runs in fp32 by default,
+like the official code and the online label path (autocast off, even inside an enclosing autocast
+region, and TF32 matmuls off); `tf32` allows TF32 matmuls on CUDA, `bf16` runs under bf16 autocast
+(CUDA, or CPU). Labels rank scores that are often nearly equal, so lower precision changes some of
+them: `label_agreement` measures how many.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +58,7 @@ MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 SPLITS = ("train", "val")
 NO_LABEL = -1
+LABEL_PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 # --------------------------------------------------------------------------------------
@@ -121,6 +129,48 @@ def concept_labels(teacher, sae, input_ids: torch.Tensor, concept: ConceptConfig
     return labels
 
 
+@contextmanager
+def label_precision(device: torch.device, precision: str):
+    """The arithmetic of `concept.label_precision` on `device` for the enclosed label computation:
+    fp32: autocast off (also inside an enclosing autocast region), TF32 matmuls off;
+    tf32: the same with `torch.backends.cuda.matmul.allow_tf32` on (no effect on CPU);
+    bf16: bf16 autocast on `device.type` (CUDA or CPU), TF32 off for what autocast leaves in fp32.
+    The previous TF32 flag is restored on exit."""
+    if precision not in LABEL_PRECISIONS:
+        raise ConfigError(f"config key 'concept.label_precision': expected one of {list(LABEL_PRECISIONS)}, "
+                          f"got {precision!r}")
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_tf32
+    matmul.allow_tf32 = precision == "tf32"
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        matmul.allow_tf32 = previous
+
+
+def label_agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """How far two label sets of the same positions agree, over the positions labelled in both
+    (NO_LABEL = -1 elsewhere). `a`, `b`: (..., k) latent indices, the best first. Each figure is in
+    [0, 1], 1.0 for identical labels and 0.0 for disjoint ones:
+
+    exact:   fraction of positions whose whole label tuple is identical (same latents, same order);
+    top1:    fraction of positions with the same best label;
+    overlap: mean over positions of |top-k set of a ∩ that of b| / k (the order ignored).
+    """
+    if a.shape != b.shape or a.dim() < 1:
+        raise ValueError(f"label_agreement: label shapes {tuple(a.shape)} and {tuple(b.shape)} must be equal (..., k)")
+    a, b = a.reshape(-1, a.size(-1)), b.reshape(-1, b.size(-1))
+    valid = (a >= 0).all(-1) & (b >= 0).all(-1)
+    if not valid.any():
+        raise ValueError("label_agreement: no position is labelled in both")
+    a, b = a[valid], b[valid]
+    shared = (a[:, :, None] == b[:, None, :]).any(-1).sum(-1)  # labels of a that b has too
+    return {"exact": (a == b).all(-1).double().mean().item(),
+            "top1": (a[:, 0] == b[:, 0]).double().mean().item(),
+            "overlap": (shared.double() / a.size(-1)).mean().item()}
+
+
 # --------------------------------------------------------------------------------------
 # The cache
 # --------------------------------------------------------------------------------------
@@ -157,6 +207,7 @@ def cache_key(cfg: Config) -> dict:
         "k_attr": c.k_attr,
         "scoring": c.scoring,
         "loss_scope": c.loss_scope,
+        "label_precision": c.label_precision,
     }
 
 
@@ -251,7 +302,8 @@ def extract_concepts(cfg: Config, progress: bool = True) -> Path:
                           "sha256": sha256_file(final)}
     if bar is not None:
         bar.close()
-    manifest = {**key, "dtype": dtype.str, "no_label": _sentinel(dtype), "teacher_path": str(cfg.teacher.path),
+    manifest = {**key, "dtype": dtype.str, "no_label": _sentinel(dtype), "device": device.type,
+                "teacher_path": str(cfg.teacher.path),
                 "sae_path": str(cfg.sae.path or cfg.experiment_dir / "sae"), "splits": entries}
     atomic_write_json(out / MANIFEST, manifest, indent=1)  # last: its presence means complete
     (out / PROGRESS).unlink(missing_ok=True)
@@ -278,11 +330,10 @@ def _chunk_labeller(cfg: Config, device: torch.device, dtype: np.dtype):
     sae = load_sae(cfg, device)
     if sae.d_model != teacher.config.n_embd:
         raise ConfigError(f"config key 'sae.path': the SAE reads {sae.d_model}-wide activations, the teacher is {teacher.config.n_embd} wide")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     def label_bytes(ids: torch.Tensor) -> bytes:
         ids = ids.to(device)
-        with autocast:
+        with label_precision(device, cfg.concept.label_precision):
             labels = concept_labels(teacher, sae, ids, cfg.concept, cfg.sae.layer)
         arr = labels.cpu().numpy()  # (n_chunk, T, k_attr)
         arr[arr == NO_LABEL] = _sentinel(dtype)

@@ -142,15 +142,22 @@ class ModelConfig(Section):
 
     n_embd: int = 128
     """Residual-stream width d, a multiple of `n_head`. The paper (spec section 2), 69M / 386M / 1.38B:
-    CoCoMix 512 / 1024 / 2048; NTP and KD 624 / 1072 / 2096 (matched to CoCoMix's active parameters)."""
+    CoCoMix 512 / 1024 / 2048; NTP and KD 624 / 1072 / 2096 (matched to CoCoMix's active parameters;
+    config/paper.yaml uses 624 / 1080 / 2112, the closest widths whose heads can be multiples of 8 wide)."""
     n_layer: int = 4
     """Transformer blocks L (the paper: 8 at 69M, 24 at 386M and 1.38B; spec section 2)."""
     n_head: int = 4
-    """Attention heads per block; head width = n_embd / n_head (the paper: 8 at 69M, 16 at 386M and 1.38B)."""
+    """Attention heads per block; head width = n_embd / n_head, best a multiple of 8 for GPU attention
+    kernels (the paper: 8 at 69M, 16 at 386M and 1.38B; config/paper.yaml's baselines 13 / 15 / 22)."""
     n_positions: int | None = None
     """Learned position table size; default `train.block_size`."""
     vocab_size: int | None = None
-    """Default: the tokenizer's vocabulary size."""
+    """The model's real vocabulary (token ids it predicts); default: the tokenizer's vocabulary size."""
+    vocab_multiple: int = 64
+    """Pad the embedding / LM-head rows to a multiple of this (1: no padding), e.g. GPT-2's 50257 -> 50304,
+    a faster matmul size for the LM head (~40% of the 69M model's FLOPs). Padding ids get -inf logits, so
+    losses, perplexity, evaluation and generation equal the unpadded model's; parameter and FLOP counts
+    include the padding rows (they are stored and multiplied)."""
     dropout: float = 0.0
     """Applied to embeddings, attention probabilities and residual branches."""
     init_std: float = 0.02
@@ -169,6 +176,7 @@ class ModelConfig(Section):
         _need(self.n_layer > 0, "model.n_layer", "must be positive")
         _need(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         _need(self.vocab_size is None or self.vocab_size > 0, "model.vocab_size", "must be positive")
+        _need(self.vocab_multiple > 0, "model.vocab_multiple", f"must be positive (1: none), got {self.vocab_multiple}")
         _need(self.n_positions is None or self.n_positions >= t.block_size, "model.n_positions",
               f"{self.n_positions} is smaller than train.block_size={t.block_size}")
 
@@ -283,9 +291,15 @@ class CheckpointConfig(Section):
     """Save a checkpoint every this many training tokens, and at the end (the DAG evaluates each one)."""
     keep_last: int = 2
     """Older checkpoints are deleted; 0 keeps all."""
+    keep_optimizer: int = 1
+    """The newest N checkpoints keep the optimizer state (optimizer.pt, twice the model's size in
+    fp32) that resuming needs; older ones keep the model and the rest of the trainer state, all that
+    evaluation reads. 0 keeps it in every checkpoint."""
 
     def check(self, cfg: Config) -> None:
         _need(self.every_tokens > 0, "checkpoint.every_tokens", "must be positive")
+        _need(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0 (0 keeps all)")
+        _need(self.keep_optimizer >= 0, "checkpoint.keep_optimizer", "must be >= 0 (0 keeps it in all)")
 
 
 @dataclass
@@ -347,6 +361,11 @@ class ConceptConfig(Section):
     extract_batch_size: int = 64
     """Blocks per teacher forward+backward in `extract-concepts`; also the chunk that is fsynced at
     once (the resume granularity). Changing it restarts an interrupted extraction."""
+    label_precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    """Arithmetic of `extract-concepts` (recorded in the cache manifest): fp32 (the official code and
+    online labels: no autocast, TF32 off), tf32 (fp32 with TF32 matmuls on CUDA; fp32 on CPU) or
+    bf16 (bf16 autocast, on CPU too; some labels change: 92.5% of label tuples and 98.8% of the
+    top-k sets agree with fp32 on the tiny test teacher). A cache of another precision is refused."""
     insert_layer: int = 3
     """Student blocks before the concept head / interleaving (code: 3 at 69M, 5 at 386M and 1.38B)."""
     k: int = 32
@@ -368,6 +387,8 @@ class ConceptConfig(Section):
         _need(self.lam >= 0, "concept.lam", "must be >= 0")
         _need(self.k_attr <= sae.k or self.scoring == "attribution_preact", "concept.k_attr",
               f"{self.k_attr} labels cannot come from sae.k={sae.k} active latents")
+        _need(self.labels == "cached" or self.label_precision == "fp32", "concept.label_precision",
+              f"{self.label_precision} applies to cached labels only; concept.labels=online computes them in fp32")
 
 
 @dataclass

@@ -70,6 +70,12 @@ def setup_distributed() -> tuple[Dist, torch.device]:
     return d, device
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously); nothing on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.world_size > 1:
         x = x.clone()

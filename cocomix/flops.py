@@ -13,7 +13,9 @@ leave it out, so we never fold it into the student's number):
     CoCoMix (online labels)          forward + backward to the SAE layer + SAE (spec 1.2)
 
 Same convention as the student: a matmul weight costs 2 FLOPs per token forward; softmax,
-LayerNorm, GELU and losses are not counted; attention is counted over the full T x T square.
+LayerNorm, GELU and losses are not counted; attention is counted over the full T x T square. The LM
+head counts its padded width (`config.vocab_size`, `model.vocab_multiple`): the matmul runs over the
+padding rows too, although their logits are then set to -inf.
 """
 
 from __future__ import annotations

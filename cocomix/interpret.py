@@ -210,7 +210,8 @@ def promoted_tokens(teacher, sae, n: int, chunk: int = 1024) -> torch.Tensor:
     LayerNorm does and read by the LM head. The teacher blocks above `sae.layer` are skipped, so this
     approximates the latent's effect on the output (exact only if the SAE reads the last block);
     the LayerNorm's bias and variance change are the same for every latent and are left out."""
-    ln_f, unembed = teacher.transformer.ln_f, teacher.lm_head.weight  # (V, d)
+    ln_f = teacher.transformer.ln_f
+    unembed = teacher.lm_head.weight[: teacher.config.real_vocab_size]  # (V, d): padding rows are no token
     out = []
     for a in range(0, sae.n_latents, chunk):  # (V, chunk) at a time: V x C would not fit at paper scale
         directions = sae.W_dec[:, a : a + chunk]  # (d, chunk)

@@ -13,6 +13,12 @@ lives in `cocomix/slots.py` behind a small interface (what it interleaves or add
 LM head reads, its FLOPs); `config.slot` names it and `config.slot_options` holds its fields. The
 backbone calls it and never branches on a method's name.
 
+The embedding / LM-head vocabulary may be padded past the tokenizer's (`vocab_size` rows, of which the
+first `real_vocab_size` are tokens; `padded_vocab_size` rounds up to a multiple of 64 by default, so the
+LM-head matmul, ~40% of a 69M model's FLOPs, has a GPU-friendly size). The padding rows are never
+looked up and their logits are -inf, so softmax, cross-entropy, perplexity, lm-eval scores and
+generate() are those of the unpadded model and no padding id is ever predicted.
+
 To the outside the model stays an ordinary causal LM: `forward(input_ids)` returns one row of logits
 per input token, and the KV cache holds T entries in the lower blocks and 2T in the interleaved upper
 ones, so cached generation equals uncached. Losses other than NTP live in the method objects.
@@ -36,6 +42,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .slots import SLOTS, ConceptPrediction, Slot
 
 
+def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
+    """`vocab_size` rounded up to a multiple of `multiple` (1: unchanged), e.g. GPT-2's 50257 -> 50304."""
+    if vocab_size <= 0 or multiple <= 0:
+        raise ValueError(f"vocab_size={vocab_size} and multiple={multiple} must be positive")
+    return -(-vocab_size // multiple) * multiple
+
+
 class CocomixConfig(PreTrainedConfig):
     """Backbone hyper-parameters. transformers 5 turns config subclasses into keyword-only
     dataclasses, so fields are declared as annotated class attributes (like `GPT2Config`)."""
@@ -49,7 +62,8 @@ class CocomixConfig(PreTrainedConfig):
         "max_position_embeddings": "n_positions",
     }
 
-    vocab_size: int = 50257
+    vocab_size: int = 50257          # rows of the token embedding and the LM head (padding included)
+    real_vocab_size: int | None = None  # the tokenizer's: ids >= it are padding (-inf logits); None: vocab_size
     n_positions: int = 1024
     n_embd: int = 768
     n_layer: int = 12
@@ -72,6 +86,10 @@ class CocomixConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.real_vocab_size is None:  # checkpoints from before padding: every row is a token
+            self.real_vocab_size = self.vocab_size
+        if not 0 < self.real_vocab_size <= self.vocab_size:
+            raise ValueError(f"real_vocab_size={self.real_vocab_size} must be in 1..vocab_size={self.vocab_size}")
         if self.slot == "none":  # older spelling of "no slot"
             self.slot = None
         if self.slot is not None:
@@ -301,7 +319,11 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
         steering = concept_steering if concept_steering is not None else self.concept_steering
         x, prediction, all_hidden_states = self._run_blocks(
             x, attention_mask, cache if use_cache else None, past_len, steering, output_hidden_states)
-        logits = self.lm_head(x)  # (B, T, vocab)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        if self.config.real_vocab_size < self.config.vocab_size:
+            # Padding ids get probability exactly 0. In place on the matmul's output (its backward does not
+            # need it), so no second (B, T, V) tensor; their gradient is 0, as for any constant.
+            logits[..., self.config.real_vocab_size:] = float("-inf")
 
         loss = None
         if labels is not None:
@@ -378,7 +400,8 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
     # ---- helpers for the trainer -------------------------------------------------------------
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Unique parameters (the tied LM head counts once). non_embedding drops wte and wpe."""
+        """Unique parameters (the tied LM head counts once). non_embedding drops wte and wpe. Padding rows of
+        the vocabulary count: they are stored, and the LM-head matmul multiplies through them."""
         n = sum(p.numel() for p in self.parameters())  # parameters() already de-duplicates tied tensors
         if non_embedding:
             n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
@@ -391,8 +414,10 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
           6 * N                          every weight does a multiply-add (2 FLOPs) forward and twice
                                          that backward; N = non-embedding params (blocks + ln_f, biases and
                                          LayerNorms included) + vocab * d for the LM-head matmul, counted
-                                         once although its weight is shared with wte. Embedding lookups and
-                                         position embeddings are gathers: 0 FLOPs.
+                                         once although its weight is shared with wte; vocab is the padded
+                                         `vocab_size`, as the matmul really runs over the padding rows
+                                         (their -inf logits are computed, then overwritten). Embedding
+                                         lookups and position embeddings are gathers: 0 FLOPs.
           + 12 * n_layer * n_embd * T    attention scores q.k and the weighted sum of v: 2 * 2 * T * d
                                          forward per layer, x3 with backward; full T x T, i.e. the causal
                                          mask's halving is not credited.
@@ -417,15 +442,17 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
         return 6 * n + attention
 
     @classmethod
-    def from_gpt2(cls, gpt2_model) -> "CocomixForCausalLM":
-        """Copy a `transformers.GPT2LMHeadModel` (e.g. GPT-2 124M, the teacher) into this class."""
+    def from_gpt2(cls, gpt2_model, vocab_multiple: int = 1) -> "CocomixForCausalLM":
+        """Copy a `transformers.GPT2LMHeadModel` (e.g. GPT-2 124M, the teacher) into this class. With
+        vocab_multiple > 1 the vocabulary is padded (zero rows, -inf logits): same distributions, faster head."""
         g = gpt2_model.config
         n_inner = g.n_inner if g.n_inner is not None else 4 * g.n_embd
         if (n_inner != 4 * g.n_embd or g.activation_function != "gelu_new" or not g.scale_attn_weights
                 or g.scale_attn_by_inverse_layer_idx or g.add_cross_attention):
             raise ValueError("from_gpt2 supports only the standard GPT-2 block (4d gelu_new MLP, 1/sqrt(d_head) attention)")
         config = CocomixConfig(
-            vocab_size=g.vocab_size, n_positions=g.n_positions, n_embd=g.n_embd, n_layer=g.n_layer, n_head=g.n_head,
+            vocab_size=padded_vocab_size(g.vocab_size, vocab_multiple), real_vocab_size=g.vocab_size,
+            n_positions=g.n_positions, n_embd=g.n_embd, n_layer=g.n_layer, n_head=g.n_head,
             dropout=g.resid_pdrop,  # one rate for all; GPT-2 ships 0.1 for resid, embd and attn alike
             init_std=g.initializer_range, layer_norm_eps=g.layer_norm_epsilon,
             bos_token_id=g.bos_token_id, eos_token_id=g.eos_token_id, pad_token_id=g.pad_token_id,
@@ -439,6 +466,8 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
             # GPT-2's Conv1D stores (in, out); nn.Linear wants (out, in).
             if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
                 tensor = tensor.t()
+            if name in ("transformer.wte.weight", "lm_head.weight"):  # tied; padding rows are zero
+                tensor = torch.cat([tensor, tensor.new_zeros(config.vocab_size - g.vocab_size, g.n_embd)])
             converted[name] = tensor
         model.load_state_dict(converted, strict=True)
         return model

@@ -15,8 +15,10 @@ do not depend on the number of processes.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +30,7 @@ from cocomix.callbacks import (Callback, Checkpointer, EarlyStop, Evaluator, NaN
 from cocomix.config import Config, split_batch
 from cocomix.data import DataError
 from cocomix.data.shards import BlockOrder, TokenBlocks, check_tokenizer_matches, load_manifest
-from cocomix.device import Dist, all_reduce_mean, autocast, peak_flops, setup_distributed
+from cocomix.device import Dist, autocast, peak_flops, setup_distributed, sync
 from cocomix.files import atomic_write_json, list_checkpoints
 from cocomix.methods import Batch, Method, get_method, run_fingerprint
 from cocomix.model import token_nll
@@ -47,9 +49,10 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio
 
 @dataclass
 class StepResult:
-    """What one optimizer step measured (the callbacks' input)."""
+    """What one optimizer step measured (the callbacks' input). Tensors stay on the device: reading
+    one (`.item()`) waits for the GPU, so callbacks do it only at log steps."""
 
-    loss: float                     # mean over the global batch (all processes)
+    loss: torch.Tensor              # this process's mean loss over its micro-batches (0-dim)
     lr: float
     grad_norm: torch.Tensor | None  # before clipping (None until the gradients are clipped)
     parts: dict[str, torch.Tensor]  # the method's named loss parts, this process's mean
@@ -61,8 +64,9 @@ def train_step(model: torch.nn.Module, method: Method, optimizer: torch.optim.Op
     """The training step every run and benchmark executes: the method's loss over the micro-batches
     (gradient accumulation; under DDP gradients synchronise on the last one only), backward,
     `before_update` (the NaN guard), gradient clipping at `grad_clip` (0: none), AdamW at `lr`.
-    `train_model` is what runs the forward (DDP- or compile-wrapped `model`); `model` owns the weights."""
-    train_model = train_model or model
+    `train_model` is what runs the forward (DDP- or compile-wrapped `model`); `model` owns the weights.
+    Nothing in the step reads a value back from the device."""
+    train_model = model if train_model is None else train_model  # not `or`: a compiled module has no truth value
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=next(model.parameters()).device)
@@ -77,7 +81,7 @@ def train_step(model: torch.nn.Module, method: Method, optimizer: torch.optim.Op
         loss_sum += loss.detach().float() / len(micro)
         for k, v in parts.items():
             parts_sum[k] = parts_sum.get(k, 0.0) + v.float() / len(micro)
-    result = StepResult(all_reduce_mean(loss_sum, dist).item(), lr, None, parts_sum)
+    result = StepResult(loss_sum, lr, None, parts_sum)  # no host sync: nothing here waits for the GPU
     if before_update is not None:
         before_update(result)
     result.grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
@@ -116,6 +120,7 @@ class Trainer:
                 self.train_model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None,
                 find_unused_parameters=unused)
         self.last_val: dict[str, float] = {}
+        self.untimed_s = 0.0  # seconds of evaluation and checkpointing so far (see `untimed`)
         self.callbacks = self.default_callbacks(progress, on_eval) + list(callbacks or [])
 
     def _build_data(self) -> None:
@@ -134,6 +139,8 @@ class Trainer:
         self.total_steps = t.tokens // self.tokens_per_step
         self.warmup_steps = t.warmup_steps if t.warmup_steps is not None else max(1, self.total_steps // 300)
         self.step = self.tokens_seen = self.data_position = 0
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="cocomix-data")
+        self._prefetch = None  # (data position, future of its micro-batches)
 
     def _build_model(self) -> None:
         cfg, t = self.cfg, self.cfg.train
@@ -141,7 +148,8 @@ class Trainer:
         self.model = self.method.build_model(cfg, self.manifest["vocab_size"], self.manifest["eos_id"]).to(self.device)
         # The configured tokenizer (if any) must be the one the shards were made with, and every
         # token id in the shards must fit the model's embedding table.
-        check_tokenizer_matches(cfg.data_dir, cfg.tokenizer.path or cfg.data_dir / "tokenizer", self.model.config.vocab_size)
+        check_tokenizer_matches(cfg.data_dir, cfg.tokenizer.path or cfg.data_dir / "tokenizer",
+                                self.model.config.real_vocab_size)  # padding rows are never a token
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),  # one group: decay on all parameters, as the official code
             lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay,
@@ -152,12 +160,24 @@ class Trainer:
 
     def default_callbacks(self, progress: bool, on_eval=None) -> list[Callback]:
         """In the order they act after each step: metrics are gathered, logged, then checkpointed."""
-        callbacks = [NaNGuard(), Progress(progress), TrainMetrics(), Evaluator(), Tracking(), self.checkpointer]
+        callbacks = [NaNGuard(), TrainMetrics(), Progress(progress), Evaluator(), Tracking(), self.checkpointer]
         return callbacks + ([OnEval(on_eval)] if on_eval is not None else [])
 
     def _before_update(self, result: StepResult) -> None:
         for cb in self.callbacks:
             cb.before_optimizer_step(self, result)
+
+    @contextmanager
+    def untimed(self):
+        """Work that throughput must not count (evaluation, checkpoints): its wall time, measured
+        after the queued training work finished, is added to `untimed_s`."""
+        sync(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync(self.device)
+            self.untimed_s += time.perf_counter() - start
 
     def save_checkpoint(self):
         """Save a checkpoint of the current state now (the Checkpointer does it on schedule)."""
@@ -174,14 +194,25 @@ class Trainer:
         return self.tokens_seen // every > (self.tokens_seen - self.tokens_per_step) // every
 
     def next_micro_batches(self) -> list[Batch]:
-        """This process's share of the next global batch, in fixed order."""
+        """This process's share of the next global batch, in fixed order. Assembled in a background
+        thread while the previous step ran (pinned memory on CUDA, so the copy overlaps compute)."""
+        position, step = self.data_position, self.cfg.train.global_batch_size
+        pending = self._prefetch
+        micro = pending[1].result() if pending is not None and pending[0] == position else self.micro_batches_at(position)
+        if self.step + 1 < self.total_steps:
+            self._prefetch = (position + step, self._loader.submit(self.micro_batches_at, position + step))
+        return micro
+
+    def micro_batches_at(self, position: int) -> list[Batch]:
+        """This process's share of the global batch that starts at `position` of the data order."""
         t = self.cfg.train
-        indices = self.order.take(self.data_position, t.global_batch_size)
+        indices = self.order.take(position, t.global_batch_size)
         per_rank = t.global_batch_size // self.dist.world_size
         mine = indices[self.dist.rank * per_rank : (self.dist.rank + 1) * per_rank]
         m = self.micro_batch_size
-        return [Batch(self.train_blocks.get_batch(idx), self.method.extras("train", idx))
-                for idx in (mine[i : i + m] for i in range(0, per_rank, m))]
+        batches = [Batch(self.train_blocks.get_batch(idx), self.method.extras("train", idx))
+                   for idx in (mine[i : i + m] for i in range(0, per_rank, m))]
+        return [b.pin_memory() for b in batches] if self.device.type == "cuda" else batches
 
     def train_step(self, micro: list[Batch]) -> StepResult:
         """One optimizer step over `micro` (this process's micro-batches of one global batch)."""
@@ -253,6 +284,7 @@ class Trainer:
             status = "KILLED"
             raise
         finally:
+            self._loader.shutdown(wait=True, cancel_futures=True)
             for cb in self.callbacks:
                 cb.on_finish(self, status)
 

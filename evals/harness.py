@@ -47,7 +47,8 @@ class _DropTruncationWarnings(logging.Filter):
 
 
 def make_lm(model: torch.nn.Module, tokenizer, batch_size: int | str = 64, mixed_precision: torch.dtype | None = None):
-    """lm-eval's HFLM around a loaded model (no second load from disk)."""
+    """lm-eval's HFLM around a loaded model (no second load from disk). A padded vocabulary needs nothing
+    here: padding ids have -inf logits, so lm-eval's log-softmax and greedy checks are the unpadded model's."""
     from lm_eval.models.huggingface import HFLM
 
     class CocomixLM(HFLM):

@@ -6,7 +6,9 @@ its mean next-token NLL is taken, the block means are averaged, and the result i
 
     ppl = exp( (1/N) * sum_b  mean_{t<T} -log p(x_{b,t+1} | x_{b,<=t}) )
 
-The official code runs batch 1; batching changes nothing because blocks are independent.
+The official code runs batch 1; batching changes nothing because blocks are independent. A padded
+vocabulary (`model.vocab_multiple`) changes nothing either: padding ids have -inf logits, probability
+exactly 0, so every NLL is the unpadded model's (tested in tests/test_model.py).
 """
 
 from __future__ import annotations

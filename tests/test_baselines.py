@@ -1,5 +1,6 @@
 """Baselines on the shared trainer: KD, pause tokens, KD + pause (spec section 3)."""
 
+import math
 import json
 from pathlib import Path
 
@@ -52,6 +53,101 @@ def test_kd_kl_equals_reference(temperature):
     ref = torch.distributions.kl_divergence(dist(logits=teacher / temperature), dist(logits=student / temperature))
     assert kd_kl(student, teacher, temperature).item() == pytest.approx(temperature**2 * ref.mean().item(), rel=1e-5)
     assert kd_kl(teacher, teacher, temperature).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kd_kl_compares_the_real_vocabulary_of_padded_logits():
+    from baselines.kd import kd_kl
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7, generator=g) * 3, torch.randn(2, 5, 7, generator=g) * 3
+
+    def pad(logits, width):  # padding columns as the model fills them
+        return torch.cat([logits, torch.full((*logits.shape[:-1], width), float("-inf"))], dim=-1)
+
+    expected = kd_kl(student, teacher)
+    assert torch.equal(kd_kl(pad(student, 3), teacher, vocab_size=7), expected)  # padded student
+    assert torch.equal(kd_kl(student, pad(teacher, 9), vocab_size=7), expected)  # padded teacher
+    assert torch.equal(kd_kl(pad(student, 3), pad(teacher, 3), vocab_size=7), expected)  # both
+    # Over the padded columns themselves the KL would be 0 * (-inf - -inf) = NaN: why vocab_size exists.
+    assert kd_kl(pad(student, 3), pad(teacher, 3)).isnan()
+    with pytest.raises(ValueError, match="vocab_size"):
+        kd_kl(pad(student, 3), teacher)
+
+
+def _kd_method(teacher, vocab_size, lam=0.1, temperature=2.0):
+    """The KD method as `KD.setup` leaves it, without a trainer."""
+    from baselines.kd import KD
+    from cocomix.device import autocast
+
+    kd = get_method("kd")
+    assert isinstance(kd, KD)
+    kd.lam, kd.temperature, kd.vocab_size, kd.teacher = lam, temperature, vocab_size, teacher
+    kd.teacher_autocast = autocast(torch.device("cpu"), "fp32")
+    return kd
+
+
+def _with_padded_vocab(model, rows: int):
+    """A copy of `model` whose vocabulary is padded to `rows` (large random padding rows)."""
+    from cocomix.model import CocomixConfig, CocomixForCausalLM
+
+    c = model.config
+    padded = CocomixForCausalLM(CocomixConfig(vocab_size=rows, real_vocab_size=c.vocab_size, n_positions=c.n_positions,
+                                              n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head))
+    state = model.state_dict()
+    pad = torch.randn(rows - c.vocab_size, c.n_embd) * 50
+    for name in ("transformer.wte.weight", "lm_head.weight"):  # tied: one tensor under two names
+        state[name] = torch.cat([state[name], pad])
+    padded.load_state_dict(state)
+    return padded.train(model.training)
+
+
+def test_kd_loss_of_a_padded_student_equals_the_unpadded_students():
+    from cocomix.methods.base import Batch
+    from cocomix.model import CocomixConfig, CocomixForCausalLM
+
+    V = 100
+    torch.manual_seed(0)
+
+    def tiny(seed):
+        torch.manual_seed(seed)
+        return CocomixForCausalLM(CocomixConfig(vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                                init_std=0.3))
+
+    student, teacher = tiny(0).train(), tiny(1).eval().requires_grad_(False)
+    padded_student, padded_teacher = _with_padded_vocab(student, 128), _with_padded_vocab(teacher, 192)
+    batch = Batch(torch.randint(0, V, (3, 16), generator=torch.Generator().manual_seed(2)))
+    loss, parts = _kd_method(teacher, V).loss(student, batch)
+    assert parts["kd_loss"] > 0.1  # different models: a real KL
+    loss.backward()
+    for pair_teacher in (teacher, padded_teacher):  # padded student with an unpadded, then a padded teacher
+        padded_student.zero_grad()
+        got, got_parts = _kd_method(pair_teacher, V).loss(padded_student, batch)
+        assert torch.isfinite(got)
+        torch.testing.assert_close(got, loss, rtol=1e-6, atol=0)
+        torch.testing.assert_close(got_parts["kd_loss"], parts["kd_loss"], rtol=1e-6, atol=0)
+        got.backward()
+        torch.testing.assert_close(padded_student.transformer.wte.weight.grad[:V], student.transformer.wte.weight.grad,
+                                   rtol=1e-5, atol=1e-8)
+        assert bool((padded_student.transformer.wte.weight.grad[V:] == 0).all())
+
+
+def test_kd_trains_a_padded_student_against_an_unpadded_or_padded_teacher(tmp_path, tiny_data, tiny_teacher):
+    # The tiny corpus has 512 ids; vocab_multiple=384 pads the student to 768 rows, the teacher keeps 512.
+    trainer = Trainer(_cfg(tmp_path, tiny_data, "method=kd", f"teacher.path={tiny_teacher}", "model.vocab_multiple=384"),
+                      progress=False)
+    assert (trainer.model.config.vocab_size, trainer.model.config.real_vocab_size) == (768, 512)
+    assert trainer.method.teacher.config.vocab_size == 512
+    batch = trainer.next_micro_batches()[0]
+    loss, parts = trainer.method.loss(trainer.model, batch)
+    assert torch.isfinite(loss) and parts["kd_loss"].item() > 0.5
+    # Both padded (the teacher is the student's initial weights): a KL of exactly the same
+    # distributions is 0, not the NaN of 0 * (-inf - -inf) in the padding columns.
+    init = Trainer(_cfg(tmp_path, tiny_data, "run_name=init", "model.vocab_multiple=384"), progress=False)
+    both = Trainer(_cfg(tmp_path, tiny_data, "method=kd", f"teacher.path={init.save_checkpoint()}",
+                        "model.vocab_multiple=384"), progress=False)
+    assert both.method.teacher.config.vocab_size == 768
+    _, parts = both.method.loss(both.model, both.next_micro_batches()[0])
+    assert parts["kd_loss"].item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_kd_teacher_equal_to_student_init_gives_zero_kl(tmp_path, tiny_data, tiny_teacher):
@@ -233,21 +329,38 @@ def test_flops_per_token_of_every_method_by_hand(tmp_path, tiny_data, tiny_teach
         2 * (layer + 1) * P + 4 * (layer + 1) * d * T + 2 * d * C
 
 
-@pytest.mark.parametrize("scale", ["69M", "386M", "1.38B"])
-def test_baselines_are_parameter_matched_to_cocomix_at_every_paper_scale(scale):
-    from cocomix.params import count_params_for, matching_ntp_width
+@pytest.mark.parametrize("config, scale", [("paper", "69M"), ("paper", "386M"), ("paper", "1.38B"),
+                                           ("gutenberg", "small"), ("gutenberg", "medium")])
+def test_baselines_are_parameter_matched_to_cocomix_at_every_shipped_scale(config, scale):
+    from cocomix.params import count_params_for, head_counts, matching_ntp_width
+
+    vocab = 50257 if config == "paper" else 8192
 
     def counts(method):
-        cfg = load_config(ROOT / "config/paper.yaml", [f"scale={scale}", f"method={method}"])
-        return cfg, count_params_for(get_method(method).model_config(cfg, 50257, 50256))
+        cfg = load_config(ROOT / f"config/{config}.yaml", [f"scale={scale}", f"method={method}"])
+        model_config = get_method(method).model_config(cfg, vocab, 0)
+        return cfg, model_config, count_params_for(model_config)
 
-    cocomix_cfg, cocomix = counts("cocomix")
+    cocomix_cfg, cocomix_model, cocomix = counts("cocomix")
+    cocomix_head = cocomix_cfg.model.n_embd // cocomix_cfg.model.n_head
+    assert cocomix_head % 8 == 0
     for method in ("ntp", "kd", "pause", "kd_pause"):
-        cfg, got = counts(method)
-        assert cfg.model.n_layer == cocomix_cfg.model.n_layer and cfg.model.n_head == cocomix_cfg.model.n_head
-        # The width is the one whose parameters come closest to CoCoMix's active parameters (spec 1.7),
-        # and the pause slot sits where CoCoMix interleaves.
-        assert cfg.model.n_embd == matching_ntp_width(cocomix.active, cfg.model.n_layer, 50257, 1024), method
+        cfg, model_config, got = counts(method)
+        m = cfg.model
+        assert m.n_layer == cocomix_cfg.model.n_layer
+        # The width is the one whose parameters come closest to CoCoMix's active parameters (spec 1.7; the
+        # padded vocabulary included): the paper's (a multiple of 16) if it splits into heads whose width is a
+        # multiple of 8, else the closest multiple of 8 that does (issue 15), and the pause slot sits where
+        # CoCoMix interleaves.
+        args = (cocomix.active, m.n_layer, model_config.vocab_size, model_config.n_positions)
+        paper = matching_ntp_width(*args)
+        if config == "paper" and head_counts(paper):
+            assert m.n_embd == paper, method
+        else:
+            assert m.n_embd == matching_ntp_width(*args, multiple_of=8, head_dim_multiple=8), method
+        # Heads: a multiple-of-8 head width, the one closest to CoCoMix's own head width.
+        assert m.n_head in head_counts(m.n_embd), method
+        assert m.n_head == min(head_counts(m.n_embd), key=lambda h: abs(m.n_embd // h - cocomix_head)), method
         assert abs(got.active / cocomix.active - 1) < 0.02, (method, got.active, cocomix.active)
         assert got.total == got.active
         assert cfg.concept.insert_layer == cocomix_cfg.concept.insert_layer
@@ -306,3 +419,23 @@ def test_every_method_trains_and_logs_the_same_metrics_to_mlflow(tmp_path, tiny_
             assert run.data.params[f"accounting.{key}"] == str(final[key]), (method, key)
         assert (final["teacher_flops_per_token"] > 0) == (method in ("kd", "kd_pause", "cocomix")), method
     assert finals["cocomix"]["active_params"] < finals["cocomix"]["params"]
+
+
+@pytest.mark.parametrize("method,extra", [("ntp", []), ("kd", []), ("pause", []), ("kd_pause", []), ("cocomix", []),
+                                          ("cocomix", ["concept.mix=none"]), ("cocomix", ["concept.target=hidden_l2"])],
+                         ids=["ntp", "kd", "pause", "kd_pause", "cocomix", "cocomix-pred_only", "cocomix-hidden"])
+def test_every_method_trains_under_bf16_autocast_and_torch_compile(tmp_path, tiny_data, tiny_teacher, method, extra):
+    # What a GPU run does (bf16 autocast, a compiled forward), exercised on CPU. The trainer's step
+    # took `train_model or model`: a compiled module has no truth value, so train.compile=true failed
+    # at the first step. Dynamo and AOTAutograd trace here (backend aot_eager: no C++ build, seconds);
+    # benchmarks/gpu_check.py --quick runs the inductor backend for NTP and CoCoMix.
+    sae = _random_sae(tmp_path / "sae", 64, 64, 8, layer=1)
+    common = ["train.tokens=4096", "eval.max_blocks=16", f"teacher.path={tiny_teacher}", f"sae.path={sae}",
+              "sae.n_latents=64", "sae.k=8", "concept.k=8", "concept.labels=online", f"method={method}", *extra]
+    eager = train(_cfg(tmp_path / "eager", tiny_data, *common), progress=False)
+    trainer = Trainer(_cfg(tmp_path / "bf16", tiny_data, *common, "train.precision=bf16"), progress=False)
+    assert trainer.autocast.fast_dtype == torch.bfloat16
+    trainer.train_model = torch.compile(trainer.model, backend="aot_eager")
+    fast = trainer.train()
+    assert math.isfinite(fast["val/loss"])
+    assert fast["val/loss"] == pytest.approx(eager["val/loss"], abs=0.05)  # bf16 rounding, same 4 steps

@@ -29,7 +29,7 @@ def _one_line(err):
 
 
 TYPO_ERROR = ("cocomix: error: unknown config key 'model.n_embdd' (expected one of: dropout, init_std, "
-              "layer_norm_eps, n_embd, n_head, n_layer, n_positions, vocab_size)")
+              "layer_norm_eps, n_embd, n_head, n_layer, n_positions, vocab_multiple, vocab_size)")
 
 
 def test_config_typo_fails_before_torch_is_imported():

@@ -250,17 +250,21 @@ def test_flops_per_token_by_hand(slot, mix):
 
 
 def test_paper_cocomix_69m_active_parameters_and_matched_ntp_widths():
-    # spec 1.7: CoCoMix 69M active ~68.3M (stored 85.1M); its NTP ~69.4M, matched at d = 624.
-    expected = {"69M": (68.3e6, 69.4e6, 624), "386M": (388.4e6, 386.3e6, 1072), "1.38B": (1380.8e6, 1373.4e6, 2096)}
-    for scale, (cocomix_active, ntp_total, ntp_width) in expected.items():
+    # spec 1.7: CoCoMix 69M active ~68.3M (stored 85.1M); its NTP ~69.4M, matched at d = 624. The vocabulary
+    # is padded to 50304 (model.vocab_multiple) and counted. 1072 and 2096 (the paper's) split into no heads
+    # whose width is a multiple of 8 (issue 15): the closest multiples of 8 that do, 1080 and 2112, are used.
+    expected = {"69M": (68.3e6, 69.5e6, 624, 16), "386M": (388.5e6, 391.7e6, 1080, 8),
+                "1.38B": (1380.9e6, 1393.7e6, 2112, 8)}
+    for scale, (cocomix_active, ntp_total, ntp_width, multiple_of) in expected.items():
         cfg = load_config(ROOT / "config/paper.yaml", [f"scale={scale}", "method=cocomix"])
         counts = count_params_for(get_method("cocomix").model_config(cfg, 50257, 50256))
         ntp_cfg = load_config(ROOT / "config/paper.yaml", [f"scale={scale}", "method=ntp"])
         ntp = count_params_for(get_method("ntp").model_config(ntp_cfg, 50257, 50256))
         assert abs(counts.active / cocomix_active - 1) < 0.005, scale
         assert abs(ntp.total / ntp_total - 1) < 0.005 and ntp.active == ntp.total, scale
-        assert ntp.total == ntp_params(ntp_cfg.model.n_embd, ntp_cfg.model.n_layer, 50257, 1024)
-        assert matching_ntp_width(counts.active, cfg.model.n_layer, 50257, 1024) == ntp_cfg.model.n_embd == ntp_width
+        assert ntp.total == ntp_params(ntp_cfg.model.n_embd, ntp_cfg.model.n_layer, 50304, 1024)
+        assert matching_ntp_width(counts.active, cfg.model.n_layer, 50304, 1024, multiple_of=multiple_of,
+                                  head_dim_multiple=8) == ntp_cfg.model.n_embd == ntp_width
     assert counts.total - counts.active == (32768 - 32) * 2048  # only the compression's unused rows
 
 
@@ -268,8 +272,12 @@ def test_params_command_prints_active_parameters_and_the_matched_width(capsys):
     from cocomix.cli import main
 
     assert main(["params", "--config", str(ROOT / "config/paper.yaml"), "scale=69M", "--method", "cocomix"]) == 0
-    assert capsys.readouterr().out.strip() == ("cocomix d=512 L=8 vocab=50257: total 85,064,192 active 68,303,360; "
-                                               "the NTP width matching these active parameters: 624")
+    assert capsys.readouterr().out.strip() == ("cocomix d=512 L=8 vocab=50257 (50304 rows): total 85,088,256 active "
+                                               "68,327,424; the NTP width matching these active parameters: 624")
+    assert main(["params", "--config", str(ROOT / "config/paper.yaml"), "scale=386M", "--method", "cocomix"]) == 0
+    assert capsys.readouterr().out.strip().endswith(
+        "the NTP width matching these active parameters: 1072 (whose heads cannot be a multiple of 8 wide; the "
+        "closest that can: 1080, 15 heads of 72)")
 
 
 def test_count_params_of_a_built_model_and_the_pause_vector():

@@ -1,6 +1,8 @@
 """Concept labels: attribution against autograd-through-the-SAE and finite differences, the
-paper's options, and the label cache (exact resume after SIGKILL, refusal of a mismatched cache)."""
+paper's options, the label cache (exact resume after SIGKILL, refusal of a mismatched cache) and the
+precision of extraction (fp32 by default; bf16 measured against it)."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -13,8 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cocomix.concepts import LabelCache, attribution_scores, concept_labels, extract_concepts, loss_gradient
-from cocomix.config import load_config
+import numpy as np
+
+from cocomix.concepts import (LabelCache, _chunk_labeller, attribution_scores, concept_labels, extract_concepts,
+                              label_agreement, label_dtype, label_precision, loss_gradient)
+from cocomix.config import Config, ConfigError, load_config
 from cocomix.data import DataError
 from cocomix.data.shards import TokenBlocks, prepare_data
 from cocomix.sae import init_sae, load_sae, save_sae
@@ -181,6 +186,7 @@ def test_extraction_killed_and_rerun_is_byte_identical(small):
     cache = LabelCache(clean_cfg)
     manifest = json.loads(clean["manifest.json"])
     assert manifest["dtype"] == "<u2" and cache.k_attr == K_ATTR
+    assert manifest["label_precision"] == "fp32" and manifest["device"] == "cpu"
     assert len(clean["train.labels.bin"]) == n_train * cfg.train.block_size * K_ATTR * 2
     teacher, sae = load_teacher(clean_cfg), load_sae(clean_cfg)
     for split in ("train", "val"):
@@ -210,6 +216,7 @@ def test_mismatched_cache_is_refused(small):
     assert "scoring 'attribution' does not match 'activation'" in refused("concept.scoring=activation")
     assert "block_size 64 does not match 32" in refused("train.block_size=32")
     assert "loss_scope" in refused("concept.loss_scope=next_token")
+    assert "label_precision 'fp32' does not match 'bf16'" in refused("concept.label_precision=bf16")
     # A different SAE (same sizes, other weights) and a different teacher are recognised by hash.
     other = cfg.experiment_dir / "other_sae"
     save_sae(init_sae(cfg, 64, torch.randn(4, 64), seed=99), other, {"layer": LAYER})
@@ -230,3 +237,79 @@ def test_mismatched_cache_is_refused(small):
     r = subprocess.run(cli("extract-concepts", "--config", str(ROOT / "config/tiny.yaml"), "--no-progress",
                            *overrides, f"sae.path={cfg.experiment_dir / 'missing'}"), capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "missing: not found" in r.stderr
+
+
+# ---- precision ----------------------------------------------------------------------------
+
+
+def test_label_agreement():
+    a = torch.tensor([[[3, 1, 4, 0], [5, 9, 2, 6], [-1, -1, -1, -1]]])  # (1, 3, 4); the last position unlabelled
+    assert label_agreement(a, a.clone()) == {"exact": 1.0, "top1": 1.0, "overlap": 1.0}
+    disjoint = torch.where(a >= 0, a + 10, a)
+    assert label_agreement(a, disjoint) == {"exact": 0.0, "top1": 0.0, "overlap": 0.0}
+    b = a.clone()
+    b[0, 0] = torch.tensor([1, 3, 4, 7])  # position 0: other order, one latent replaced
+    assert label_agreement(a, b) == {"exact": 0.5, "top1": 0.5, "overlap": (3 / 4 + 1) / 2}
+    with pytest.raises(ValueError):
+        label_agreement(a, a[:, :2])
+
+
+def test_label_precision_context():
+    """fp32 is fp32 even inside an enclosing autocast region; tf32 flips only the TF32 flag; bf16 is
+    bf16 autocast; the caller's TF32 flag comes back afterwards."""
+    matmul, cpu, x = torch.backends.cuda.matmul, torch.device("cpu"), torch.randn(4, 4)
+    before = matmul.allow_tf32
+    try:
+        for flag in (False, True):
+            matmul.allow_tf32 = flag
+            for precision, tf32, dtype in (("fp32", False, torch.float32), ("tf32", True, torch.float32),
+                                           ("bf16", False, torch.bfloat16)):
+                with torch.autocast("cpu", dtype=torch.bfloat16), label_precision(cpu, precision):
+                    assert matmul.allow_tf32 is tf32 and (x @ x).dtype == dtype
+                assert matmul.allow_tf32 is flag
+    finally:
+        matmul.allow_tf32 = before
+    with pytest.raises(ConfigError, match="concept.label_precision"), label_precision(cpu, "fp16"):
+        pass
+
+
+def test_label_precision_config(tiny_data):
+    def error(*extra):
+        with pytest.raises(ConfigError) as e:
+            load_config(ROOT / "config/tiny.yaml", tiny_overrides(tiny_data.parent, tiny_data, *extra))
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    assert "'concept.label_precision': expected one of ['fp32', 'tf32', 'bf16'], got 'fp16'" in error(
+        "concept.label_precision=fp16")
+    assert "concept.labels=online computes them in fp32" in error("concept.labels=online", "concept.label_precision=bf16")
+
+
+def test_extraction_is_fp32_by_default_and_bf16_is_measured(small):
+    """Default extraction computes fp32 labels, the online path's, even when called inside a bf16
+    autocast region (the old code used whatever autocast was active on CPU, bf16 on CUDA); bf16
+    extraction runs on CPU and is measured against fp32."""
+    cfg, overrides = small
+    assert cfg.concept.label_precision == "fp32"
+    cpu, dtype = torch.device("cpu"), label_dtype(C)
+    blocks = TokenBlocks(cfg.data_dir, "train", cfg.train.block_size)
+    chunks = [range(a, a + 8) for a in range(0, 32, 8)]  # extraction's own chunks (concept.extract_batch_size=8)
+
+    def extracted(c: Config, enclosing=contextlib.nullcontext()):
+        label_bytes = _chunk_labeller(c, cpu, dtype)
+        with enclosing:
+            raw = [np.frombuffer(label_bytes(blocks.get_batch(r)), dtype=dtype).reshape(len(r), -1, K_ATTR) for r in chunks]
+        labels = torch.from_numpy(np.concatenate(raw).astype(np.int64))
+        return labels.masked_fill_(labels == 65535, -1)
+
+    teacher, sae = load_teacher(cfg), load_sae(cfg)
+    with torch.autocast("cpu", enabled=False):  # as the online path computes them
+        fp32 = torch.cat([concept_labels(teacher, sae, blocks.get_batch(r), cfg.concept, LAYER) for r in chunks])
+    assert torch.equal(extracted(cfg, torch.autocast("cpu", dtype=torch.bfloat16)), fp32)
+
+    bf16 = extracted(load_config(ROOT / "config/tiny.yaml", overrides + ["concept.label_precision=bf16"]))
+    assert (bf16[:, -1] == -1).all() and ((bf16[:, :-1] >= 0) & (bf16[:, :-1] < C)).all()
+    agreement = label_agreement(bf16, fp32)
+    print(f"bf16 vs fp32 labels, {len(fp32)} blocks: {agreement}")
+    assert all(0.0 <= v <= 1.0 for v in agreement.values())
+    assert agreement["exact"] <= agreement["overlap"]

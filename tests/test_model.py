@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache
 
 import cocomix  # registers the "cocomix" model type
-from cocomix.model import CocomixConfig, CocomixForCausalLM
+from cocomix.model import CocomixConfig, CocomixForCausalLM, padded_vocab_size, token_nll
 
 VOCAB, N_POSITIONS, PAD = 300, 64, 0
 
@@ -182,15 +182,17 @@ def load_in_subprocess(tmp_path, checkpoint, ids, prelude, kwargs, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("slot", [None, "concept"])
-def test_save_and_load_in_a_fresh_process_both_ways(tmp_path, slot):
+@pytest.mark.parametrize("variant", [None, "concept", "padded"])
+def test_save_and_load_in_a_fresh_process_both_ways(tmp_path, variant):
     torch.manual_seed(0)
-    extra = {} if slot is None else dict(slot=slot, insert_layer=1, slot_options={"n_concepts": 40, "k": 4})
+    extra = {None: {}, "concept": dict(slot="concept", insert_layer=1, slot_options={"n_concepts": 40, "k": 4}),
+             "padded": dict(vocab_size=320, real_vocab_size=VOCAB)}[variant]
     original = CocomixForCausalLM(tiny_config(**extra)).eval()
     checkpoint = tmp_path / "checkpoint"
     original.save_pretrained(checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["model_type"] == "cocomix" and "AutoModelForCausalLM" in config["auto_map"]
+    assert config["real_vocab_size"] == VOCAB
     assert (checkpoint / "model.py").exists() and (checkpoint / "slots.py").exists()  # remote code: both files
     ids = random_ids(2, 12)
     with torch.no_grad():
@@ -199,25 +201,37 @@ def test_save_and_load_in_a_fresh_process_both_ways(tmp_path, slot):
     # (a) the package is imported: its registration wins over auto_map, no trust_remote_code needed
     local = load_in_subprocess(tmp_path, checkpoint, ids, "import cocomix", "", "local")
     assert local["module"] == "cocomix.model"
-    assert (local["logits"] - expected).abs().max() == 0
+    assert torch.equal(local["logits"], expected)  # torch.equal: padded columns are -inf on both sides
 
     # (b) the package is made unimportable: the copied model.py is used
     remote = load_in_subprocess(tmp_path, checkpoint, ids, "sys.modules['cocomix'] = None  # import fails",
                                 "trust_remote_code=True", "remote")
     assert remote["module"].startswith("transformers_modules.")
     assert not remote["cocomix_imported"]
-    assert (remote["logits"] - expected).abs().max() == 0
+    assert torch.equal(remote["logits"], expected)
+    assert expected.shape[-1] == extra.get("vocab_size", VOCAB)
+    assert bool((expected[..., VOCAB:] == float("-inf")).all())
 
 
-def test_auto_class_round_trip_in_process(tmp_path):
-    original = CocomixForCausalLM(tiny_config()).eval()
+@pytest.mark.parametrize("padded", [False, True])
+def test_auto_class_round_trip_in_process(tmp_path, padded):
+    original = CocomixForCausalLM(tiny_config(**(dict(vocab_size=320, real_vocab_size=VOCAB) if padded else {}))).eval()
     original.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(loaded) is CocomixForCausalLM
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    assert (loaded.config.vocab_size, loaded.config.real_vocab_size) == (original.config.vocab_size, VOCAB)
     ids = random_ids(1, 8)
     with torch.no_grad():
-        assert (loaded(ids).logits - original(ids).logits).abs().max() == 0
+        assert torch.equal(loaded(ids).logits, original(ids).logits)
+
+
+def test_a_config_without_real_vocab_size_is_unpadded():
+    # Checkpoints saved before vocabulary padding have no real_vocab_size: every row is a token.
+    config = CocomixConfig.from_dict(tiny_config().to_dict() | {"real_vocab_size": None})
+    assert config.real_vocab_size == config.vocab_size == VOCAB
+    with pytest.raises(ValueError, match="real_vocab_size"):
+        tiny_config(vocab_size=100, real_vocab_size=101)
 
 
 # ---- accounting and init -----------------------------------------------------------------------
@@ -234,6 +248,10 @@ def test_num_params_and_flops_per_token():
     assert model.num_params() == non_embedding + vocab * d + N_POSITIONS * d
     expected_flops = 6 * (non_embedding + vocab * d) + 12 * layers * d * seq_len
     assert model.flops_per_token(seq_len) == expected_flops
+    # A padded vocabulary is counted as it runs: 320 stored rows, a 320-wide LM-head matmul.
+    padded = CocomixForCausalLM(tiny_config(n_embd=48, n_layer=3, n_head=4, vocab_size=320, real_vocab_size=VOCAB))
+    assert padded.num_params() == non_embedding + 320 * d + N_POSITIONS * d
+    assert padded.flops_per_token(seq_len) == 6 * (non_embedding + 320 * d) + 12 * layers * d * seq_len
 
 
 def test_init_scales_residual_projections():
@@ -246,3 +264,116 @@ def test_init_scales_residual_projections():
     assert model.transformer.wte.weight.std().item() == pytest.approx(std, rel=0.05)
     assert (model.transformer.h[0].mlp.c_fc.bias == 0).all()
     assert (model.transformer.ln_f.weight == 1).all()
+
+
+# ---- vocabulary padding (model.vocab_multiple) ---------------------------------------------------
+
+REAL, PADDED = 100, 128  # a real vocabulary of 100 ids padded to a multiple of 64
+
+
+def test_the_vocabulary_is_padded_to_a_multiple_of_64_by_default():
+    from conftest import ROOT
+    from cocomix.config import load_config
+    from cocomix.methods import get_method
+
+    assert [padded_vocab_size(v) for v in (50257, 100, 512, 1)] == [50304, 128, 512, 64]
+    assert padded_vocab_size(50257, 1) == 50257
+    cfg = load_config(ROOT / "config/paper.yaml", ["scale=69M"])
+    assert cfg.model.vocab_multiple == 64
+    config = get_method("ntp").model_config(cfg, 50257, 50256)
+    assert (config.vocab_size, config.real_vocab_size) == (50304, 50257)
+    unpadded = get_method("ntp").model_config(load_config(ROOT / "config/paper.yaml", ["model.vocab_multiple=1"]),
+                                              50257, 50256)
+    assert (unpadded.vocab_size, unpadded.real_vocab_size) == (50257, 50257)
+
+
+def padded_pair(init_std=0.5, pad_scale=50.0, **extra):
+    """(unpadded model with REAL ids, the same weights padded to PADDED rows). The padding rows are
+    large random vectors, so without the -inf mask they would win every argmax and most of the mass."""
+    torch.manual_seed(0)
+    plain = CocomixForCausalLM(tiny_config(vocab_size=REAL, init_std=init_std, **extra)).eval()
+    padded = CocomixForCausalLM(tiny_config(vocab_size=PADDED, real_vocab_size=REAL, init_std=init_std, **extra)).eval()
+    state = plain.state_dict()
+    pad = torch.randn(PADDED - REAL, plain.config.n_embd) * pad_scale
+    for name in ("transformer.wte.weight", "lm_head.weight"):  # tied: one tensor under two names
+        state[name] = torch.cat([state[name], pad])
+    padded.load_state_dict(state)
+    assert padded.lm_head.weight is padded.transformer.wte.weight
+    return plain, padded
+
+
+def real_ids(batch, length, seed=0):
+    return torch.randint(3, REAL, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_padded_vocabulary_gives_the_unpadded_logits_loss_and_gradients():
+    plain, padded = padded_pair()
+    plain.train(), padded.train()  # dropout is 0: train mode only to exercise the training path
+    ids = real_ids(3, 20)
+    labels = ids.clone()
+    labels[0, 4:9] = -100
+    a, b = plain(ids, labels=labels), padded(ids, labels=labels)
+    assert b.logits.shape == (3, 20, PADDED)
+    assert bool((b.logits[..., REAL:] == float("-inf")).all())
+    assert torch.equal(b.logits[..., :REAL], a.logits)
+    assert torch.equal(b.loss, a.loss)
+    assert torch.equal(token_nll(b.logits, ids), token_nll(a.logits, ids))  # held-out loss and perplexity
+    assert torch.equal(b.logits.log_softmax(-1)[..., :REAL], a.logits.log_softmax(-1))  # what lm-eval scores
+    a.loss.backward(), b.loss.backward()
+    grad_a, grad_b = plain.transformer.wte.weight.grad, padded.transformer.wte.weight.grad
+    torch.testing.assert_close(grad_b[:REAL], grad_a, rtol=1e-6, atol=1e-9)
+    assert bool((grad_b[REAL:] == 0).all())  # padding rows: never looked up, probability exactly 0
+    for (name, p), q in zip(plain.named_parameters(), padded.parameters()):
+        if name != "transformer.wte.weight":
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-9, msg=name)
+
+
+@torch.no_grad()
+def test_generate_with_a_padded_vocabulary_never_emits_a_padding_id():
+    plain, padded = padded_pair(init_std=1.0)
+    prompt = real_ids(2, 5, seed=1)
+    greedy = padded.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=PAD)
+    assert torch.equal(greedy, plain.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=PAD))
+    torch.manual_seed(0)
+    sampled = padded.generate(prompt.repeat(8, 1), max_new_tokens=20, do_sample=True, temperature=5.0,
+                              top_k=0, top_p=1.0, pad_token_id=PAD)
+    assert int(sampled.max()) < REAL
+    assert len(set(sampled[:, 5:].flatten().tolist())) > 20  # a flat distribution, really sampled
+
+
+def test_padded_vocabulary_perplexity_and_lm_eval_equal_the_unpadded_model(tiny_data):
+    from transformers import AutoTokenizer
+
+    from cocomix.data.shards import TokenBlocks
+    from evals.harness import make_lm
+    from evals.perplexity import heldout_perplexity
+
+    torch.manual_seed(0)  # the tiny corpus has 512 ids (a multiple of 64 already): pad to 576 here
+    plain = CocomixForCausalLM(tiny_config(vocab_size=512, init_std=0.2)).eval()
+    padded = CocomixForCausalLM(tiny_config(vocab_size=576, real_vocab_size=512, init_std=0.2)).eval()
+    state = plain.state_dict()
+    pad = torch.randn(64, 64) * 50
+    for name in ("transformer.wte.weight", "lm_head.weight"):
+        state[name] = torch.cat([state[name], pad])
+    padded.load_state_dict(state)
+    ppl = [heldout_perplexity(m, tiny_data, block_size=64, batch_size=8, max_blocks=16) for m in (plain, padded)]
+    assert ppl[0] == ppl[1]
+
+    tok = AutoTokenizer.from_pretrained(tiny_data / "tokenizer")
+    block = TokenBlocks(tiny_data, "val", 64).get_batch([0])[0].tolist()
+    requests = [(("ctx", "cont"), block[:a], block[a:b]) for a, b in ((5, 9), (20, 21), (30, 64), (1, 40))]
+    scores = [make_lm(m, tok, batch_size=2)._loglikelihood_tokens(requests, disable_tqdm=True) for m in (plain, padded)]
+    assert scores[0] == scores[1]
+    assert all(math.isfinite(logp) for logp, _ in scores[1])
+
+
+@torch.no_grad()
+def test_from_gpt2_can_pad_the_vocabulary(gpt2, model):
+    padded = CocomixForCausalLM.from_gpt2(gpt2, vocab_multiple=64).eval()
+    assert (padded.config.vocab_size, padded.config.real_vocab_size) == (320, VOCAB)
+    assert bool((padded.transformer.wte.weight[VOCAB:] == 0).all())
+    assert padded.lm_head.weight is padded.transformer.wte.weight
+    ids = random_ids(2, 12)
+    logits = padded(ids).logits
+    assert torch.equal(logits[..., :VOCAB], model(ids).logits)
+    assert bool((logits[..., VOCAB:] == float("-inf")).all())

@@ -188,15 +188,75 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, tiny_data):
                 loss = loss * float("nan")
             return loss, parts
 
-    cfg = _cfg(tmp_path, tiny_data)
+    # The guard reads the device-side flag at log steps (every 4) and before each checkpoint (every
+    # 5 steps), never every step: the NaN of step 6 is caught at step 8, naming step 5's checkpoint.
+    cfg = _cfg(tmp_path, tiny_data, "train.log_every_steps=4", "checkpoint.every_tokens=5120")
     trainer = Trainer(cfg, PoisonAtStep5(), progress=False)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 5 .*step_0000005"):
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient norm between step 6 and step 8 "
+                                            r"\(tokens 8192\); last good checkpoint: .*step_0000005$"):
         trainer.train()
+    assert [p.name for p in list_checkpoints(cfg.run_dir)] == ["step_0000005"]  # nothing saved after the NaN
     saved = load_file(str(list_checkpoints(cfg.run_dir)[-1] / "model.safetensors"))
     # The checkpoint holds the weights after 5 good steps: they moved, and are finite.
     assert all(torch.isfinite(v).all() for v in saved.values())
     assert any((saved[k] - before[k]).abs().max() > 0 for k in saved)
+
+
+def test_throughput_leaves_out_evaluation_checkpoints_and_the_first_step(tmp_path, tiny_data, monkeypatch):
+    import cocomix.callbacks
+    import cocomix.trainer
+    from baselines.ntp import NTP
+
+    class Clock:
+        """The real clock, plus 100 s each time the evaluation runs (so CPU load cannot blur it)."""
+
+        offset = 0.0
+
+        def perf_counter(self):
+            return time.perf_counter() + self.offset
+
+    clock = Clock()
+    monkeypatch.setattr(cocomix.callbacks, "time", clock)
+    monkeypatch.setattr(cocomix.trainer, "time", clock)
+
+    class SlowEval(NTP):
+        """NTP whose held-out evaluation takes 100 s more."""
+
+        def eval_metrics(self, model, batch, logits):
+            clock.offset += 100.0
+            return {}
+
+    # 32 steps of 1024 tokens, a line every 4 steps, an evaluation and a checkpoint at step 16 (inside
+    # the window of steps 17-20) and at the end.
+    cfg = _cfg(tmp_path, tiny_data, "train.tokens=32768", "train.log_every_steps=4", "eval.every_tokens=16384",
+               "eval.max_blocks=16", "eval.batch_size=16", "checkpoint.every_tokens=16384")
+    final = Trainer(cfg, SlowEval(), progress=False).train()
+    rates = [r["train/tokens_per_s"] for r in _metrics(cfg.run_dir) if "train/tokens_per_s" in r]
+    assert len(rates) == 8
+    window_s = [3072 / rates[0]] + [4096 / r for r in rates[1:]]  # step 1 (warm-up) is in no window
+    # The old window of steps 17-20 counted the evaluation's 100 s.
+    assert max(window_s) < 50, window_s
+    assert final["tokens_per_s"] == pytest.approx(31 * 1024 / sum(window_s), rel=1e-6)  # the run's average
+    assert final["mfu"] is None  # no MFU on CPU
+
+
+def test_only_the_newest_checkpoint_keeps_the_optimizer_state(tmp_path, tiny_data):
+    # Every checkpoint used to carry the optimizer (about 2.3 TB over the paper's DAG by estimate);
+    # only resuming reads it, and only from the newest checkpoint.
+    cfg = _cfg(tmp_path, tiny_data, "train.tokens=12288", "checkpoint.every_tokens=4096", "checkpoint.keep_last=0")
+    train(cfg, progress=False)
+    ckpts = list_checkpoints(cfg.run_dir)
+    assert [p.name for p in ckpts] == ["step_0000004", "step_0000008", "step_0000012"]
+    assert [(p / "optimizer.pt").exists() for p in ckpts] == [False, False, True]
+    assert all((p / "model.safetensors").exists() and (p / "trainer_state.pt").exists() for p in ckpts)
+    more = _cfg(tmp_path, tiny_data, "train.tokens=16384", "checkpoint.every_tokens=4096", "checkpoint.keep_last=0",
+                f"train.resume={ckpts[0]}")
+    with pytest.raises(TrainingError, match=r"step_0000004: has no optimizer.pt \(only the newest checkpoint.keep_optimizer"):
+        Trainer(more, progress=False)
+    resumed = Trainer(_cfg(tmp_path, tiny_data, "train.tokens=16384", "checkpoint.every_tokens=4096",
+                           "checkpoint.keep_last=0", f"train.resume={ckpts[-1]}"), progress=False)
+    assert resumed.step == 12 and resumed.optimizer.state_dict()["state"]
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from cocomix.config import Config
-from cocomix.model import CocomixConfig, CocomixForCausalLM
+from cocomix.model import CocomixConfig, CocomixForCausalLM, padded_vocab_size
 
 # What a method may need built before it trains (the DAG maps each to the rule that makes it):
 #   teacher  the frozen LM (`teacher.path`, or the DAG's teacher run)
@@ -39,6 +39,10 @@ class Batch:
 
     input_ids: torch.Tensor  # (B, T)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies, so that `to(cuda, non_blocking=True)` overlaps compute."""
+        return Batch(self.input_ids.pin_memory(), {k: v.pin_memory() for k, v in self.extras.items()})
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(
@@ -79,12 +83,16 @@ class Method:
     # ---- the model ----
 
     def model_config(self, cfg: Config, vocab_size: int, eos_id: int) -> CocomixConfig:
+        """The model's config for the tokenizer's `vocab_size` (or `model.vocab_size`), its embedding and
+        LM head padded to a multiple of `model.vocab_multiple` (`real_vocab_size` keeps the real one)."""
         m = cfg.model
+        real_vocab = m.vocab_size or vocab_size
         name = self.slot_for(cfg)
         slot = {} if name is None else dict(
             slot=name, insert_layer=self.insert_layer(cfg), slot_options=self.slot_options(cfg))
         return CocomixConfig(
-            vocab_size=m.vocab_size or vocab_size,
+            vocab_size=padded_vocab_size(real_vocab, m.vocab_multiple),
+            real_vocab_size=real_vocab,
             n_positions=m.n_positions or cfg.train.block_size,
             n_embd=m.n_embd,
             n_layer=m.n_layer,

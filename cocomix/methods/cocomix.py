@@ -22,7 +22,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from cocomix.concepts import LabelCache, concept_labels
+from cocomix.concepts import LabelCache, concept_labels, label_precision
 from cocomix.config import Config, ConfigError
 from cocomix.flops import block_params, concept_label_flops_per_token
 from cocomix.methods.base import Batch, Method, register
@@ -110,7 +110,7 @@ class CoCoMix(Method):
     def _labels(self, batch: Batch) -> torch.Tensor:
         if "concept_labels" in batch.extras:
             return batch.extras["concept_labels"]
-        with torch.enable_grad(), torch.autocast(batch.input_ids.device.type, enabled=False):  # fp32 attribution
+        with torch.enable_grad(), label_precision(batch.input_ids.device, "fp32"):  # as cached labels by default
             return concept_labels(self.teacher, self.sae, batch.input_ids, self.cfg.concept, self.cfg.sae.layer)
 
     def _teacher_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,36 @@
+"""benchmarks/gpu_check.py on CPU at toy sizes (`--device cpu --quick`): every section runs end to
+end (what a lent GPU runs at full size) and its JSON carries the figures the closing notes quote."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_check.py"), "--device", "cpu", "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [path] = tmp_path.glob("gpu_check-*.json")
+    result = json.loads(path.read_text())
+    assert result["failures"] == [] and result["device_type"] == "cpu" and result["commit"]
+    assert {"torch", "transformers"} <= set(result["versions"])
+    assert result["matmul"]["flops_per_s"] > 0
+    variants = result["models"]["variants"]
+    assert set(variants) == {"ntp_eager", "ntp_compiled", "ntp_vocab50257_eager", "cocomix_eager", "cocomix_compiled"}
+    assert variants["ntp_eager"]["vocab"] == 50304 and variants["ntp_vocab50257_eager"]["vocab"] == 50257
+    assert all(v["tokens_per_s"] > 0 and v["loss"] > 0 for v in variants.values())
+    assert result["models"]["ratios"]["cocomix_over_ntp_step_time_compiled"] > 0
+    stages = result["stages"]
+    assert stages["resumed"] and set(stages["seconds"]) == {
+        "prepare_data", "train_teacher_killed_and_resumed", "train_sae", "extract_concepts", "train_cocomix", "eval"}
+    # fp32 both ways on CPU: the cache holds exactly what online labelling computes.
+    assert result["labels"]["cached_vs_online_fp32"] == {"exact": 1.0, "top1": 1.0, "overlap": 1.0}
+    assert 0.0 <= result["labels"]["cached_vs_online_bf16"]["exact"] <= 1.0
