@@ -13,6 +13,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
+
 from cocomix.config import Config, ConfigError, fingerprint, load_config, split_batch
 from cocomix.methods import get_method, run_fingerprint
 from cocomix.plan import RunSpec, plan_runs, teacher_spec
@@ -29,6 +31,10 @@ LABEL_KEYS = ("data", "tokenizer", "teacher", "sae", "concept", "train.block_siz
 TABLES = ("main", "sample_efficiency", "ablations")
 # `cocomix sweep` searches CoCoMix's settings: every trial is a CoCoMix run (cocomix/sweep.py).
 SWEEP_METHOD = "cocomix"
+# SLURM time limits of training jobs (Dag.runtime_minutes): the run's FLOPs at this fraction of an
+# H100/H200's dense bf16 peak, times RUNTIME_SAFETY, plus RUNTIME_EXTRA_MIN for start-up, evaluations
+# and checkpoints, at most RUNTIME_MAX_MIN (a job stopped at its limit is resubmitted and resumes).
+RUNTIME_MFU, RUNTIME_PEAK_FLOPS, RUNTIME_SAFETY, RUNTIME_EXTRA_MIN, RUNTIME_MAX_MIN = 0.25, 989e12, 2.0, 30, 2880
 
 
 class Dag:
@@ -116,6 +122,18 @@ class Dag:
         if gpus > 1:
             return f"{sys.executable} -m cocomix.launch --gpus {gpus}"
         return f"{sys.executable} -m cocomix.cli"
+
+    def runtime_minutes(self, run: str) -> int:
+        """The SLURM time limit of a training job, from its FLOPs (the model built on the meta device:
+        no memory, no weights) over the profile's GPUs per job; see RUNTIME_* above. A KD teacher's
+        forward is not counted (GPT-2's is about half the 69M student's): the safety factor covers it."""
+        cfg = self.config(run)
+        vocab = cfg.model.vocab_size or (50257 if cfg.tokenizer.path else cfg.tokenizer.vocab_size)
+        with torch.device("meta"):
+            model = get_method(cfg.method).build_model(cfg, vocab, 0)
+        flops = model.flops_per_token(cfg.train.block_size) * cfg.train.tokens
+        seconds = flops / (self.train_gpus * RUNTIME_PEAK_FLOPS * RUNTIME_MFU) * RUNTIME_SAFETY
+        return int(min(RUNTIME_MAX_MIN, RUNTIME_EXTRA_MIN + seconds / 60))
 
     @staticmethod
     def gpu_job_threads(cores: int, gpus: int | None) -> int:

@@ -62,6 +62,13 @@ def make_lm(model: torch.nn.Module, tokenizer, batch_size: int | str = 64, mixed
 
         clipped = 0
 
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            """Logits only: HFLM calls `model(inps)`, and in eval mode `use_cache` defaults on, so every
+            scoring forward built a KV cache it never read (about 23 GB at 1.38B by estimate)."""
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.mixed_precision_dtype,
+                                                 enabled=self.mixed_precision_dtype is not None):
+                return self.model(input_ids=inps, use_cache=False).logits
+
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
             n, fixed = self.max_length, []
             for key, context_enc, continuation_enc in requests:

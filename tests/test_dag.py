@@ -276,3 +276,12 @@ def test_split_batch_shrinks_micro_batches_to_a_process_share():
     assert split_batch(16, 4, 2) == (4, 2)
     with pytest.raises(ConfigError, match="48 sequences each, not a multiple of train.micro_batch_size=32"):
         split_batch(96, 32, 2)
+
+
+def test_slurm_time_limits_follow_each_runs_flops():
+    plan = Dag(ROOT / "config/paper.yaml", train_gpus=8)
+    minutes = {run: plan.runtime_minutes(f"{run}-s22") for run in ("ntp-69M", "cocomix-69M", "ntp-386M", "ntp-1.38B")}
+    # 69M NTP: 0.47 GFLOP/token x 20.97B tokens at 25% of 8 x 989 TFLOP/s = 83 min, doubled, + 30 min
+    assert minutes["ntp-69M"] == 197
+    assert minutes["ntp-69M"] < minutes["cocomix-69M"] < minutes["ntp-386M"] < minutes["ntp-1.38B"] == 2880  # capped
+    assert Dag(ROOT / ".test/config.yaml").runtime_minutes("ntp-base-s0") == 30  # seconds of work: the fixed part

@@ -90,7 +90,12 @@ def test_lm_eval_loglikelihoods_equal_direct_computation_ntp(tiny_teacher, harne
     from evals.harness import make_lm
 
     model, tok = _load(tiny_teacher)
+    use_cache = []  # what every scoring forward was asked (the old calls built a KV cache each time)
+    model.register_forward_pre_hook(lambda mod, args, kwargs: use_cache.append(kwargs.get("use_cache")),
+                                    with_kwargs=True)
     _, raw = harness_synthetic.run(make_lm(model, tok, batch_size=5), limit=6, log_samples=True)
+    assert use_cache and set(use_cache) == {False}
+    use_cache.clear()
     _check_samples_match(raw, model, tok, min_requests=2 * 6 * 4)
 
 

@@ -19,6 +19,8 @@ rule train:
     threads: GPU_THREADS
     resources:
         gpu=1,
+        # SLURM time limit from the run's FLOPs (a job stopped at it is resubmitted and resumes)
+        runtime=lambda wc: PLAN.runtime_minutes(wc.run),
     shell:
         "OMP_NUM_THREADS={threads} {OFFLINE} {params.launcher} train --config {CONFIG} --no-progress "
         "{params.overrides} > {log} 2>&1"
