@@ -8,7 +8,8 @@ lookup (prefetched in a thread), the NaN guard's device flag, metrics and their 
 steps, MLflow and metrics.jsonl. The bare step is `cocomix.trainer.train_step` on one fixed,
 already assembled batch, with the same model and optimizer. Both leave out the first step (warm-up)
 and evaluation and checkpoints (the loop's tokens/s excludes them by design: `Trainer.untimed`).
-Repeats alternate loop and bare; the median of their ratios is the overhead (target: under 5%). Writes
+Each repeat times the bare step just before and just after the loop (same weights and optimizer);
+the median over repeats of loop / mean(bare) is the overhead (target: under 5%). Writes
 benchmarks/results/loop_overhead-<device>-<date>.json.
 """
 
@@ -36,11 +37,10 @@ from cocomix.data.shards import prepare_data  # noqa: E402
 from cocomix.trainer import Trainer, lr_at, train_step  # noqa: E402
 
 
-def loop(cfg) -> tuple[float, Trainer]:
+def loop(trainer: Trainer) -> float:
     """Seconds per step of the loop, over the steps its throughput counts."""
-    trainer = Trainer(cfg, progress=False)
     final = trainer.train()
-    return trainer.tokens_per_step / final["tokens_per_s"], trainer
+    return trainer.tokens_per_step / final["tokens_per_s"]
 
 
 def bare(trainer: Trainer, steps: int) -> float:
@@ -66,8 +66,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "config/tiny.yaml"))
     ap.add_argument("overrides", nargs="*")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results"))
     args = ap.parse_args()
 
@@ -81,9 +81,12 @@ def main() -> None:
             cfg = load_config(args.config, [f"results_dir={tmp}/{r}", f"data.dir={data_dir}", f"train.tokens={budget}",
                                             f"eval.every_tokens={budget}", f"checkpoint.every_tokens={budget}",
                                             "train.resume=never", *args.overrides])
-            seconds, trainer = loop(cfg)
-            loop_s.append(seconds)
-            bare_s.append(bare(trainer, args.steps))
+            # The bare step right before and right after the loop, on the same model and optimizer: their
+            # mean is the reference, so a machine that speeds up or slows down mid-repeat cancels out.
+            trainer = Trainer(cfg, progress=False)
+            before = bare(trainer, args.steps)
+            loop_s.append(loop(trainer))
+            bare_s.append((before + bare(trainer, args.steps)) / 2)
             print(f"repeat {r}: loop {1000 * loop_s[-1]:.2f} ms/step, bare step {1000 * bare_s[-1]:.2f} ms/step, "
                   f"overhead {100 * (loop_s[-1] / bare_s[-1] - 1):+.2f}%", flush=True)
         # Each repeat's loop and bare step ran back to back on the same weights: the median of their ratios.
