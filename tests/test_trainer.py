@@ -147,7 +147,7 @@ def test_ddp_runs_the_prediction_only_ablation_whose_compression_never_reaches_t
 @pytest.mark.slow
 def test_a_one_process_checkpoint_resumes_on_two_processes(tmp_path, tiny_data):
     # The old trainer indexed the checkpoint's RNG list by rank: rank 1 of 2 failed with IndexError.
-    common = ["model.dropout=0.1", "train.log_every_steps=1", "train.global_batch_size=8", "train.micro_batch_size=8"]
+    common = ["model.dropout=0.1", "train.log_every_steps=1", "train.global_batch_size=8", "train.micro_batch_size=4"]
     one = _run_cli_train(tiny_overrides(tmp_path / "one", tiny_data, *common, "train.tokens=8192"))
     assert one.wait(timeout=600) == 0, one.stderr.read()[-2000:]
     ckpt = list_checkpoints(load_config(ROOT / "config/tiny.yaml",
