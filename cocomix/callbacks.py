@@ -19,6 +19,7 @@ import os
 import pickle
 import random
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from safetensors.torch import load_file
 
 from cocomix.config import dump_config
 from cocomix.device import all_reduce_mean, barrier, sync
-from cocomix.files import atomic_write_json, list_checkpoints
+from cocomix.files import atomic_write_json, follow_umask, list_checkpoints, sha256_file
 from cocomix.tracking import RunTracker, environment_info
 
 
@@ -283,7 +284,8 @@ class Checkpointer(Callback):
     `checkpoint.keep_last` are kept, and only the newest `checkpoint.keep_optimizer` keep optimizer.pt
     (resuming reads the newest; evaluation never reads it)."""
 
-    RUN_FILES = ("checkpoints", "metrics.jsonl", "final_metrics.json", "mlflow_run_id", "config.yaml")
+    # What checkpoint.json records (size and sha256) and resume verifies before loading anything.
+    VERIFIED = ("model.safetensors", "trainer_state.pt", "optimizer.pt")
 
     def __init__(self, fingerprint: str):
         self.fingerprint = fingerprint
@@ -303,26 +305,69 @@ class Checkpointer(Callback):
             return None
         if resume == "auto":
             self.supersede_stale_run(trainer)
-            ckpts = list_checkpoints(trainer.run_dir)
-            if not ckpts:
+            path = self.newest_intact(trainer)
+            if path is None:
                 return None
-            path = ckpts[-1]
         else:
             path = Path(resume)
             if not (path / "trainer_state.pt").exists():
                 raise TrainingError(f"train.resume: '{path}' is not a checkpoint (no trainer_state.pt)")
+            problem = self.damage(path)
+            if problem:
+                raise TrainingError(f"train.resume: checkpoint {path} is damaged: {problem}")
         self.load(trainer, path)
         self.last_saved = path
         return path
 
+    @classmethod
+    def damage(cls, path: Path) -> str | None:
+        """What is wrong with a checkpoint, in a few words, or None: every file checkpoint.json lists
+        must have its recorded size and sha256 (checkpoints from before these records: sizes unknown,
+        only their presence is checked)."""
+        try:
+            meta = json.loads((path / "checkpoint.json").read_text())
+        except (OSError, ValueError) as e:
+            return f"checkpoint.json unreadable ({type(e).__name__})"
+        for name, want in meta.get("files", {}).items():
+            f = path / name
+            if not f.exists():
+                if name == "optimizer.pt":
+                    continue  # pruned on purpose from older checkpoints (checkpoint.keep_optimizer)
+                return f"{name} is missing"
+            if f.stat().st_size != want["bytes"]:
+                return f"{name} has {f.stat().st_size} bytes, checkpoint.json records {want['bytes']}"
+            if sha256_file(f) != want["sha256"]:
+                return f"{name} does not match its sha256 in checkpoint.json"
+        return None
+
+    def newest_intact(self, trainer) -> Path | None:
+        """The newest checkpoint that verifies; damaged newer ones are moved aside (`<name>.damaged`,
+        which no reader lists) with one warning line each, and the run resumes from the one before."""
+        for path in reversed(list_checkpoints(trainer.run_dir)):
+            problem = self.damage(path)
+            if problem is None:
+                return path
+            barrier(trainer.dist)
+            if trainer.dist.is_main:
+                aside = path.with_name(path.name + ".damaged")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(path, aside)
+                print(f"warning: checkpoint {path} is damaged ({problem}); moved to {aside}, resuming from the "
+                      "one before it", file=sys.stderr, flush=True)
+            barrier(trainer.dist)
+        return None
+
     def supersede_stale_run(self, trainer) -> None:
         """A run folder whose checkpoints came from another config is moved aside, not resumed:
         resuming it would silently mix two experiments (e.g. after a DAG rerun for a changed lr)."""
-        ckpts = list_checkpoints(trainer.run_dir)
-        if not ckpts:
-            return
-        meta = json.loads((ckpts[-1] / "checkpoint.json").read_text())
-        if meta.get("config_fingerprint") == self.fingerprint:
+        metas = []
+        for path in reversed(list_checkpoints(trainer.run_dir)):  # the newest readable record decides
+            try:
+                metas.append(json.loads((path / "checkpoint.json").read_text()))
+                break
+            except (OSError, ValueError):
+                continue  # damaged: resume moves it aside
+        if not metas or metas[0].get("config_fingerprint") == self.fingerprint:
             return
         barrier(trainer.dist)
         if trainer.dist.is_main:
@@ -330,9 +375,9 @@ class Checkpointer(Callback):
             n = 1 + sum(1 for p in run_dir.iterdir() if p.name.startswith("superseded-"))
             dest = run_dir / f"superseded-{n}"
             dest.mkdir()
-            for name in self.RUN_FILES:
-                if (run_dir / name).exists():
-                    os.replace(run_dir / name, dest / name)
+            for entry in run_dir.iterdir():  # everything the old run wrote (eval outputs too), not the lock
+                if entry.name != ".lock" and not entry.name.startswith("superseded-"):
+                    os.replace(entry, dest / entry.name)
             warnings.warn(f"{run_dir}: its checkpoints were made with another config; moved to {dest}, "
                           "starting over", stacklevel=2)
         barrier(trainer.dist)
@@ -407,9 +452,12 @@ class Checkpointer(Callback):
                         "data_position": trainer.data_position, "tokens_per_step": trainer.tokens_per_step,
                         "rng": rngs}, tmp / "trainer_state.pt")
             torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+            files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+                     for name in self.VERIFIED}
             (tmp / "checkpoint.json").write_text(json.dumps(
                 {"step": trainer.step, "tokens_seen": trainer.tokens_seen, "method": trainer.method.name,
-                 "config_fingerprint": self.fingerprint}))
+                 "config_fingerprint": self.fingerprint, "files": files}))
+            follow_umask(tmp)  # safetensors writes 0600: colleagues could not read the weights
             os.replace(tmp, final)
             self.prune(trainer)
         barrier(trainer.dist)

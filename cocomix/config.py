@@ -25,6 +25,7 @@ This module imports neither torch nor transformers, so a bad config fails in wel
 from __future__ import annotations
 
 import ast
+import codecs
 import dataclasses
 import functools
 import inspect
@@ -90,6 +91,13 @@ class DataConfig(Section):
     """Field holding the document text in .jsonl/.parquet/hf rows."""
     strip_gutenberg: bool = False
     """Strip Project Gutenberg licence headers and footers (`text` source)."""
+    encoding: str = "utf-8"
+    """`text` source: the encoding of the .txt/.jsonl files, decoded strictly; an ASCII-compatible
+    codec (utf-8, cp1252, latin-1, ...). A UTF-8 byte-order mark is dropped."""
+    max_bad_files: int = 0
+    """`text` source: how many files that are not text (bytes invalid in `encoding`, or NUL bytes:
+    a binary file) are skipped, each reported in the manifest's `skipped_files` and a warning; one
+    more is an error naming the first. 0: any such file is an error."""
     hf_path: str | None = None
     """`hf` source: a dataset name or local path for `datasets.load_dataset`."""
     hf_name: str | None = None
@@ -113,6 +121,15 @@ class DataConfig(Section):
     def check(self, cfg: Config) -> None:
         _need(0.0 < self.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
         _need(self.shard_tokens > 0, "data.shard_tokens", "must be positive")
+        _need(self.max_bad_files >= 0, "data.max_bad_files", "must be >= 0")
+        try:
+            ascii_ok = codecs.decode(b"\n ~", self.encoding) == "\n ~"  # b"\n" ends a .jsonl line
+        except LookupError:
+            ascii_ok = None
+        except Exception:  # not a text codec (base64, rot13, ...)
+            ascii_ok = False
+        _need(ascii_ok is not None, "data.encoding", f"unknown encoding {self.encoding!r} (e.g. utf-8, cp1252, latin-1)")
+        _need(bool(ascii_ok), "data.encoding", f"{self.encoding!r} is not ASCII-compatible (e.g. utf-8, cp1252, latin-1)")
         if self.source == "text":
             _need(bool(self.paths), "data.paths", "the text source needs at least one file or folder")
         if self.source == "hf":
@@ -291,10 +308,10 @@ class CheckpointConfig(Section):
     """Save a checkpoint every this many training tokens, and at the end (the DAG evaluates each one)."""
     keep_last: int = 2
     """Older checkpoints are deleted; 0 keeps all."""
-    keep_optimizer: int = 1
+    keep_optimizer: int = 2
     """The newest N checkpoints keep the optimizer state (optimizer.pt, twice the model's size in
-    fp32) that resuming needs; older ones keep the model and the rest of the trainer state, all that
-    evaluation reads. 0 keeps it in every checkpoint."""
+    fp32) that resuming needs (2: a damaged newest checkpoint can fall back to the one before); older
+    ones keep the model and the rest of the trainer state, all that evaluation reads. 0: all keep it."""
 
     def check(self, cfg: Config) -> None:
         _need(self.every_tokens > 0, "checkpoint.every_tokens", "must be positive")

@@ -1,4 +1,5 @@
-"""Files and folders, the bottom layer (stdlib only): atomic writes, sha256, the run-folder layout.
+"""Files and folders, the bottom layer (stdlib only): atomic writes, sha256, file modes, the
+run-folder layout and its one-writer lock.
 
 Everything the harness writes that another step reads is written here: to a temporary file in the
 same folder, then `os.replace`d into place, so a reader (or a rerun after SIGKILL) sees either the
@@ -7,10 +8,13 @@ old file or the complete new one, never a prefix that looks complete.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +28,51 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tmp.write_bytes(data)
+    follow_umask(tmp)
     os.replace(tmp, path)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | Path) -> None:
+    """Give `path` (a file, or a folder and everything in it) the modes a plain `open` would under the
+    current umask: libraries that write 0600 (safetensors) would keep colleagues on a shared
+    filesystem from reading weights."""
+    path, mask = Path(path), _umask()
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in paths:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+class RunInUse(RuntimeError):
+    """Another live process holds the run folder's lock."""
+
+
+def lock_run(run_dir: str | Path):
+    """Take the one-writer lock of a run folder (`<run_dir>/.lock`, a `flock` the OS releases when
+    the holder exits, SIGKILL included, so nothing is left to clean up). Returns the open lock file;
+    keep it for as long as the run writes, close it to release. Raises RunInUse naming the holder."""
+    path = Path(run_dir) / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise RunInUse(f"run folder {run_dir} is in use by {holder}; wait for it to finish or stop it") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    fh.flush()
+    return fh
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

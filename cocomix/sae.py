@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from cocomix.config import Config, ConfigError, SAEConfig
 from cocomix.data import DataError
 from cocomix.data.shards import BlockOrder, TokenBlocks
-from cocomix.files import atomic_write_json, sha256_file
+from cocomix.files import atomic_write_json, follow_umask, sha256_file
 from cocomix.model import token_nll
 from cocomix.teacher import load_teacher, run_teacher, teacher_hash
 from cocomix.tracking import RunTracker, environment_info
@@ -207,6 +207,7 @@ def save_sae(sae: TopKSAE, folder: Path, meta: dict | None = None) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, str(folder / WEIGHTS))
+    follow_umask(folder / WEIGHTS)  # safetensors writes 0600
     config = {"format": "cocomix-topk-sae-v1", "d_model": sae.d_model, "n_latents": sae.n_latents, "k": sae.k,
               "normalize": sae.normalize, **(meta or {})}
     atomic_write_json(folder / SAE_CONFIG, config, indent=1)

@@ -31,7 +31,7 @@ from cocomix.config import Config, split_batch
 from cocomix.data import DataError
 from cocomix.data.shards import BlockOrder, TokenBlocks, check_tokenizer_matches, load_manifest
 from cocomix.device import Dist, autocast, peak_flops, setup_distributed, sync
-from cocomix.files import atomic_write_json, list_checkpoints
+from cocomix.files import RunInUse, atomic_write_json, list_checkpoints, lock_run
 from cocomix.methods import Batch, Method, get_method, run_fingerprint
 from cocomix.model import token_nll
 from cocomix.params import count_params
@@ -109,6 +109,12 @@ class Trainer:
                            "flops_per_token": self.flops_per_token,
                            "teacher_flops_per_token": self.method.teacher_flops_per_token()}
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_lock = None  # one writer per run folder: a second process stops here, naming the holder
+        if self.dist.is_main:
+            try:
+                self.run_lock = lock_run(self.run_dir)
+            except RunInUse as e:
+                raise TrainingError(str(e)) from None
         self.checkpointer = Checkpointer(run_fingerprint(cfg))
         self.resumed_from = self.checkpointer.resume(self)
         self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
@@ -287,6 +293,8 @@ class Trainer:
             self._loader.shutdown(wait=True, cancel_futures=True)
             for cb in self.callbacks:
                 cb.on_finish(self, status)
+            if self.run_lock is not None:
+                self.run_lock.close()  # the next writer may start
 
 
 def train(cfg: Config, method: Method | None = None, progress: bool = True,

@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from cocomix.config import Config, DataConfig, SyntheticConfig, TokenizerConfig
+from cocomix.config import Config, ConfigError, DataConfig, SyntheticConfig, TokenizerConfig, load_config
 from cocomix.data import (
     BlockOrder,
     DataError,
@@ -554,3 +556,104 @@ def test_prepare_text_source_end_to_end(tmp_path):
     assert tok.decode(_read_split(d, "val")).count("Chapter 1\nIt was a dark") == m["splits"]["val"]["n_docs"]
     with pytest.raises(DataError, match="only the synthetic source"):
         TokenBlocks(d, "train", 8).get_concepts([0])
+
+
+# A PNG header and random bytes with NULs: what a mis-saved download in a text corpus looks like.
+PNG_LIKE = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+
+
+def _small_corpus(folder: Path, n: int = 6) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(n):
+        (folder / f"book{i}.txt").write_text(f"Book {i}. It was a dark and stormy night; the rain fell {i} times.\n")
+    return folder
+
+
+def test_binary_file_in_a_text_corpus_is_one_cli_error_line_naming_it(tmp_path):
+    """Old code decoded it with errors='replace' and trained on the noise."""
+    corpus = _small_corpus(tmp_path / "corpus")
+    (corpus / "page_017.txt").write_bytes(PNG_LIKE)
+    data_dir = tmp_path / "data"
+    cmd = [sys.executable, "-m", "cocomix.cli", "prepare-data", "data.source=text", f"data.paths=[{corpus}]",
+           f"data.dir={data_dir}", "tokenizer.vocab_size=300"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert len(err) == 1 and err[0].startswith("cocomix: error:"), proc.stderr
+    assert f"{corpus / 'page_017.txt'}: not UTF-8 text: invalid byte 0x89 at offset 0" in err[0]
+    assert "data.max_bad_files" in err[0]
+    assert not (data_dir / "manifest.json").exists()
+
+
+def test_files_that_are_not_text_are_skipped_up_to_the_threshold_and_reported(tmp_path, capsys):
+    corpus = _small_corpus(tmp_path / "corpus")
+    (corpus / "page_017.txt").write_bytes(PNG_LIKE)
+    clean = _small_corpus(tmp_path / "clean")  # the same corpus without the binary file
+
+    def prepare(folder, name, **kw):
+        cfg = Config(data=_text_cfg([folder], val_fraction=0.3, dir=str(tmp_path / name), **kw),
+                     tokenizer=TokenizerConfig(vocab_size=300))
+        return prepare_data(cfg, progress=False)
+
+    d = prepare(corpus, "data", max_bad_files=1)
+    warning = [l for l in capsys.readouterr().err.splitlines() if "page_017" in l]
+    assert len(warning) == 1 and warning[0].startswith("warning: skipped 1 ")
+    m = load_manifest(d)
+    assert m["skipped_files"] == {"count": 1, "files": [
+        {"path": str(corpus / "page_017.txt"), "reason": "not UTF-8 text: invalid byte 0x89 at offset 0"}]}
+    # No token comes from the binary file: tokenizer and shards equal those of the corpus without it.
+    ref = prepare(clean, "ref")
+    assert load_manifest(ref)["skipped_files"] == {"count": 0, "files": []}
+    assert m["tokenizer_hash"] == load_manifest(ref)["tokenizer_hash"]
+    for split in ("train", "val"):
+        assert np.array_equal(_read_split(d, split), _read_split(ref, split))
+    assert "\ufffd" not in load_tokenizer(d / "tokenizer").decode(_read_split(d, "train"))
+    # One more than the threshold is an error naming the first bad file.
+    (corpus / "zz_nul.txt").write_bytes(b"looks like text\x00\x00\x01\x02")
+    with pytest.raises(DataError, match=r"2 files are not text, more than data.max_bad_files \(1\); the first: .*page_017") as e:
+        list(iter_documents(_text_cfg([corpus], max_bad_files=1)))
+    assert "\n" not in str(e.value)
+    skipped = []
+    docs = list(iter_documents(_text_cfg([corpus], max_bad_files=2), skipped=skipped))
+    assert len(docs) == 6 and [f["reason"] for f in skipped][1] == "contains NUL bytes (a binary file?)"
+
+
+def test_non_utf8_text_is_an_error_with_a_hint_or_decoded_with_data_encoding(tmp_path):
+    (tmp_path / "cafe.txt").write_bytes("Un caf\u00e9, s'il vous pla\u00eet.\n".encode("latin-1"))
+    (tmp_path / "plain.txt").write_bytes(b"Plain ASCII text.\n")
+    with pytest.raises(DataError) as e:
+        list(iter_documents(_text_cfg([tmp_path])))
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 'cafe.txt'}: not UTF-8 text: invalid byte 0xe9 at offset 6")
+    assert "data.encoding" in msg and "\n" not in msg
+    docs = [d.text for d in iter_documents(_text_cfg([tmp_path], encoding="cp1252"))]
+    assert docs == ["Un caf\u00e9, s'il vous pla\u00eet.\n", "Plain ASCII text.\n"]
+    # The encoding is checked with the config: known, and ASCII-compatible (.jsonl lines end at b"\n").
+    assert load_config(None, ["data.encoding=latin-1"]).data.encoding == "latin-1"
+    for bad, what in (("nope", "unknown encoding"), ("utf-16", "not ASCII-compatible")):
+        with pytest.raises(ConfigError, match=f"data.encoding.*{what}"):
+            load_config(None, [f"data.encoding={bad}"])
+
+
+def test_bom_jsonl_and_parquet_files_that_are_not_text(tmp_path):
+    (tmp_path / "a_bom.txt").write_bytes(b"\xef\xbb\xbfWith a byte-order mark.\n")
+    (tmp_path / "b_bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "bom row"}).encode() + b"\n")
+    (tmp_path / "c_binary.jsonl").write_bytes(PNG_LIKE)
+    (tmp_path / "d_broken.parquet").write_bytes(PNG_LIKE)
+    skipped = []
+    docs = [d.text for d in iter_documents(_text_cfg([tmp_path], max_bad_files=2), skipped=skipped)]
+    assert docs == ["With a byte-order mark.\n", "bom row"]
+    assert [Path(f["path"]).name for f in skipped] == ["c_binary.jsonl", "d_broken.parquet"]
+    assert skipped[1]["reason"].startswith("not a Parquet file")
+    # Bad bytes after a .jsonl file's first documents cannot be skipped: an error at their line.
+    late = tmp_path / "late"
+    late.mkdir()
+    (late / "x.jsonl").write_bytes(b'{"text": "one"}\n{"text": "two"}\n{"text": "\xff"}\n')
+    with pytest.raises(DataError, match=r"x\.jsonl:3: not UTF-8 text: invalid byte 0xff"):
+        list(iter_documents(_text_cfg([late], max_bad_files=5)))
+    # A corpus of nothing but skipped files says so.
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "p.txt").write_bytes(PNG_LIKE)
+    with pytest.raises(DataError, match=r"no documents found.*1 files skipped as not text, the first: .*p\.txt"):
+        list(iter_documents(_text_cfg([only], max_bad_files=1)))

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, cli, tiny_overrides
 from cocomix.config import load_config
 from cocomix.data.shards import TokenBlocks
+from cocomix.files import sha256_file
 from cocomix.trainer import TrainingError, Trainer, list_checkpoints, lr_at, train
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -274,14 +275,14 @@ def test_throughput_leaves_out_evaluation_checkpoints_and_the_first_step(tmp_pat
     assert final["mfu"] is None  # no MFU on CPU
 
 
-def test_only_the_newest_checkpoint_keeps_the_optimizer_state(tmp_path, tiny_data):
+def test_only_the_newest_checkpoints_keep_the_optimizer_state(tmp_path, tiny_data):
     # Every checkpoint used to carry the optimizer (about 2.3 TB over the paper's DAG by estimate);
-    # only resuming reads it, and only from the newest checkpoint.
+    # only resuming reads it: from the newest checkpoint, or the one before if the newest is damaged.
     cfg = _cfg(tmp_path, tiny_data, "train.tokens=12288", "checkpoint.every_tokens=4096", "checkpoint.keep_last=0")
     train(cfg, progress=False)
     ckpts = list_checkpoints(cfg.run_dir)
     assert [p.name for p in ckpts] == ["step_0000004", "step_0000008", "step_0000012"]
-    assert [(p / "optimizer.pt").exists() for p in ckpts] == [False, False, True]
+    assert [(p / "optimizer.pt").exists() for p in ckpts] == [False, True, True]  # keep_optimizer: 2
     assert all((p / "model.safetensors").exists() and (p / "trainer_state.pt").exists() for p in ckpts)
     more = _cfg(tmp_path, tiny_data, "train.tokens=16384", "checkpoint.every_tokens=4096", "checkpoint.keep_last=0",
                 f"train.resume={ckpts[0]}")
@@ -343,9 +344,14 @@ def test_changed_config_starts_over_instead_of_resuming(tmp_path, tiny_data):
     """Auto-resume continues only a run made with the same config; a stale one is moved aside."""
     first = train(_cfg(tmp_path, tiny_data, "train.tokens=20480"), progress=False)
     cfg = _cfg(tmp_path, tiny_data, "train.tokens=20480", "train.lr=1e-3")
+    (cfg.run_dir / "eval_summary.json").write_text("{}")  # what `cocomix eval` wrote for the old run
+    (cfg.run_dir / "eval").mkdir()
     second = train(cfg, progress=False)
     stale = cfg.run_dir / "superseded-1"
     assert (stale / "checkpoints").is_dir() and (stale / "final_metrics.json").exists()
+    # Every file of the old run moved (the old code left eval_summary.json beside the new run's files).
+    assert (stale / "eval_summary.json").exists() and (stale / "eval").is_dir() and (stale / "environment.json").exists()
+    assert not (cfg.run_dir / "eval_summary.json").exists() and not (cfg.run_dir / "eval").exists()
     assert second["val/loss"] != first["val/loss"]
     # The new run trained all 20 steps itself: its log starts again from the first steps.
     assert _metrics(cfg.run_dir)[0]["step"] == 10
@@ -353,6 +359,77 @@ def test_changed_config_starts_over_instead_of_resuming(tmp_path, tiny_data):
     again = train(_cfg(tmp_path, tiny_data, "train.tokens=20480", "train.lr=1e-3", "train.log_every_steps=5"),
                   progress=False)
     assert again["val/loss"] == second["val/loss"] and not (cfg.run_dir / "superseded-2").exists()
+
+
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_one_before(tmp_path, tiny_data, capfd):
+    # The old resume read the truncated model.safetensors and stopped with a safetensors traceback.
+    cfg = _cfg(tmp_path, tiny_data, "train.tokens=12288", "checkpoint.every_tokens=4096", "model.dropout=0.1")
+    first = train(cfg, progress=False)
+    ckpts = list_checkpoints(cfg.run_dir)
+    reference = {k: v.clone() for k, v in load_file(str(ckpts[-1] / "model.safetensors")).items()}  # not the mmap
+    weights = ckpts[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a write cut short
+    again = train(cfg, progress=False)
+    err = capfd.readouterr().err
+    size = Path(f"{ckpts[-1]}.damaged/model.safetensors").stat().st_size
+    assert (f"warning: checkpoint {ckpts[-1]} is damaged (model.safetensors has {size} bytes, checkpoint.json "
+            f"records {2 * size}"in err or f"records {2 * size + 1}" in err)
+    assert f"moved to {ckpts[-1]}.damaged, resuming from the one before it" in err
+    # Resumed at step 8 and retrained 9-12: the weights of the first time (exact resume: 1e-6 on CPU).
+    redone = load_file(str(list_checkpoints(cfg.run_dir)[-1] / "model.safetensors"))
+    assert max((reference[k] - redone[k]).abs().max().item() for k in reference) <= 1e-6
+    assert again["val/loss"] == pytest.approx(first["val/loss"], abs=1e-6)
+    # A damaged record is refused when named explicitly.
+    (ckpts[0] / "checkpoint.json").write_text("{not json")
+    with pytest.raises(TrainingError, match=r"step_0000004 is damaged: checkpoint.json unreadable"):
+        Trainer(_cfg(tmp_path, tiny_data, "train.tokens=12288", "checkpoint.every_tokens=4096", "model.dropout=0.1",
+                     f"train.resume={ckpts[0]}"), progress=False)
+
+
+def test_weights_and_records_follow_the_umask(tmp_path, tiny_data):
+    # safetensors writes 0600 whatever the umask: colleagues on a shared filesystem could not load the
+    # weights. Everything a checkpoint holds now gets the modes a plain open() would.
+    old = os.umask(0o022)
+    try:
+        cfg = _cfg(tmp_path, tiny_data, "train.tokens=4096")
+        train(cfg, progress=False)
+    finally:
+        os.umask(old)
+    ckpt = list_checkpoints(cfg.run_dir)[-1]
+    modes = {p.name: p.stat().st_mode & 0o777 for p in ckpt.iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+    assert ckpt.stat().st_mode & 0o777 == 0o755
+    assert (cfg.run_dir / "final_metrics.json").stat().st_mode & 0o777 == 0o644
+
+
+HOLD_RUN = """
+import sys, time
+from cocomix.files import lock_run
+fh = lock_run(sys.argv[1])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_one_writer_per_run_folder_and_a_killed_holder_frees_it(tmp_path, tiny_data):
+    # Two `cocomix train` on one run folder both used to finish, writing every metrics line twice.
+    overrides = tiny_overrides(tmp_path, tiny_data, "train.tokens=4096")
+    run_dir = load_config(ROOT / "config/tiny.yaml", overrides).run_dir
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_RUN, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                              env=ENV, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = _run_cli_train(overrides)
+        assert second.wait(timeout=300) == 1
+        lines = second.stderr.read().strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"cocomix: error: run folder {run_dir} is in use by pid "
+                                                       f"{holder.pid} on "), lines
+        assert not (run_dir / "metrics.jsonl").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)  # the OS releases the lock: nothing to clean up
+        holder.wait()
+    third = _run_cli_train(overrides)
+    assert third.wait(timeout=300) == 0, third.stderr.read()[-2000:]
 
 
 class _RunsCode:
@@ -372,6 +449,11 @@ def test_resume_refuses_a_trainer_state_that_would_run_code(tmp_path, tiny_data)
     assert isinstance(state["rng"][0]["numpy"][1], torch.Tensor)
     marker = tmp_path / "code-ran"
     torch.save({**state, "payload": _RunsCode(marker)}, ckpt / "trainer_state.pt")
+    # A crafted folder whose checkpoint.json vouches for the crafted file (else it is merely damaged).
+    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    meta["files"]["trainer_state.pt"] = {"bytes": (ckpt / "trainer_state.pt").stat().st_size,
+                                         "sha256": sha256_file(ckpt / "trainer_state.pt")}
+    (ckpt / "checkpoint.json").write_text(json.dumps(meta))
     with pytest.raises(TrainingError, match=r"trainer_state.pt holds objects other than tensors and plain data"):
         Trainer(cfg, progress=False)
     assert not marker.exists()  # refused before anything was unpickled

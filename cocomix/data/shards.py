@@ -9,7 +9,8 @@ Layout of a data folder (`cfg.data_dir`):
                                 the ground-truth concepts of each token (EOS -> 0)
     concepts.json               synthetic source only: what every concept id means
     manifest.json               written LAST: sizes and sha256 of every shard, the data config,
-                                the tokenizer hash. No manifest = not a finished data folder.
+                                the tokenizer hash, the corpus files skipped as not text
+                                (`skipped_files`). No manifest = not a finished data folder.
     manifest.verified.json      written by `load_manifest(verify=True)` after the shards' sha256
                                 matched: lets later loads skip the hashing (see `load_manifest`)
 
@@ -26,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -48,6 +50,7 @@ SPLITS = ("train", "val")
 _OUTPUT_NAME = re.compile(r"^(train|val)_\d+(\.concepts)?\.bin$")
 _ENCODE_BATCH_DOCS = 256
 _ENCODE_BATCH_CHARS = 4_000_000
+_SKIPPED_LISTED = 100  # skipped corpus files named in the manifest (all are counted)
 
 
 # --------------------------------------------------------------------------------------
@@ -152,7 +155,10 @@ def _build(cfg: Config, tmp: Path, progress: bool) -> dict[str, Any]:
     eos_id = int(tok.eos_token_id)
     vocab_size = len(tok)
     dtype = np.dtype("<u2") if vocab_size <= 65535 else np.dtype("<u4")
-    splits, max_id = _write_shards(data, tmp, tok.backend_tokenizer, eos_id, dtype, progress)
+    skipped: list[dict[str, str]] = []
+    splits, max_id = _write_shards(data, tmp, tok.backend_tokenizer, eos_id, dtype, progress, skipped)
+    if skipped:
+        _warn_skipped(skipped, data)
     concepts_info = _write_concept_table(data, tmp) if data.source == "synthetic" else None
     return {
         **_config_key(cfg),
@@ -164,6 +170,7 @@ def _build(cfg: Config, tmp: Path, progress: bool) -> dict[str, Any]:
         "dtype": dtype.name,
         "splits": splits,
         "concepts": concepts_info,
+        "skipped_files": {"count": len(skipped), "files": skipped[:_SKIPPED_LISTED]},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -182,10 +189,19 @@ def _make_tokenizer(cfg: Config, tmp: Path, progress: bool):
     return tok
 
 
+def _warn_skipped(skipped: list[dict[str, str]], data: DataConfig) -> None:
+    """One stderr line: how many corpus files were skipped as not text, the first few by name."""
+    named = "; ".join(f"{f['path']} ({f['reason']})" for f in skipped[:3])
+    more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    print(f"warning: skipped {len(skipped)} of data.paths' files as not text (data.max_bad_files: "
+          f"{data.max_bad_files}; see skipped_files in manifest.json): {named}{more}", file=sys.stderr, flush=True)
+
+
 def _write_shards(data: DataConfig, tmp: Path, backend, eos_id: int, dtype: np.dtype,
-                  progress: bool) -> tuple[dict, int]:
+                  progress: bool, skipped: list | None = None) -> tuple[dict, int]:
     """Step 2: stream documents -> token ids -> shards, encoded in batches of documents; returns
-    ({split: its shards}, the largest token id written)."""
+    ({split: its shards}, the largest token id written). Corpus files skipped as not text are
+    appended to `skipped`."""
     from tqdm.auto import tqdm
 
     synthetic = data.source == "synthetic"
@@ -201,7 +217,7 @@ def _write_shards(data: DataConfig, tmp: Path, backend, eos_id: int, dtype: np.d
 
     batch: list = []
     chars = 0
-    for doc in iter_documents(data):
+    for doc in iter_documents(data, skipped=skipped):
         batch.append(doc)
         chars += len(doc.text)
         if len(batch) >= _ENCODE_BATCH_DOCS or chars >= _ENCODE_BATCH_CHARS:

@@ -7,10 +7,16 @@ and one val document. For `hf` it is the paper's OpenWebText recipe,
 `ds.train_test_split(test_size=val_fraction, seed=split_seed)` with "test" used as val.
 
 Everything streams: a 40 GB corpus never has to fit in memory.
+
+A `text` corpus file that is not text (it does not decode strictly in `data.encoding`, or it
+holds NUL bytes: a binary file) is never tokenised: up to `data.max_bad_files` such files are
+skipped and reported (`iter_documents(..., skipped=[])`, the manifest's `skipped_files`), one more
+is a DataError naming the first.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from dataclasses import dataclass
@@ -122,26 +128,73 @@ def _read_field(row: object, field: str, where: str) -> str:
     return row[field]
 
 
+class _NotText(Exception):
+    """A corpus file that is not text (`reason` says why); raised before it yields a document."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _codec(data: DataConfig) -> tuple[str, str]:
+    """(the codec of `data.encoding`, its name in messages)."""
+    name = codecs.lookup(data.encoding).name
+    return ("utf-8", "UTF-8") if name in ("utf-8", "utf-8-sig") else (name, data.encoding)
+
+
+def _decode(raw: bytes, codec: tuple[str, str], first: bool = True) -> str:
+    """`raw` decoded strictly, or _NotText: bytes that do not decode, or NUL bytes (binary). A
+    UTF-8 byte-order mark at the start of a file (`first`) is dropped."""
+    skip = len(codecs.BOM_UTF8) if first and codec[0] == "utf-8" and raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = (raw[skip:] if skip else raw).decode(codec[0])
+    except UnicodeDecodeError as e:
+        at = skip + e.start
+        raise _NotText(f"not {codec[1]} text: invalid byte 0x{raw[at]:02x} at offset {at}") from None
+    if "\0" in text:
+        raise _NotText("contains NUL bytes (a binary file?)")
+    return text
+
+
 def _iter_file(path: Path, data: DataConfig) -> Iterator[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        text = path.read_text(encoding="utf-8", errors="replace")
-        yield text
+        yield _decode(path.read_bytes(), _codec(data))
     elif suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        # Binary lines, each decoded strictly (data.encoding is ASCII-compatible: b"\n" ends a line).
+        # Bad bytes before the first document make the file not text; later ones are an error at
+        # their line, as the file's earlier documents are already out.
+        codec = _codec(data)
+        with path.open("rb") as f:
+            yielded = False
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = _decode(raw, codec, first=lineno == 1)
+                except _NotText as e:
+                    if not yielded:
+                        raise
+                    raise DataError(f"{path}:{lineno}: {e.reason} (earlier lines are text: fix or remove the file)") from None
                 if line.strip():
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError:
                         raise DataError(f"{path}:{lineno}: not valid JSON (expected one object per line)") from None
+                    yielded = True
                     yield _read_field(row, data.text_field, f"{path}:{lineno}")
     else:  # parquet, one row group at a time so memory stays bounded
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(path)
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise _NotText(f"not a Parquet file ({msg})") from None
         if data.text_field not in pf.schema_arrow.names:
             raise DataError(f"{path}: no column '{data.text_field}' (columns: {pf.schema_arrow.names}; set data.text_field)")
+        kind = pf.schema_arrow.field(data.text_field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(f"{path}: column '{data.text_field}' holds {kind}, expected strings (set data.text_field)")
         for batch in pf.iter_batches(batch_size=1024, columns=[data.text_field]):
             for text in batch.column(0).to_pylist():
                 if text is not None:
@@ -153,12 +206,31 @@ def _clean(text: str, data: DataConfig) -> str:
     return strip_gutenberg(text) if data.strip_gutenberg else text
 
 
-def _text_docs(data: DataConfig) -> Iterator[str]:
+def _skip_hint(reason: str, data: DataConfig) -> str:
+    """What to do about a file that is not text."""
+    hint = "remove it from data.paths"
+    if reason.startswith(f"not {_codec(data)[1]} text"):
+        hint += ", set data.encoding if the corpus is text in another encoding (e.g. cp1252)"
+    return f"{hint}, or let data.max_bad_files (now {data.max_bad_files}) skip it"
+
+
+def _text_docs(data: DataConfig, skipped: list[dict[str, str]]) -> Iterator[str]:
     for path in _list_files(data.paths):
-        for text in _iter_file(path, data):
-            text = _clean(text, data)
-            if text.strip():
-                yield text
+        try:
+            for text in _iter_file(path, data):
+                text = _clean(text, data)
+                if text.strip():
+                    yield text
+        except _NotText as e:  # raised before the file yielded anything
+            skipped.append({"path": str(path), "reason": e.reason})
+            if len(skipped) > data.max_bad_files:
+                first = skipped[0]
+                if len(skipped) == 1:
+                    raise DataError(f"{first['path']}: {first['reason']}; {_skip_hint(first['reason'], data)}") from None
+                raise DataError(
+                    f"data.paths: {len(skipped)} files are not text, more than data.max_bad_files "
+                    f"({data.max_bad_files}); the first: {first['path']}: {first['reason']}"
+                ) from None
 
 
 def _limit(it: Iterable, n: int | None) -> Iterator:
@@ -198,12 +270,16 @@ def _hf_docs(data: DataConfig) -> Iterator[Doc]:
                     yield Doc(_clean(text, data), split)
 
 
-def iter_documents(data: DataConfig, split: str | None = None) -> Iterator[Doc]:
+def iter_documents(data: DataConfig, split: str | None = None,
+                   skipped: list[dict[str, str]] | None = None) -> Iterator[Doc]:
     """Yield the documents of `data` (all, or only one split), deterministically.
 
-    Raises DataError (one line) for a missing path, an empty folder, an unknown extension or a
-    corpus without documents.
+    Raises DataError (one line) for a missing path, an empty folder, an unknown extension, more
+    files that are not text than `data.max_bad_files`, or a corpus without documents. Each skipped
+    file (`text` source) is appended to `skipped` as {"path", "reason"}; skipping happens before
+    the split draw, so the splits are those of the corpus without the skipped files.
     """
+    skipped = [] if skipped is None else skipped
     if data.source == "synthetic":
         lang = SyntheticLanguage(data.synthetic)
         items = _limit(lang.documents(), data.max_docs)
@@ -211,7 +287,7 @@ def iter_documents(data: DataConfig, split: str | None = None) -> Iterator[Doc]:
     elif data.source == "text":
         if not data.paths:
             raise DataError("data.paths: empty (the text source needs at least one file or folder)")
-        items = _limit(_text_docs(data), data.max_docs)
+        items = _limit(_text_docs(data, skipped), data.max_docs)
         docs = (Doc(t, s) for t, s in assign_splits(items, data.val_fraction, data.split_seed))
     elif data.source == "hf":
         docs = _hf_docs(data)
@@ -225,4 +301,5 @@ def iter_documents(data: DataConfig, split: str | None = None) -> Iterator[Doc]:
             yield doc
     if n == 0:
         where = ", ".join(data.paths) if data.source == "text" else (data.hf_path or data.source)
-        raise DataError(f"data source {where}: no documents found (expected non-empty text)")
+        also = f"; {len(skipped)} files skipped as not text, the first: {skipped[0]['path']}" if skipped else ""
+        raise DataError(f"data source {where}: no documents found (expected non-empty text){also}")
