@@ -36,7 +36,8 @@ from cocomix.config import load_config  # noqa: E402
 from cocomix.methods import Batch, get_method  # noqa: E402
 from cocomix.slots import sparse_compress  # noqa: E402
 
-from benchmarks.common import config_parser, make_train_step, sync, vocab_size, write_result  # noqa: E402
+from benchmarks.common import config_parser, make_train_step, vocab_size, write_result  # noqa: E402
+from cocomix.device import sync  # noqa: E402
 
 
 PAPER_69M_COMPRESSION = (32768, 32, 512)  # (C, k, d) of CoCoMix 69M (spec 1.4, 2)

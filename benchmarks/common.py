@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: device sync, and the trainer's own step bound to one batch."""
+"""Helpers shared by the benchmark scripts: the trainer's own step bound to one batch, the shared
+argument parser and the result writer."""
 
 from __future__ import annotations
 
@@ -15,12 +16,6 @@ from cocomix.tracking import environment_info
 from cocomix.trainer import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work so wall-clock timings mean something."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def make_train_step(method, model, batch, optimizer, autocast, forward=None):

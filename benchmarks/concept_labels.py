@@ -41,13 +41,13 @@ sys.path.insert(0, str(ROOT))
 
 from cocomix.concepts import LabelCache, concept_labels, label_dtype, label_precision  # noqa: E402
 from cocomix.config import load_config  # noqa: E402
-from cocomix.device import autocast  # noqa: E402
+from cocomix.device import autocast, sync  # noqa: E402
 from cocomix.methods import Batch, get_method  # noqa: E402
 from cocomix.model import CocomixConfig, CocomixForCausalLM  # noqa: E402
 from cocomix.sae import TopKSAE  # noqa: E402
 from cocomix.teacher import load_teacher  # noqa: E402
 
-from benchmarks.common import config_parser, sync, vocab_size, write_result  # noqa: E402
+from benchmarks.common import config_parser, vocab_size, write_result  # noqa: E402
 
 
 

@@ -40,9 +40,9 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import make_train_step, sync, write_result  # noqa: E402
+from benchmarks.common import make_train_step, write_result  # noqa: E402
 from cocomix.config import load_config  # noqa: E402
-from cocomix.device import PEAK_BF16_FLOPS, autocast, peak_flops  # noqa: E402
+from cocomix.device import autocast, peak_flops, sync  # noqa: E402
 from cocomix.files import list_checkpoints  # noqa: E402
 from cocomix.methods import Batch, get_method  # noqa: E402
 
@@ -150,7 +150,7 @@ def models(device: torch.device, quick: bool) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _cli(*args: str, env=ENV) -> list[str]:
+def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "cocomix.cli", *args]
 
 
@@ -164,7 +164,7 @@ def _run(cmd: list[str], log: Path, env=ENV, timeout: float = 900) -> float:
     return time.perf_counter() - t0
 
 
-def stage_overrides(work: Path, quick: bool, device: torch.device) -> list[str]:
+def stage_overrides(work: Path, quick: bool) -> list[str]:
     base = [f"results_dir={work}", "tracking.enabled=false"]
     if quick:
         return base + ["data.synthetic.n_tokens=120000", "sae.tokens=60000", "sae.dead_after_tokens=30000",
@@ -177,7 +177,7 @@ def stages(device: torch.device, quick: bool, work: Path) -> dict:
 
     config = ROOT / ".test/config.yaml"
     plan = Dag(config)
-    common = stage_overrides(work, quick, device)
+    common = stage_overrides(work, quick)
     env = {**ENV, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")} if device.type == "cuda" \
         else {**ENV, "CUDA_VISIBLE_DEVICES": ""}
     log, seconds = work / "stages.log", {}
@@ -202,7 +202,8 @@ def stages(device: torch.device, quick: bool, work: Path) -> dict:
         raise RuntimeError("teacher finished before its first checkpoint could be killed: nothing resumed")
     _run(_cli("train", *cfg_arg, "--no-progress", *teacher), log, env)
     seconds["train_teacher_killed_and_resumed"] = time.perf_counter() - t0
-    if "resumed from" not in log.read_text():
+    resumed = "resumed from" in log.read_text()  # the rerun's start line
+    if not resumed:
         raise RuntimeError("the rerun of the killed teacher did not resume from its checkpoint")
 
     seconds["train_sae"] = _run(_cli("train-sae", *cfg_arg, "--no-progress", *common), log, env)
@@ -215,7 +216,7 @@ def stages(device: torch.device, quick: bool, work: Path) -> dict:
     seconds["eval"] = _run(_cli("eval", "--no-progress", str(student_dir)), log, env)
     for name, s in seconds.items():
         print(f"{name:>34}: {s:7.1f} s", flush=True)
-    return {"seconds": seconds, "resumed": True, "label_overrides": label_overrides}
+    return {"seconds": seconds, "resumed": resumed, "label_overrides": label_overrides}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +285,6 @@ def main() -> int:
                 traceback.print_exc(limit=3, file=sys.stderr)
             body.setdefault("section_seconds", {})[name] = time.perf_counter() - t0
     body["total_seconds"] = time.perf_counter() - started
-    body["peak_table_entries"] = len(PEAK_BF16_FLOPS)
     write_result("gpu_check", body, args.out)
     print(f"gpu_check: {'FAILED ' + str(len(body['failures'])) if body['failures'] else 'passed'} "
           f"in {body['total_seconds']:.0f} s", flush=True)

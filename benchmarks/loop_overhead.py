@@ -31,7 +31,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import sync, write_result  # noqa: E402
+from benchmarks.common import write_result  # noqa: E402
+from cocomix.device import sync  # noqa: E402
 from cocomix.config import load_config  # noqa: E402
 from cocomix.data.shards import prepare_data  # noqa: E402
 from cocomix.trainer import Trainer, lr_at, train_step  # noqa: E402

@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 from cocomix.config import load_config  # noqa: E402
 from cocomix.methods import Batch, get_method  # noqa: E402
-from cocomix.device import peak_flops  # noqa: E402
+from cocomix.device import peak_flops, sync  # noqa: E402
 
-from benchmarks.common import config_parser, make_train_step, sync, vocab_size, write_result  # noqa: E402
+from benchmarks.common import config_parser, make_train_step, vocab_size, write_result  # noqa: E402
 
 
 

@@ -319,8 +319,8 @@ class Checkpointer(Callback):
         self.last_saved = path
         return path
 
-    @classmethod
-    def damage(cls, path: Path) -> str | None:
+    @staticmethod
+    def damage(path: Path) -> str | None:
         """What is wrong with a checkpoint, in a few words, or None: every file checkpoint.json lists
         must have its recorded size and sha256 (checkpoints from before these records: sizes unknown,
         only their presence is checked)."""
@@ -343,31 +343,33 @@ class Checkpointer(Callback):
     def newest_intact(self, trainer) -> Path | None:
         """The newest checkpoint that verifies; damaged newer ones are moved aside (`<name>.damaged`,
         which no reader lists) with one warning line each, and the run resumes from the one before."""
-        for path in reversed(list_checkpoints(trainer.run_dir)):
-            problem = self.damage(path)
-            if problem is None:
-                return path
-            barrier(trainer.dist)
-            if trainer.dist.is_main:
+        found = [None]
+        if trainer.dist.is_main:  # one process hashes (gigabytes at scale); the others are told the result
+            for path in reversed(list_checkpoints(trainer.run_dir)):
+                problem = self.damage(path)
+                if problem is None:
+                    found[0] = str(path)
+                    break
                 aside = path.with_name(path.name + ".damaged")
                 shutil.rmtree(aside, ignore_errors=True)
                 os.replace(path, aside)
                 print(f"warning: checkpoint {path} is damaged ({problem}); moved to {aside}, resuming from the "
                       "one before it", file=sys.stderr, flush=True)
-            barrier(trainer.dist)
-        return None
+        if trainer.dist.world_size > 1:
+            dist.broadcast_object_list(found, src=0)
+        return Path(found[0]) if found[0] else None
 
     def supersede_stale_run(self, trainer) -> None:
         """A run folder whose checkpoints came from another config is moved aside, not resumed:
         resuming it would silently mix two experiments (e.g. after a DAG rerun for a changed lr)."""
-        metas = []
+        meta = None
         for path in reversed(list_checkpoints(trainer.run_dir)):  # the newest readable record decides
             try:
-                metas.append(json.loads((path / "checkpoint.json").read_text()))
+                meta = json.loads((path / "checkpoint.json").read_text())
                 break
             except (OSError, ValueError):
                 continue  # damaged: resume moves it aside
-        if not metas or metas[0].get("config_fingerprint") == self.fingerprint:
+        if meta is None or meta.get("config_fingerprint") == self.fingerprint:
             return
         barrier(trainer.dist)
         if trainer.dist.is_main:

@@ -27,8 +27,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    follow_umask(tmp)
+    tmp.write_bytes(data)  # open() applies the umask: no chmod needed (unlike safetensors' 0600)
     os.replace(tmp, path)
     return path
 
