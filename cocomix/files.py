@@ -53,12 +53,40 @@ class RunInUse(RuntimeError):
     """Another live process holds the run folder's lock."""
 
 
-def lock_run(run_dir: str | Path):
+class RunLock:
+    """A held run-folder lock. Objects in one process that open the same run (a test that builds two
+    Trainers, a sweep that re-opens a trial) share it; the flock goes when the last of them closes,
+    or when the process dies."""
+
+    _held: dict[str, list] = {}  # resolved run folder -> [open lock file, number of holders]
+
+    def __init__(self, key: str):
+        self.key, self.closed = key, False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        entry = RunLock._held[self.key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del RunLock._held[self.key]
+            entry[0].close()
+
+    __del__ = close  # a Trainer built and never trained frees the folder when it is collected
+
+
+def lock_run(run_dir: str | Path) -> RunLock:
     """Take the one-writer lock of a run folder (`<run_dir>/.lock`, a `flock` the OS releases when
-    the holder exits, SIGKILL included, so nothing is left to clean up). Returns the open lock file;
-    keep it for as long as the run writes, close it to release. Raises RunInUse naming the holder."""
+    the holder exits, SIGKILL included, so nothing is left to clean up). Returns the lock; keep it
+    for as long as the run writes, close it to release. Raises RunInUse naming the holder when
+    another process has it."""
     path = Path(run_dir) / ".lock"
     path.parent.mkdir(parents=True, exist_ok=True)
+    key = str(path.resolve())
+    if key in RunLock._held:  # this process already writes here
+        RunLock._held[key][1] += 1
+        return RunLock(key)
     fh = open(path, "a+")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -71,7 +99,8 @@ def lock_run(run_dir: str | Path):
     fh.truncate()
     fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
     fh.flush()
-    return fh
+    RunLock._held[key] = [fh, 1]
+    return RunLock(key)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -1,9 +1,12 @@
 """cocomix/files.py: atomic writes, hashes and the run-folder layout, against hashlib and the OS."""
 
+import gc
 import hashlib
 import os
+import subprocess
+import sys
 
-from cocomix.files import (atomic_write_json, atomic_write_text, list_checkpoints, sha256_file, sha256_json,
+from cocomix.files import (atomic_write_json, lock_run, atomic_write_text, list_checkpoints, sha256_file, sha256_json,
                            update_sha256)
 
 
@@ -33,3 +36,34 @@ def test_list_checkpoints_orders_complete_ones_and_skips_interrupted_saves(tmp_p
             (folder / "trainer_state.pt").write_bytes(b"")
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000010", "step_0000200"]
     assert list_checkpoints(tmp_path / "missing") == []
+
+
+PROBE_LOCK = """
+import sys
+from cocomix.files import RunInUse, lock_run
+try:
+    lock_run(sys.argv[1]).close()
+    print("free")
+except RunInUse as e:
+    print("held")
+"""
+
+
+def _probe(run_dir):
+    out = subprocess.run([sys.executable, "-c", PROBE_LOCK, str(run_dir)], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_one_process_may_open_a_run_folder_twice_and_frees_it_with_the_last_holder(tmp_path):
+    # Two Trainers on one run folder in one process (a KD test built a teacher and a student there)
+    # used to fail on their own lock; another process must still be refused until both are gone.
+    run_dir = tmp_path / "run"
+    first = lock_run(run_dir)
+    second = lock_run(run_dir)
+    assert _probe(run_dir) == "held"
+    first.close()
+    first.close()  # closing twice does not release the other holder's share
+    assert _probe(run_dir) == "held"
+    del second  # collected: a Trainer built and never trained frees the folder too
+    gc.collect()
+    assert _probe(run_dir) == "free"
