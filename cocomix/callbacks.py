@@ -14,6 +14,7 @@ throughput/MFU, held-out evaluation, tracking, checkpointing, the `on_eval` hook
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -32,8 +33,9 @@ from safetensors.torch import load_file
 
 from cocomix.config import dump_config
 from cocomix.device import all_reduce_mean, barrier, sync
+from cocomix.faults import point
 from cocomix.files import atomic_write_json, follow_umask, list_checkpoints, sha256_file
-from cocomix.tracking import RunTracker, environment_info
+from cocomix.tracking import PENDING, MetricsLog, RunTracker, environment_info
 
 
 class TrainingError(RuntimeError):
@@ -194,16 +196,27 @@ class Tracking(Callback):
         tags = {"experiment": cfg.experiment, "method": trainer.method.name, "scale": cfg.scale or "base",
                 "seed": str(cfg.seed), "git_commit": env["git_commit"], "device": env["device"],
                 "world_size": str(trainer.dist.world_size)}
-        self.tracker = RunTracker(cfg, trainer.run_dir, tags)
-        self.tracker.metrics.truncate_after(trainer.tokens_seen)  # lines after the checkpoint resumed from
+        self.tracker = RunTracker(cfg, trainer.run_dir, tags,
+                                  params={f"accounting.{k}": v for k, v in trainer.accounting.items()})
+        self._truncate_log(trainer)
+        if (trainer.run_dir / PENDING).is_file():  # an earlier start ran without MLflow: send what it lacks
+            self.tracker.sync()
         if trainer.resumed_from is None:
             self.tracker.log_artifact(trainer.run_dir / "config.yaml")
             self.tracker.log_artifact(trainer.run_dir / "environment.json")
-            if self.tracker.client is not None:
-                from mlflow.entities import Param  # lazy: mlflow only when tracking is on
 
-                self.tracker.client.log_batch(self.tracker.run_id, params=[
-                    Param(f"accounting.{k}", str(v)) for k, v in trainer.accounting.items()])
+    def _truncate_log(self, trainer) -> None:
+        """metrics.jsonl as it was at the checkpoint resumed from (from scratch: empty)."""
+        log, ckpt = self.tracker.metrics, trainer.resumed_from
+        if ckpt is None:
+            log.truncate_to({"bytes": 0, "sha256": hashlib.sha256(b"").hexdigest()}, trainer.run_dir)
+            return
+        prefix = json.loads((ckpt / "checkpoint.json").read_text()).get("metrics_jsonl")
+        own = Path(ckpt).resolve().parent.parent == trainer.run_dir.resolve()  # not a checkpoint of another run
+        if prefix is not None and own:
+            log.truncate_to(prefix, ckpt)
+        else:
+            log.truncate_after(trainer.tokens_seen)
 
     def on_step(self, trainer, step, record) -> None:
         if record and self.tracker is not None:
@@ -305,6 +318,8 @@ class Checkpointer(Callback):
             return None
         if resume == "auto":
             self.supersede_stale_run(trainer)
+            if trainer.dist.is_main:
+                self.clear_litter(trainer.run_dir)
             path = self.newest_intact(trainer)
             if path is None:
                 return None
@@ -320,15 +335,27 @@ class Checkpointer(Callback):
         return path
 
     @staticmethod
-    def damage(path: Path) -> str | None:
+    def clear_litter(run_dir: Path) -> None:
+        """Remove what killed writers left: temporary checkpoint folders (a whole checkpoint's size
+        each) and temporary files of atomic writes. Safe: this process holds the run's lock."""
+        for tmp in (run_dir / "checkpoints").glob("step_*.tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in run_dir.glob("*.tmp[0-9]*"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def damage(path: Path, only: tuple[str, ...] | None = None) -> str | None:
         """What is wrong with a checkpoint, in a few words, or None: every file checkpoint.json lists
-        must have its recorded size and sha256 (checkpoints from before these records: sizes unknown,
-        only their presence is checked)."""
+        (or those of `only`) must have its recorded size and sha256 (checkpoints from before these
+        records: sizes unknown, only their presence is checked)."""
         try:
             meta = json.loads((path / "checkpoint.json").read_text())
         except (OSError, ValueError) as e:
             return f"checkpoint.json unreadable ({type(e).__name__})"
         for name, want in meta.get("files", {}).items():
+            if only is not None and name not in only:
+                continue
             f = path / name
             if not f.exists():
                 if name == "optimizer.pt":
@@ -449,18 +476,24 @@ class Checkpointer(Callback):
             tmp = final.with_name(final.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             trainer.model.save_pretrained(tmp)
+            point("checkpoint.model.safetensors")
             shutil.copytree(trainer.cfg.data_dir / "tokenizer", tmp, dirs_exist_ok=True)
             torch.save({"step": trainer.step, "tokens_seen": trainer.tokens_seen,
                         "data_position": trainer.data_position, "tokens_per_step": trainer.tokens_per_step,
                         "rng": rngs}, tmp / "trainer_state.pt")
+            point("checkpoint.trainer_state.pt")
             torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+            point("checkpoint.optimizer.pt")
             files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
                      for name in self.VERIFIED}
             (tmp / "checkpoint.json").write_text(json.dumps(
                 {"step": trainer.step, "tokens_seen": trainer.tokens_seen, "method": trainer.method.name,
-                 "config_fingerprint": self.fingerprint, "files": files}))
+                 "config_fingerprint": self.fingerprint, "files": files,
+                 "metrics_jsonl": MetricsLog(trainer.run_dir / "metrics.jsonl").prefix()}))
+            point("checkpoint.checkpoint.json")
             follow_umask(tmp)  # safetensors writes 0600: colleagues could not read the weights
             os.replace(tmp, final)
+            point("checkpoint.renamed")
             self.prune(trainer)
         barrier(trainer.dist)
         self.last_saved = final

@@ -130,6 +130,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_track_sync(args: argparse.Namespace) -> int:
+    from cocomix.tracking import replay  # lazy: mlflow only for this command
+
+    for run_dir in args.runs:
+        sent = replay(Path(run_dir), uri=args.uri)
+        if sent is None:
+            return 1  # still unreachable: the warning line said so, the run stays pending
+        print(f"{run_dir}: {sent} metric point(s) sent to MLflow")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = _load(args, ["method=cocomix"])
     _check_method(cfg)
@@ -258,7 +269,7 @@ def _add_training_parsers(sub) -> None:
 
 
 def _add_results_parsers(sub) -> None:
-    """`report` and `eval`."""
+    """`report`, `eval` and `track-sync`."""
     p = sub.add_parser("report", help="main, sample-efficiency and ablation tables + plots for an experiment")
     p.add_argument("--config", "-c", required=True, help="the experiment config the DAG ran")
     p.set_defaults(func=cmd_report)
@@ -273,6 +284,12 @@ def _add_results_parsers(sub) -> None:
     p.add_argument("--force", action="store_true", help="re-evaluate checkpoints that already have eval.json")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("track-sync", help="send what MLflow lacks of runs that trained without it (metrics.jsonl, "
+                                          "eval.json), without duplicates")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--uri", default=None, help="tracking URI (default: the one the run could not reach)")
+    p.set_defaults(func=cmd_track_sync)
 
 
 def _add_sweep_parser(sub) -> None:
@@ -343,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
 # The errors that end in one `cocomix: error:` line, by the module that defines each
 # (tests/test_cli.py checks every entry resolves).
 USER_ERRORS = (("cocomix.config", "ConfigError"), ("cocomix.data.errors", "DataError"),
-               ("cocomix.callbacks", "TrainingError"), ("cocomix.sweep", "SweepError"))
+               ("cocomix.callbacks", "TrainingError"), ("cocomix.sweep", "SweepError"),
+               ("cocomix.tracking", "TrackingError"))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -358,8 +376,21 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 GPU_COMMANDS = ("train", "train-sae", "extract-concepts", "eval", "inspect", "steer")
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse, plus dotted overrides anywhere on the line (`eval RUN --no-progress eval.limit=8`):
+    argparse alone stops collecting positionals at the first option."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    stray = [a for a in rest if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        args.overrides = list(args.overrides) + rest
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command in GPU_COMMANDS or (args.command == "sweep" and args.join):
         claim_for_process()
     try:

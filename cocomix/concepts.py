@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,7 +49,8 @@ import torch
 from cocomix.config import Config, ConceptConfig, ConfigError
 from cocomix.data import DataError
 from cocomix.data.shards import TokenBlocks, load_manifest
-from cocomix.files import atomic_write_json, sha256_file, sha256_text
+from cocomix.faults import point
+from cocomix.files import atomic_write_json, sha256_file, sha256_matches_once, sha256_text
 from cocomix.model import token_nll
 from cocomix.sae import load_sae, sae_hash
 from cocomix.teacher import load_teacher, run_teacher, teacher_hash
@@ -56,6 +58,7 @@ from cocomix.teacher import load_teacher, run_teacher, teacher_hash
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
+STAMP = "labels.verified.json"  # label files whose sha256 matched, and when (see files.sha256_matches_once)
 SPLITS = ("train", "val")
 NO_LABEL = -1
 LABEL_PRECISIONS = ("fp32", "tf32", "bf16")
@@ -216,13 +219,13 @@ class LabelCache:
     SAE and label settings of `cfg`."""
 
     def __init__(self, cfg: Config):
-        self.dir = Path(cfg.concept_dir)
+        self.dir, self.verify = Path(cfg.concept_dir), True
         path = self.dir / MANIFEST
         if not path.is_file():
             raise DataError(f"concept cache {self.dir}: no {MANIFEST} (run `cocomix extract-concepts` first)")
         try:
-            self.manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            self.manifest = json.loads(path.read_bytes())
+        except ValueError as e:  # not JSON, or bytes that are not UTF-8
             raise DataError(f"{path}: not valid JSON ({e}); re-run `cocomix extract-concepts`") from None
         expected = cache_key(cfg)
         for key, want in expected.items():
@@ -238,7 +241,7 @@ class LabelCache:
         """Open a cache WITHOUT checking it against a config (inspection, benchmarks); training uses
         `LabelCache(cfg)`."""
         self = cls.__new__(cls)
-        self.dir = Path(folder)
+        self.dir, self.verify = Path(folder), False
         self.manifest = json.loads((self.dir / MANIFEST).read_text())
         self._open()
         return self
@@ -253,6 +256,9 @@ class LabelCache:
             f = self.dir / entry["file"]
             if not f.is_file() or f.stat().st_size != entry["bytes"]:
                 raise DataError(f"concept cache {f}: missing or not {entry['bytes']} bytes (re-run `cocomix extract-concepts`)")
+            if self.verify and "sha256" in entry and not sha256_matches_once(f, entry["sha256"], self.dir / STAMP):
+                raise DataError(f"concept cache {f}: does not match its sha256 in {self.dir / MANIFEST} (damaged; "
+                                "re-run `cocomix extract-concepts`)")
             self._labels[split] = np.memmap(f, dtype=dtype, mode="r").reshape(entry["n_blocks"], self.block_size, self.k_attr)
 
     def get(self, split: str, block_indices) -> torch.LongTensor:
@@ -277,6 +283,7 @@ def extract_concepts(cfg: Config, progress: bool = True) -> Path:
     if batch_blocks <= 0:
         raise ConfigError(f"config key 'concept.extract_batch_size': must be positive, got {batch_blocks}")
     load_manifest(cfg.data_dir, verify=True)  # labels of corrupt shards would be wrong forever
+    load_sae(cfg)  # a damaged SAE is one line here, before its changed hash could discard a good cache
     key = cache_key(cfg)
     out = Path(cfg.concept_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -346,7 +353,12 @@ def _resume_state(out: Path, run_key: dict) -> dict:
     """progress.json of an interrupted run with the same `run_key`, else a fresh state."""
     state = {"key": run_key, "blocks_done": {}}
     if (out / PROGRESS).is_file():
-        previous = json.loads((out / PROGRESS).read_text())
+        try:
+            previous = json.loads((out / PROGRESS).read_bytes())
+            assert isinstance(previous, dict) and isinstance(previous.get("blocks_done", {}), dict)
+        except (ValueError, AssertionError):
+            print(f"warning: {out / PROGRESS} is damaged; extracting from the start", file=sys.stderr, flush=True)
+            return state
         if previous.get("key") == run_key:
             state = previous
     return state
@@ -377,6 +389,7 @@ def _extract_split(split: str, blocks: TokenBlocks, out: Path, state: dict, labe
         f.seek(done * row_bytes)
         for a in range(done, n, batch_blocks):
             f.write(label_bytes(blocks.get_batch(range(a, min(n, a + batch_blocks)))))
+            point("labels.chunk")
             f.flush()
             os.fsync(f.fileno())
             _record_progress(out, state, split, min(n, a + batch_blocks))

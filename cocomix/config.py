@@ -470,6 +470,9 @@ class TrackingConfig(Section):
     """Nest this run under an MLflow run (`cocomix sweep` sets it for each trial)."""
     tags: dict[str, str] = field(default_factory=dict)
     """Extra MLflow tags on the run (e.g. the sweep trial number)."""
+    required: bool = False
+    """An unreachable tracking server stops the command with one line; false: one warning line, the run
+    goes on with metrics.jsonl as its record and reaches MLflow later (`cocomix track-sync`)."""
 
 
 @dataclass

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cocomix.faults import point
+
 CHUNK = 1 << 23  # 8 MiB: hashing reads bounded memory whatever the file size
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 
@@ -28,6 +30,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tmp.write_bytes(data)  # open() applies the umask: no chmod needed (unlike safetensors' 0600)
+    point(f"write:{path.name}")
     os.replace(tmp, path)
     return path
 
@@ -124,6 +127,36 @@ def update_sha256(h, path: str | Path):
     return h
 
 
+def file_identity(path: str | Path) -> dict[str, int]:
+    """What says a file is unchanged since it was hashed: size, mtime, ctime and inode (the rule of
+    make and rsync, plus ctime and inode; damage below the file system is not seen)."""
+    st = Path(path).stat()
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+
+
+def sha256_matches_once(path: str | Path, sha256: str, stamp: str | Path) -> bool:
+    """Whether `path` has this sha256, hashing it only when it changed since its last match: the
+    JSON `stamp` remembers {file name: identity and sha256} of files that matched (damaged or
+    unwritable stamps only cost a re-hash)."""
+    path, stamp = Path(path), Path(stamp)
+    try:
+        known = json.loads(stamp.read_text())
+        assert isinstance(known, dict)
+    except Exception:  # noqa: BLE001 - absent or damaged: hash again
+        known = {}
+    record = {**file_identity(path), "sha256": sha256}
+    if known.get(path.name) == record:
+        return True
+    if sha256_file(path) != sha256:
+        return False
+    if file_identity(path) == {k: v for k, v in record.items() if k != "sha256"}:
+        try:
+            atomic_write_json(stamp, {**known, path.name: record}, indent=1)
+        except OSError:
+            pass
+    return True
+
+
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -131,6 +164,23 @@ def sha256_text(text: str) -> str:
 def sha256_json(obj: Any) -> str:
     """sha256 of a JSON-able object in canonical form (sorted keys)."""
     return sha256_text(json.dumps(obj, sort_keys=True, default=str))
+
+
+def write_sealed_json(path: str | Path, obj: dict[str, Any], indent: int | None = 1) -> Path:
+    """Atomically write a JSON object that carries its own sha256 (key "sha256", of the rest), so a
+    reader can tell the record as written from one damaged afterwards (`read_sealed_json`)."""
+    return atomic_write_json(path, {**obj, "sha256": sha256_json(obj)}, indent=indent)
+
+
+def read_sealed_json(path: str | Path) -> dict[str, Any] | None:
+    """The object `write_sealed_json` wrote, or None when the file is damaged (not JSON, not UTF-8,
+    or its content no longer matches its sha256)."""
+    try:
+        obj = json.loads(Path(path).read_bytes())
+        body = {k: v for k, v in obj.items() if k != "sha256"}
+        return obj if obj.get("sha256") == sha256_json(body) else None
+    except (ValueError, AttributeError):
+        return None
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

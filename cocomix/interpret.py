@@ -82,8 +82,9 @@ def describe_concepts(cfg: Config, device: torch.device | str | None = None) -> 
     key = description_key(cfg)
     if path.is_file():
         try:
-            saved = json.loads(path.read_text())
-        except json.JSONDecodeError:
+            saved = json.loads(path.read_bytes())
+            assert isinstance(saved, dict)
+        except (ValueError, AssertionError):  # damaged: rebuilt
             saved = {}
         if saved.get("key") == key:
             return saved

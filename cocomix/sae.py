@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from cocomix.config import Config, ConfigError, SAEConfig
 from cocomix.data import DataError
 from cocomix.data.shards import BlockOrder, TokenBlocks
+from cocomix.faults import point
 from cocomix.files import atomic_write_json, follow_umask, sha256_file
 from cocomix.model import token_nll
 from cocomix.teacher import load_teacher, run_teacher, teacher_hash
@@ -180,9 +181,20 @@ def load_sae(cfg: Config, device: torch.device | str = "cpu") -> TopKSAE:
     if p.is_dir() and (p / SAE_CONFIG).is_file() and (p / WEIGHTS).is_file():
         from safetensors.torch import load_file
 
-        meta = json.loads((p / SAE_CONFIG).read_text())
-        sae = TopKSAE(meta["d_model"], meta["n_latents"], meta["k"], meta.get("normalize", True))
-        sae.load_state_dict(load_file(str(p / WEIGHTS)))
+        try:
+            meta = json.loads((p / SAE_CONFIG).read_text())
+            assert isinstance(meta, dict) and {"d_model", "n_latents", "k"} <= meta.keys()
+        except (ValueError, AssertionError):
+            raise DataError(f"SAE {p / SAE_CONFIG}: not a valid SAE config (damaged; re-run `cocomix train-sae`)") from None
+        if meta.get("weights_sha256") not in (None, sha256_file(p / WEIGHTS)):
+            raise DataError(f"SAE {p / WEIGHTS}: does not match its sha256 in {SAE_CONFIG} (damaged; re-run "
+                            "`cocomix train-sae`)")
+        try:
+            sae = TopKSAE(meta["d_model"], meta["n_latents"], meta["k"], meta.get("normalize", True))
+            sae.load_state_dict(load_file(str(p / WEIGHTS)))
+        except Exception as e:  # noqa: BLE001 - a header or tensor safetensors cannot read
+            raise DataError(f"SAE {p / WEIGHTS}: cannot be read ({str(e).splitlines()[0][:120]}); re-run "
+                            "`cocomix train-sae`") from None
         if meta.get("layer") is not None and meta["layer"] != cfg.sae.layer:
             raise ConfigError(f"config key 'sae.layer': {cfg.sae.layer}, but the SAE in {p} was trained on layer {meta['layer']}")
     elif p.is_file():
@@ -209,7 +221,7 @@ def save_sae(sae: TopKSAE, folder: Path, meta: dict | None = None) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, str(folder / WEIGHTS))
     follow_umask(folder / WEIGHTS)  # safetensors writes 0600
     config = {"format": "cocomix-topk-sae-v1", "d_model": sae.d_model, "n_latents": sae.n_latents, "k": sae.k,
-              "normalize": sae.normalize, **(meta or {})}
+              "normalize": sae.normalize, "weights_sha256": sha256_file(folder / WEIGHTS), **(meta or {})}
     atomic_write_json(folder / SAE_CONFIG, config, indent=1)
 
 
@@ -364,6 +376,7 @@ def _fit_sae(cfg: Config, teacher, train_blocks, tracker, device, progress: bool
     x = first
     for step in range(1, n_steps + 1):
         loss, mse, aux, dead = _sae_step(sae, opt, x, s)
+        point("sae.step")
         if bar is not None:
             bar.update(1)
         if step % cfg.train.log_every_steps == 0 or step == n_steps:
@@ -423,6 +436,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         os.replace(out, old)
+        point("sae.swap")  # the old SAE aside, the new one not in place yet
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
 

@@ -45,7 +45,7 @@ import yaml
 from cocomix.config import RUN_SECTIONS, Config, ConfigError, SweepParam, _set_dotted, config_from_dict, fingerprint
 from cocomix.data import DataError
 from cocomix.files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from cocomix.tracking import RunTracker, init_store, tracking_uri
+from cocomix.tracking import RunTracker, TrackingError, connect, degrade, tracking_uri
 
 # Keys every sweep searches (the issue's two design choices); the rest of `sweep.space` is optional.
 REQUIRED_KEYS = ("concept.insert_layer", "concept.k")
@@ -259,7 +259,9 @@ def create_study(cfg: Config):
                 f"search space (key {existing}, now {key}); set sweep.study to a new name to start a new study"
             )
         if cfg.tracking.enabled and "mlflow_parent_run_id" not in study.user_attrs:
-            study.set_user_attr("mlflow_parent_run_id", _create_parent_run(cfg, space))
+            parent = _create_parent_run(cfg, space)
+            if parent is not None:  # None: the tracking store is unreachable (warned); trials still run
+                study.set_user_attr("mlflow_parent_run_id", parent)
     return study
 
 
@@ -269,26 +271,32 @@ def create_study(cfg: Config):
 
 
 def _client(cfg: Config):
-    import mlflow
-
-    uri = tracking_uri(cfg)
-    init_store(uri)
-    return mlflow.MlflowClient(uri)
+    """An MlflowClient, or None when the store is unreachable (one warning line per process)."""
+    return connect(cfg)
 
 
-def _create_parent_run(cfg: Config, space: dict[str, SweepParam]) -> str:
-    from mlflow.entities import Param
+def _guarded(cfg: Config, fn) -> None:
+    """Run MLflow calls; a store that fails mid-way warns once (or stops, if tracking.required)."""
+    client = _client(cfg)
+    if client is None:
+        return
+    try:
+        fn(client)
+    except TrackingError:
+        raise
+    except Exception as e:
+        degrade(cfg, tracking_uri(cfg), e)
 
+
+def _create_parent_run(cfg: Config, space: dict[str, SweepParam]) -> str | None:
     # RunTracker creates (or finds) the experiment and logs the config as params, like any run.
     folder = sweep_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     tree = _flat_tree(cfg)
     tree.update(run_name=f"sweep-{study_name(cfg)}", runs_dir=str(folder.parent))
-    tracker = RunTracker(config_from_dict(tree), folder, {"sweep": study_name(cfg), "method": "cocomix"})
-    tracker.client.log_batch(tracker.run_id, params=[
-        Param(f"sweep.space.{k}", json.dumps(vars(v))) for k, v in space.items()
-    ])
-    return tracker.run_id
+    tracker = RunTracker(config_from_dict(tree), folder, {"sweep": study_name(cfg), "method": "cocomix"},
+                         params={f"sweep.space.{k}": json.dumps(vars(v)) for k, v in space.items()})
+    return tracker.run_id if tracker.client is not None else None
 
 
 def _record_trial_run(cfg: Config, trial, run_dir: Path, state: str) -> None:
@@ -296,10 +304,9 @@ def _record_trial_run(cfg: Config, trial, run_dir: Path, state: str) -> None:
     id_file = run_dir / "mlflow_run_id"
     if cfg.tracking.enabled and id_file.is_file():
         run_id = id_file.read_text().strip()
-        client = _client(cfg)
-        for k, v in {"optuna.state": state, "optuna.trial": str(trial.number)}.items():
-            client.set_tag(run_id, k, v)
         trial.set_user_attr("mlflow_run_id", run_id)
+        _guarded(cfg, lambda client: [client.set_tag(run_id, k, v) for k, v in
+                                      {"optuna.state": state, "optuna.trial": str(trial.number)}.items()])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,15 +546,17 @@ def write_outputs(cfg: Config, study) -> dict[str, Any]:
     if cfg.tracking.enabled and parent:
         from mlflow.entities import Metric
 
-        client = _client(cfg)
-        metrics = [Metric(f"sweep/{k}", float(v), 0, 0) for k, v in counts.items()]
-        if counts["complete"]:
-            metrics.append(Metric("sweep/best_value", float(summary["best_value"]), 0, 0))
-            client.set_tag(parent, "best_trial", str(summary["best_trial"]))
-        client.log_batch(parent, metrics=metrics)
-        for f in files:
-            client.log_artifact(parent, str(f))
-        client.set_terminated(parent, status="FINISHED")
+        def log(client):
+            metrics = [Metric(f"sweep/{k}", float(v), 0, 0) for k, v in counts.items()]
+            if counts["complete"]:
+                metrics.append(Metric("sweep/best_value", float(summary["best_value"]), 0, 0))
+                client.set_tag(parent, "best_trial", str(summary["best_trial"]))
+            client.log_batch(parent, metrics=metrics)
+            for f in files:
+                client.log_artifact(parent, str(f))
+            client.set_terminated(parent, status="FINISHED")
+
+        _guarded(cfg, log)
     return summary
 
 
@@ -557,7 +566,7 @@ def sweep(cfg: Config, config_path: Path | None, workers: int) -> dict[str, Any]
     sweep_dir(cfg).mkdir(parents=True, exist_ok=True)
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if cfg.tracking.enabled and parent:
-        _client(cfg).update_run(parent, status="RUNNING")
+        _guarded(cfg, lambda client: client.update_run(parent, status="RUNNING"))
     if workers > 0:
         # Workers read the resolved config (identical to this one whatever file and overrides made it).
         resolved = sweep_dir(cfg) / "sweep_config.yaml"

@@ -31,6 +31,7 @@ from cocomix.config import Config, split_batch
 from cocomix.data import DataError
 from cocomix.data.shards import BlockOrder, TokenBlocks, check_tokenizer_matches, load_manifest
 from cocomix.device import Dist, autocast, peak_flops, setup_distributed, sync
+from cocomix.faults import point
 from cocomix.files import RunInUse, atomic_write_json, list_checkpoints, lock_run
 from cocomix.methods import Batch, Method, get_method, run_fingerprint
 from cocomix.model import token_nll
@@ -273,6 +274,7 @@ class Trainer:
         try:
             while not self.finished:
                 result = self.train_step(self.next_micro_batches())
+                point("train.step")
                 record: dict[str, float] = {}
                 for cb in self.callbacks:
                     cb.on_step(self, result, record)

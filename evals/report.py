@@ -26,7 +26,9 @@ from pathlib import Path
 
 from cocomix.config import load_config
 from cocomix.plan import plan_runs
-from cocomix.files import atomic_write_bytes, atomic_write_text
+from cocomix.data import DataError
+from cocomix.files import atomic_write_bytes, atomic_write_text, read_sealed_json
+from cocomix.tracking import MetricsLog
 
 # Downstream columns in the paper's Table 1 order: (column, eval-JSON metric key, lower is better).
 DOWNSTREAM = [
@@ -75,10 +77,11 @@ def load_eval_jsons(run_dir: Path) -> list[dict]:
     """Per-checkpoint evaluation results written by `cocomix eval`, sorted by tokens seen."""
     out = []
     for path in sorted(run_dir.glob("checkpoints/*/eval.json")):
-        try:
-            out.append(json.loads(path.read_text()))
-        except json.JSONDecodeError:
-            continue
+        record = read_sealed_json(path)
+        if record is None:  # a table silently missing a point would be worse than no table
+            raise DataError(f"{path}: damaged (not the record `cocomix eval` wrote); run `cocomix eval {run_dir}` "
+                            "again, it re-evaluates that checkpoint")
+        out.append(record)
     return sorted(out, key=lambda r: r.get("tokens_seen", 0))
 
 
@@ -89,12 +92,12 @@ def load_runs(config_path: str | Path) -> list[Run]:
         final_path = cfg.run_dir / "final_metrics.json"
         if not final_path.exists():
             continue
-        final = json.loads(final_path.read_text())
-        curve = []
-        for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines():
-            rec = json.loads(line)
-            if "val/loss" in rec:
-                curve.append((rec["tokens_seen"], rec["val/loss"]))
+        try:
+            final = json.loads(final_path.read_bytes())
+        except ValueError:
+            raise DataError(f"{final_path}: not valid JSON (damaged); rerun the training, it rewrites it") from None
+        curve = [(rec["tokens_seen"], rec["val/loss"]) for rec in MetricsLog(cfg.run_dir / "metrics.jsonl").read()
+                 if "val/loss" in rec]
         run = Run(spec.name, spec.method, spec.scale or "base", spec.seed, spec.ablation, cfg.run_dir,
                   final.get("mlflow_run_id"), final, curve)
         evals = load_eval_jsons(cfg.run_dir)

@@ -15,6 +15,7 @@ Settings come from the run's resolved `config.yaml` (section `eval`), then dotte
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,9 @@ import yaml
 # (importing the cocomix package registers the "cocomix" architecture with the Auto classes)
 from cocomix.config import Config, config_from_dict, load_config, parse_overrides, _set_dotted
 from cocomix.data import DataError
-from cocomix.files import atomic_write_json, list_checkpoints
-from cocomix.tracking import tracking_uri
+from cocomix.callbacks import Checkpointer
+from cocomix.files import atomic_write_json, list_checkpoints, read_sealed_json, write_sealed_json
+from cocomix.tracking import PENDING, connect, degrade, replay, tracking_uri
 
 from .harness import make_lm, paper_summary, prepare_harness, set_quiet
 from .perplexity import heldout_perplexity
@@ -82,18 +84,29 @@ def _settings(cfg: Config, tasks: list[str]) -> dict[str, Any]:
 
 
 def _log_mlflow(cfg: Config, run_dir: Path | None, tokens_seen: int, metrics: dict[str, float]) -> str | None:
-    """Log on the training run (step = tokens seen); returns its id, or None when there is none."""
-    if run_dir is None or not cfg.tracking.enabled or not (run_dir / "mlflow_run_id").is_file():
+    """Log on the training run (step = tokens seen); returns its id, or None when there is none. A run
+    that trained without MLflow is replayed first; an unreachable store warns once and leaves the run
+    pending (eval.json is the record; `cocomix track-sync` or the next eval sends it)."""
+    if run_dir is None or not cfg.tracking.enabled:
         return None
-    import mlflow
+    if (run_dir / PENDING).is_file() and replay(run_dir, cfg) is None:
+        return None
+    if not (run_dir / "mlflow_run_id").is_file():
+        return None
     from mlflow.entities import Metric
 
+    client = connect(cfg, run_dir)
+    if client is None:
+        return None
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
-    client = mlflow.MlflowClient(tracking_uri(cfg))
     now = int(time.time() * 1000)
     batch = [Metric(f"eval/{k}", float(v), now, int(tokens_seen)) for k, v in metrics.items()]
-    for i in range(0, len(batch), 1000):  # log_batch takes at most 1000 metrics
-        client.log_batch(run_id, metrics=batch[i : i + 1000])
+    try:
+        for i in range(0, len(batch), 1000):  # log_batch takes at most 1000 metrics
+            client.log_batch(run_id, metrics=batch[i : i + 1000])
+    except Exception as e:  # the store went away mid-way: sync sends the rest, without duplicates
+        degrade(cfg, tracking_uri(cfg), e, run_dir)
+        return None
     return run_id
 
 
@@ -137,6 +150,9 @@ def evaluate(
 
     results = []
     for i, ckpt in enumerate(checkpoints, 1):
+        problem = Checkpointer.damage(ckpt, only=("model.safetensors",))
+        if problem:
+            raise DataError(f"checkpoint {ckpt} is damaged: {problem}; it cannot be evaluated")
         meta = json.loads((ckpt / "checkpoint.json").read_text())
         out_path = ckpt / RESULTS_FILE
         settings = _settings(cfg, tasks)
@@ -163,7 +179,11 @@ def _previous_result(out_path: Path, settings: dict[str, Any]) -> dict[str, Any]
     """The checkpoint's eval.json if it was made with these settings, else None."""
     if not out_path.is_file():
         return None
-    done = json.loads(out_path.read_text())
+    done = read_sealed_json(out_path)
+    if done is None:
+        print(f"warning: {out_path} is damaged (not the record it was written as); evaluating again",
+              file=sys.stderr, flush=True)
+        return None
     return done if done.get("settings") == settings else None
 
 
@@ -201,7 +221,7 @@ def _evaluate_checkpoint(run: _Evaluation, ckpt: Path, meta: dict, settings: dic
         "versions": dict(run.versions),
     }
     record["mlflow_run_id"] = _log_mlflow(cfg, run.run_dir, meta["tokens_seen"], metrics)
-    atomic_write_json(out_path, record, indent=1)  # last: its presence means "done"
+    write_sealed_json(out_path, record)  # last: its presence means "done"; sealed: damage is seen and redone
     if run.progress:
         shown = {k: round(v, 4) for k, v in metrics.items() if k in ("val_ppl", "avg_acc") or k.endswith(
             ("/acc", "/acc_norm", "/perplexity", "/word_perplexity"))}

@@ -159,3 +159,16 @@ def test_trains_on_real_gutenberg_text(tmp_path, capsys):
     unigram = TokenBlocks(cfg.data_dir, "val", cfg.train.block_size).unigram_entropy()
     # 384 steps of a 2-layer model on real prose: clearly below the unigram entropy of the val books.
     assert final["val/loss"] < unigram - 0.3, (final["val/loss"], unigram)
+
+
+def test_dotted_overrides_may_come_after_options(capsys):
+    # `cocomix eval RUN --no-progress eval.limit=8` used to fail: "unrecognized arguments".
+    from cocomix.cli import parse_args
+
+    args = parse_args(["eval", "RUN", "--no-progress", "eval.tasks=[]", "--limit", "3", "eval.ppl_max_blocks=8"])
+    assert (args.path, args.no_progress, args.limit) == ("RUN", True, 3)
+    assert args.overrides == ["eval.tasks=[]", "eval.ppl_max_blocks=8"]
+    assert parse_args(["train", "a.b=1", "--no-progress", "c.d=2"]).overrides == ["a.b=1", "c.d=2"]
+    with pytest.raises(SystemExit) as e:
+        parse_args(["train", "--no-progress", "--bogus", "a.b=1"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().endswith("error: unrecognized arguments: --bogus")

@@ -15,7 +15,7 @@ from conftest import ROOT
 
 # Lowest first. A module belongs to the layer of its longest matching prefix.
 LAYERS = {
-    "base": ["cocomix.files", "cocomix.gpus"],
+    "base": ["cocomix.files", "cocomix.gpus", "cocomix.faults"],
     "config": ["cocomix.config"],
     "data": ["cocomix.data", "cocomix.tracking"],
     "model": ["cocomix.model", "cocomix.slots", "cocomix.flops", "cocomix.params", "cocomix.device",

@@ -1,0 +1,313 @@
+"""Fault injection: SIGKILL at planned points of every stage, then reruns; random bytes written into
+every artifact type. Each case must end equal to an uninterrupted run, or in one line naming the file.
+
+Kills use the fault points of `cocomix/faults.py`: a plan (seeded) lists where the next process dies;
+the same command is rerun until it succeeds, so each run below is a chain of crashes and recoveries.
+Set COCOMIX_FAULT_SEED to try other kill points and byte positions (the default is the one CI runs).
+"""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, cli, tiny_overrides
+from cocomix.callbacks import Checkpointer
+from cocomix.config import dump_config, load_config
+from cocomix.faults import ENV as FAULTS_ENV
+from cocomix.files import list_checkpoints, read_sealed_json
+
+SEED = int(os.environ.get("COCOMIX_FAULT_SEED", "0"))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+ENV.pop(FAULTS_ENV, None)
+TIMING = ("tokens_per_s", "mfu")  # the only fields of a record that may differ between runs
+KILLS: list[str] = []  # every kill point that fired in this session (printed at the end of each chain)
+
+
+def _chain(tmp_path: Path, name: str, command: list[str], plan: list[tuple[str, int]], check=None) -> list[str]:
+    """Run `command` until it exits 0 under the fault plan. Every death must be the plan's next entry
+    firing (a SIGKILL), no process may print a traceback, and the plan must be used up. `check()` runs
+    after each kill (what must hold in a crashed state). Returns the sites that fired."""
+    plan_file = tmp_path / f"{name}.faults.json"
+    plan_file.write_text(json.dumps([{"site": s, "hit": h} for s, h in plan]))
+    fired: list[str] = []
+    for attempt in range(len(plan) + 1):
+        proc = subprocess.run(command, env={**ENV, FAULTS_ENV: str(plan_file)}, capture_output=True, text=True,
+                              timeout=600, cwd=ROOT)
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        left = json.loads(plan_file.read_text())
+        if proc.returncode == -9:
+            assert len(left) == len(plan) - len(fired) - 1, (name, attempt, left)
+            fired.append(f"{plan[len(fired)][0]}#{plan[len(fired)][1]}")
+            if check is not None:
+                check()
+            continue
+        assert proc.returncode == 0, (name, fired, proc.stderr[-3000:])
+        assert left == [], f"{name}: planned kill points never reached: {left}"
+        KILLS.extend(f"{name}:{f}" for f in fired)
+        print(f"{name}: {len(fired)} kills survived: {fired}")
+        return fired
+    raise AssertionError(f"{name}: still failing after {len(plan)} kills")
+
+
+def _records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if not k.endswith(TIMING)} for x in lines]
+
+
+def _no_complete_looking_damage(run_dir: Path) -> None:
+    """After a kill: every checkpoint that looks complete is intact; records that exist parse."""
+    for ckpt in list_checkpoints(run_dir):
+        assert (ckpt / "checkpoint.json").is_file() and Checkpointer.damage(ckpt) is None, ckpt
+    if (run_dir / "final_metrics.json").exists():
+        json.loads((run_dir / "final_metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_training_eval_and_report_survive_kills_at_every_write_and_end_equal_to_uninterrupted(tmp_path, tiny_data):
+    rng = random.Random(SEED)
+    tiny = ROOT / "config/tiny.yaml"
+    common = ["model.dropout=0.1", "train.tokens=40960", "train.log_every_steps=2", "eval.every_tokens=10240",
+              "checkpoint.every_tokens=10240"]  # dropout: the RNG state is part of what must come back
+    ref_args, args = tiny_overrides(tmp_path / "ref", tiny_data, *common), tiny_overrides(tmp_path / "cut", tiny_data, *common)
+    ref_dir, run_dir = (load_config(tiny, a).run_dir for a in (ref_args, args))
+    assert subprocess.run(cli("train", "--config", str(tiny), "--no-progress", *ref_args), env=ENV, cwd=ROOT,
+                          capture_output=True, timeout=600).returncode == 0
+
+    # 40 steps, a checkpoint every 10, a metrics line every 2 steps (and a held-out one every 10).
+    plan = [("write:config.yaml", 1), ("train.step", rng.randint(2, 9)), ("metrics.line", rng.randint(1, 4)),
+            ("checkpoint.model.safetensors", 1), ("checkpoint.trainer_state.pt", 1), ("checkpoint.optimizer.pt", 1),
+            ("checkpoint.checkpoint.json", 1), ("checkpoint.renamed", 1),  # step 10 in place, nothing pruned
+            ("train.step", rng.randint(1, 9)), ("write:environment.json", 1), ("metrics.line", rng.randint(1, 5)),
+            ("checkpoint.renamed", 2),  # steps 20 and 30 from a resume at 10
+            ("checkpoint.renamed", 1),  # the final checkpoint, not pruned yet
+            ("write:final_metrics.json", 1)]
+    _chain(tmp_path, "train", cli("train", "--config", str(tiny), "--no-progress", *args), plan,
+           check=lambda: _no_complete_looking_damage(run_dir))
+
+    a = load_file(str(list_checkpoints(ref_dir)[-1] / "model.safetensors"))
+    b = load_file(str(list_checkpoints(run_dir)[-1] / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-exact on CPU
+    assert _records(run_dir) == _records(ref_dir)  # every line once, none lost, same values
+    fa, fb = (json.loads((r / "final_metrics.json").read_text()) for r in (ref_dir, run_dir))
+    assert fa["val/loss"] == fb["val/loss"] and fa["step"] == fb["step"] == 40
+    assert [c.name for c in list_checkpoints(run_dir)] == [c.name for c in list_checkpoints(ref_dir)]
+    assert not list((run_dir / "checkpoints").glob("*.tmp*")) and not list(run_dir.glob("*.tmp*"))  # no litter
+
+    # Evaluation: kills at eval.json writes and at the run's summary; then the same numbers as a
+    # fresh evaluation of every checkpoint (--force).
+    evaluate = cli("eval", str(run_dir), "--no-progress", "eval.tasks=[]", "eval.ppl_max_blocks=32")
+    def intact_records():
+        assert all(read_sealed_json(p) is not None for p in run_dir.glob("checkpoints/*/eval.json"))
+
+    _chain(tmp_path, "eval", evaluate, [("write:eval.json", 2), ("write:eval.json", 1), ("write:eval_summary.json", 1)],
+           check=intact_records)
+    chained = {c.name: read_sealed_json(c / "eval.json")["metrics"] for c in list_checkpoints(run_dir)}
+    assert subprocess.run(evaluate + ["--force"], env=ENV, cwd=ROOT, capture_output=True, timeout=600).returncode == 0
+    fresh = {c.name: read_sealed_json(c / "eval.json")["metrics"] for c in list_checkpoints(run_dir)}
+    assert chained == fresh and len(fresh) == 4
+
+    # The report: kills between its tables and plots; then tables equal to an uninterrupted report.
+    experiment = tmp_path / "experiment.yaml"
+    dump_config(load_config(tiny, args), experiment)
+    report = cli("report", "--config", str(experiment))
+    _chain(tmp_path, "report", report, [("write:main.tex", 1), ("write:sample_efficiency.md", 1),
+                                        ("write:heldout_loss_base.png", 1)])
+    tables = load_config(tiny, args).experiment_dir / "tables"
+    chained = {p.name: p.read_bytes() for p in sorted(tables.iterdir())}
+    assert subprocess.run(report, env=ENV, cwd=ROOT, capture_output=True, timeout=600).returncode == 0
+    assert {p.name: p.read_bytes() for p in sorted(tables.iterdir())} == chained and "main.md" in chained
+    assert not list(tables.glob("*.tmp*")) and not list((tables.parent / "plots").glob("*.tmp*"))
+
+
+@pytest.mark.slow
+def test_sae_and_label_extraction_survive_kills_and_end_byte_identical(tmp_path, tiny_data, tiny_teacher):
+    rng = random.Random(SEED + 1)
+    tiny = ROOT / "config/tiny.yaml"
+    extra = [f"teacher.path={tiny_teacher}", "sae.n_latents=256", "sae.k=8", "concept.k=8", "sae.tokens=40960",
+             "sae.buffer_tokens=16384", "sae.dead_after_tokens=20000", "concept.extract_batch_size=512"]
+    ref, cut = tiny_overrides(tmp_path / "ref", tiny_data, *extra), tiny_overrides(tmp_path / "cut", tiny_data, *extra)
+    for command in ("train-sae", "extract-concepts"):
+        done = subprocess.run(cli(command, "--config", str(tiny), "--no-progress", *ref), env=ENV, cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    ref_cfg, cfg = load_config(tiny, ref), load_config(tiny, cut)
+
+    _chain(tmp_path, "sae", cli("train-sae", "--config", str(tiny), "--no-progress", *cut),
+           [("sae.step", rng.randint(2, 9)), ("write:sae_config.json", 1), ("write:metrics.json", 1)])
+    sae_ref, sae = ref_cfg.experiment_dir / "sae", cfg.experiment_dir / "sae"
+    assert (sae / "sae.safetensors").read_bytes() == (sae_ref / "sae.safetensors").read_bytes()
+    assert not (sae.parent / "sae.tmp").exists()
+
+    # Labels: ~10 chunks of 512 blocks; kills after a chunk is appended but not recorded, at the
+    # progress record, and at the manifest that marks the cache complete.
+    _chain(tmp_path, "labels", cli("extract-concepts", "--config", str(tiny), "--no-progress", *cut),
+           [("labels.chunk", rng.randint(2, 5)), ("write:progress.json", rng.randint(2, 4)),
+            ("labels.chunk", rng.randint(1, 3)), ("write:manifest.json", 1)],
+           check=lambda: not (Path(cfg.concept_dir) / "manifest.json").exists() or pytest.fail("complete-looking cache"))
+    for split in ("train", "val"):
+        got = (Path(cfg.concept_dir) / f"{split}.labels.bin").read_bytes()
+        assert got == (Path(ref_cfg.concept_dir) / f"{split}.labels.bin").read_bytes(), split
+    assert len(KILLS) >= 7
+
+
+# ---------------------------------------------------------------------------------------------
+# Random bytes in every artifact type
+# ---------------------------------------------------------------------------------------------
+
+
+def _damage(path: Path, rng: random.Random, n: int = 16) -> int:
+    """Overwrite n bytes at a seeded offset with seeded random bytes (size unchanged); returns the offset."""
+    data = bytearray(path.read_bytes())
+    at = rng.randrange(0, max(1, len(data) - n))
+    data[at : at + n] = bytes(rng.randrange(256) for _ in range(n))
+    path.write_bytes(bytes(data))
+    return at
+
+
+def _one_line(excinfo, name: str) -> None:
+    """A user error (the CLI prints it as one `cocomix: error:` line) that names the damaged file."""
+    from cocomix.cli import USER_ERRORS
+
+    kinds = tuple(getattr(__import__(m, fromlist=[c]), c) for m, c in USER_ERRORS)
+    assert isinstance(excinfo.value, kinds), repr(excinfo.value)
+    text = str(excinfo.value)
+    assert "\n" not in text and name in text, text
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, tiny_data):
+    """A finished tiny run with two checkpoints and an evaluation of each (eval.json)."""
+    from cocomix.trainer import train
+    from evals.run import evaluate
+
+    root = tmp_path_factory.mktemp("small")
+    cfg = load_config(ROOT / "config/tiny.yaml", tiny_overrides(root, tiny_data, "train.tokens=8192",
+                                                               "checkpoint.every_tokens=4096", "eval.every_tokens=4096"))
+    train(cfg, progress=False)
+    evaluate(cfg.run_dir, ["eval.tasks=[]", "eval.ppl_max_blocks=8"], progress=False)
+    return cfg
+
+
+def _copy_run(small_run, tmp_path):
+    """A copy of the small run under tmp_path (the same config, another results_dir)."""
+    from cocomix.config import _set_dotted, config_from_dict
+
+    tree = small_run.to_dict()
+    _set_dotted(tree, "results_dir", str(tmp_path))
+    cfg = config_from_dict(tree)
+    shutil.copytree(small_run.run_dir, cfg.run_dir)
+    return cfg
+
+
+@pytest.mark.slow
+def test_random_bytes_in_checkpoints_metrics_and_eval_records_end_in_recovery_or_one_line(tmp_path, small_run,
+                                                                                          tiny_data, capsys):
+    from cocomix.trainer import Trainer
+    from evals.report import load_eval_jsons
+    from evals.run import evaluate
+
+    rng = random.Random(SEED + 2)
+    cases = 0
+    # 1-3. Weights, trainer state or optimizer state of the newest checkpoint: resume falls back to
+    # the one before, after moving the damaged one aside.
+    for i, name in enumerate(("model.safetensors", "trainer_state.pt", "optimizer.pt")):
+        cfg = _copy_run(small_run, tmp_path / f"ckpt{i}")
+        older, newest = list_checkpoints(cfg.run_dir)
+        _damage(newest / name, rng)
+        trainer = Trainer(cfg, progress=False)
+        assert trainer.resumed_from == older and (newest.parent / f"{newest.name}.damaged").is_dir(), name
+        warning = capsys.readouterr().err.strip().splitlines()
+        assert len(warning) == 1 and f"is damaged ({name} " in warning[0], warning
+        del trainer
+        cases += 1
+    # 4. Weights of a checkpoint about to be evaluated: one line, nothing evaluated.
+    cfg = _copy_run(small_run, tmp_path / "eval-weights")
+    ckpt = list_checkpoints(cfg.run_dir)[0]
+    (ckpt / "eval.json").unlink()
+    _damage(ckpt / "model.safetensors", rng)
+    with pytest.raises(Exception) as e:
+        evaluate(ckpt, ["eval.tasks=[]", "eval.ppl_max_blocks=8"], config_path=ROOT / "config/tiny.yaml", progress=False)
+    _one_line(e, "model.safetensors")
+    assert not (ckpt / "eval.json").exists()
+    cases += 1
+    # 5. eval.json: the report refuses it in one line; `cocomix eval` sees it and evaluates again,
+    # to the same numbers.
+    cfg = _copy_run(small_run, tmp_path / "eval-json")
+    ckpt = list_checkpoints(cfg.run_dir)[-1]
+    before = read_sealed_json(ckpt / "eval.json")
+    _damage(ckpt / "eval.json", rng)
+    with pytest.raises(Exception) as e:
+        load_eval_jsons(cfg.run_dir)
+    _one_line(e, "eval.json")
+    evaluate(cfg.run_dir, ["eval.tasks=[]", "eval.ppl_max_blocks=8"], progress=False)
+    assert read_sealed_json(ckpt / "eval.json")["metrics"] == before["metrics"]
+    assert "is damaged" in capsys.readouterr().err
+    cases += 1
+    # 6. metrics.jsonl before the newest checkpoint: resuming would silently lose lines; one line.
+    cfg = _copy_run(small_run, tmp_path / "metrics")
+    (cfg.run_dir / "final_metrics.json").unlink()
+    log = cfg.run_dir / "metrics.jsonl"
+    data = bytearray(log.read_bytes())
+    data[len(data) // 3] ^= 0x01  # one bit, a plausible character: only the checkpoint's record can tell
+    log.write_bytes(bytes(data))
+    with pytest.raises(Exception) as e:
+        Trainer(cfg, progress=False).train()
+    _one_line(e, "metrics.jsonl")
+    cases += 1
+    assert cases == 6
+
+
+@pytest.mark.slow
+def test_random_bytes_in_data_labels_and_sae_end_in_one_line(tmp_path, tiny_data, concept_cache):
+    from cocomix.concepts import LabelCache
+    from cocomix.config import _set_dotted, config_from_dict
+    from cocomix.data.shards import load_manifest
+    from cocomix.sae import load_sae
+
+    rng = random.Random(SEED + 3)
+    root, overrides = concept_cache
+    cfg = load_config(ROOT / "config/tiny.yaml", overrides)
+    LabelCache(cfg)  # verified once (the stamp): damage after that must still be seen
+    cases = 0
+    # 7-8. A shard, the data manifest.
+    for i, name in enumerate(("train_000.bin", "manifest.json")):
+        data = tmp_path / f"data{i}"
+        shutil.copytree(tiny_data, data)
+        target = data / name if (data / name).exists() else next(data.glob("train*.bin"))
+        _damage(target, rng)
+        with pytest.raises(Exception) as e:
+            load_manifest(data, verify=True)
+        _one_line(e, target.name)
+        cases += 1
+    # 9-10. A label file (after its verification was stamped), the label cache's manifest.
+    for i, name in enumerate(("train.labels.bin", "manifest.json")):
+        folder = tmp_path / f"labels{i}"
+        shutil.copytree(cfg.concept_dir, folder)
+        tree = cfg.to_dict()
+        _set_dotted(tree, "concept.cache_dir", str(folder))
+        copy = config_from_dict(tree)
+        assert Path(copy.concept_dir) == folder
+        _damage(folder / name, rng)
+        with pytest.raises(Exception) as e:
+            LabelCache(copy)
+        _one_line(e, name)
+        cases += 1
+    # 11-12. The SAE's weights, its config.
+    for i, name in enumerate(("sae.safetensors", "sae_config.json")):
+        folder = tmp_path / f"sae{i}"
+        shutil.copytree(cfg.experiment_dir / "sae", folder)
+        tree = cfg.to_dict()
+        _set_dotted(tree, "sae.path", str(folder))
+        _damage(folder / name, rng)
+        with pytest.raises(Exception) as e:
+            load_sae(config_from_dict(tree))
+        _one_line(e, name)
+        cases += 1
+    assert cases == 6
