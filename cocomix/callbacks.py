@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from cocomix.config import dump_config
 from cocomix.device import all_reduce_mean, barrier, sync
 from cocomix.faults import point
-from cocomix.files import atomic_write_json, follow_umask, list_checkpoints, sha256_file
+from cocomix.files import atomic_write_json, clear_stale_tmp, follow_umask, list_checkpoints, sha256_file
 from cocomix.tracking import PENDING, MetricsLog, RunTracker, environment_info
 
 
@@ -340,9 +340,7 @@ class Checkpointer(Callback):
         each) and temporary files of atomic writes. Safe: this process holds the run's lock."""
         for tmp in (run_dir / "checkpoints").glob("step_*.tmp*"):
             shutil.rmtree(tmp, ignore_errors=True)
-        for tmp in run_dir.glob("*.tmp[0-9]*"):
-            if tmp.is_file():
-                tmp.unlink(missing_ok=True)
+        clear_stale_tmp(run_dir)
 
     @staticmethod
     def damage(path: Path, only: tuple[str, ...] | None = None) -> str | None:

@@ -50,7 +50,7 @@ from cocomix.config import Config, ConceptConfig, ConfigError
 from cocomix.data import DataError
 from cocomix.data.shards import TokenBlocks, load_manifest
 from cocomix.faults import point
-from cocomix.files import atomic_write_json, sha256_file, sha256_matches_once, sha256_text
+from cocomix.files import atomic_write_json, clear_stale_tmp, sha256_file, sha256_matches_once, sha256_text
 from cocomix.model import token_nll
 from cocomix.sae import load_sae, sae_hash
 from cocomix.teacher import load_teacher, run_teacher, teacher_hash
@@ -287,6 +287,7 @@ def extract_concepts(cfg: Config, progress: bool = True) -> Path:
     key = cache_key(cfg)
     out = Path(cfg.concept_dir)
     out.mkdir(parents=True, exist_ok=True)
+    clear_stale_tmp(out)  # a progress record a killed extraction did not finish
     if _cache_is_current(cfg, out):
         return out  # already complete for exactly this key
 

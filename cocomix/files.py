@@ -35,6 +35,27 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
+TMP_RE = re.compile(r"\.tmp(\d+)$")
+
+
+def clear_stale_tmp(folder: str | Path) -> None:
+    """Delete the temporary files that killed writers left in `folder` (`<name>.tmp<pid>` of
+    `atomic_write_bytes`, whose pid is no longer alive on this host); live writers' files are kept."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        m = TMP_RE.search(p.name)
+        if m is None or not p.is_file():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            p.unlink(missing_ok=True)
+        except (PermissionError, OverflowError):  # alive under another user / not a pid: leave it
+            pass
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

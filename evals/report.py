@@ -27,7 +27,7 @@ from pathlib import Path
 from cocomix.config import load_config
 from cocomix.plan import plan_runs
 from cocomix.data import DataError
-from cocomix.files import atomic_write_bytes, atomic_write_text, read_sealed_json
+from cocomix.files import atomic_write_bytes, atomic_write_text, clear_stale_tmp, read_sealed_json
 from cocomix.tracking import MetricsLog
 
 # Downstream columns in the paper's Table 1 order: (column, eval-JSON metric key, lower is better).
@@ -323,6 +323,8 @@ def report(config_path: str | Path) -> Path:
     cfg = load_config(config_path)
     runs = load_runs(config_path)
     tables = cfg.experiment_dir / "tables"
+    for folder in (tables, cfg.experiment_dir / "plots"):
+        clear_stale_tmp(folder)  # what a killed report left
     write_table(tables, "main", *main_table(runs),
                 caption=f"{cfg.experiment}: held-out perplexity and downstream scores, mean ± std over seeds")
     write_table(tables, "sample_efficiency", *sample_efficiency_table(runs),

@@ -28,7 +28,7 @@ import yaml
 from cocomix.config import Config, config_from_dict, load_config, parse_overrides, _set_dotted
 from cocomix.data import DataError
 from cocomix.callbacks import Checkpointer
-from cocomix.files import atomic_write_json, list_checkpoints, read_sealed_json, write_sealed_json
+from cocomix.files import atomic_write_json, clear_stale_tmp, list_checkpoints, read_sealed_json, write_sealed_json
 from cocomix.tracking import PENDING, connect, degrade, replay, tracking_uri
 
 from .harness import make_lm, paper_summary, prepare_harness, set_quiet
@@ -154,6 +154,7 @@ def evaluate(
         if problem:
             raise DataError(f"checkpoint {ckpt} is damaged: {problem}; it cannot be evaluated")
         meta = json.loads((ckpt / "checkpoint.json").read_text())
+        clear_stale_tmp(ckpt)  # an eval.json a killed evaluation did not finish
         out_path = ckpt / RESULTS_FILE
         settings = _settings(cfg, tasks)
         done = None if force else _previous_result(out_path, settings)
@@ -167,6 +168,7 @@ def evaluate(
         results.append(_evaluate_checkpoint(run, ckpt, meta, settings))
     if run_dir is not None and Path(path).resolve() == run_dir.resolve():
         # A run-level record (the DAG's output for "every checkpoint of this run is evaluated").
+        clear_stale_tmp(run_dir)
         atomic_write_json(run_dir / "eval_summary.json", {
             "checkpoints": [r["checkpoint"] for r in results],
             "tokens_seen": [r["tokens_seen"] for r in results],

@@ -10,50 +10,88 @@ import json
 import os
 import random
 import shutil
-import subprocess
+import signal
+import sys
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, cli, tiny_overrides
+from conftest import ROOT, tiny_overrides
 from cocomix.callbacks import Checkpointer
 from cocomix.config import dump_config, load_config
 from cocomix.faults import ENV as FAULTS_ENV
 from cocomix.files import list_checkpoints, read_sealed_json
 
 SEED = int(os.environ.get("COCOMIX_FAULT_SEED", "0"))
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-ENV.pop(FAULTS_ENV, None)
 TIMING = ("tokens_per_s", "mfu")  # the only fields of a record that may differ between runs
 KILLS: list[str] = []  # every kill point that fired in this session (printed at the end of each chain)
 
 
-def _chain(tmp_path: Path, name: str, command: list[str], plan: list[tuple[str, int]], check=None) -> list[str]:
-    """Run `command` until it exits 0 under the fault plan. Every death must be the plan's next entry
-    firing (a SIGKILL), no process may print a traceback, and the plan must be used up. `check()` runs
-    after each kill (what must hold in a crashed state). Returns the sites that fired."""
+def _run(argv: list[str], plan_file: Path | None, log: Path) -> tuple[int, str]:
+    """`cocomix <argv>` in a child forked from this process, so it pays no imports (about 10 s of the
+    ~12 s a tiny job takes here): a real process that a fault point really SIGKILLs. One thread, as
+    the uninterrupted references run. Returns (exit code, or -signal; its stderr)."""
+    import evals.report  # noqa: F401 - imported once here, not in every child
+    import evals.run  # noqa: F401
+    import cocomix.cli
+
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.environ.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+            os.environ.pop(FAULTS_ENV, None)
+            if plan_file is not None:
+                os.environ[FAULTS_ENV] = str(plan_file)
+            torch.set_num_threads(1)
+            for fd, name in ((1, "out"), (2, "err")):
+                os.dup2(os.open(f"{log}.{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+            sys.stdout, sys.stderr = (open(fd, "w", buffering=1, closefd=False) for fd in (1, 2))
+            code = cocomix.cli.main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:  # noqa: BLE001 - what a user would see: the test fails on it
+            traceback.print_exc()
+        finally:
+            for f in (sys.stdout, sys.stderr):
+                f.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    return code, Path(f"{log}.err").read_text()
+
+
+def _chain(tmp_path: Path, name: str, argv: list[str], plan: list[tuple[str, int]], check=None) -> list[str]:
+    """Run `cocomix <argv>` until it exits 0 under the fault plan. Every death must be the plan's next
+    entry firing (a SIGKILL), no process may print a traceback, and the plan must be used up.
+    `check()` runs after each kill (what must hold in a crashed state). Returns the sites that fired."""
     plan_file = tmp_path / f"{name}.faults.json"
     plan_file.write_text(json.dumps([{"site": s, "hit": h} for s, h in plan]))
     fired: list[str] = []
     for attempt in range(len(plan) + 1):
-        proc = subprocess.run(command, env={**ENV, FAULTS_ENV: str(plan_file)}, capture_output=True, text=True,
-                              timeout=600, cwd=ROOT)
-        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        code, err = _run(argv, plan_file, tmp_path / f"{name}.{attempt}")
+        assert "Traceback" not in err, err[-3000:]
         left = json.loads(plan_file.read_text())
-        if proc.returncode == -9:
+        if code == -signal.SIGKILL:
             assert len(left) == len(plan) - len(fired) - 1, (name, attempt, left)
             fired.append(f"{plan[len(fired)][0]}#{plan[len(fired)][1]}")
             if check is not None:
                 check()
             continue
-        assert proc.returncode == 0, (name, fired, proc.stderr[-3000:])
+        assert code == 0, (name, fired, err[-3000:])
         assert left == [], f"{name}: planned kill points never reached: {left}"
         KILLS.extend(f"{name}:{f}" for f in fired)
         print(f"{name}: {len(fired)} kills survived: {fired}")
         return fired
     raise AssertionError(f"{name}: still failing after {len(plan)} kills")
+
+
+def _ok(argv: list[str], log: Path) -> None:
+    code, err = _run(argv, None, log)
+    assert code == 0, err[-3000:]
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -77,8 +115,7 @@ def test_training_eval_and_report_survive_kills_at_every_write_and_end_equal_to_
               "checkpoint.every_tokens=10240"]  # dropout: the RNG state is part of what must come back
     ref_args, args = tiny_overrides(tmp_path / "ref", tiny_data, *common), tiny_overrides(tmp_path / "cut", tiny_data, *common)
     ref_dir, run_dir = (load_config(tiny, a).run_dir for a in (ref_args, args))
-    assert subprocess.run(cli("train", "--config", str(tiny), "--no-progress", *ref_args), env=ENV, cwd=ROOT,
-                          capture_output=True, timeout=600).returncode == 0
+    _ok(["train", "--config", str(tiny), "--no-progress", *ref_args], tmp_path / "ref")
 
     # 40 steps, a checkpoint every 10, a metrics line every 2 steps (and a held-out one every 10).
     plan = [("write:config.yaml", 1), ("train.step", rng.randint(2, 9)), ("metrics.line", rng.randint(1, 4)),
@@ -88,7 +125,7 @@ def test_training_eval_and_report_survive_kills_at_every_write_and_end_equal_to_
             ("checkpoint.renamed", 2),  # steps 20 and 30 from a resume at 10
             ("checkpoint.renamed", 1),  # the final checkpoint, not pruned yet
             ("write:final_metrics.json", 1)]
-    _chain(tmp_path, "train", cli("train", "--config", str(tiny), "--no-progress", *args), plan,
+    _chain(tmp_path, "train", ["train", "--config", str(tiny), "--no-progress", *args], plan,
            check=lambda: _no_complete_looking_damage(run_dir))
 
     a = load_file(str(list_checkpoints(ref_dir)[-1] / "model.safetensors"))
@@ -102,26 +139,27 @@ def test_training_eval_and_report_survive_kills_at_every_write_and_end_equal_to_
 
     # Evaluation: kills at eval.json writes and at the run's summary; then the same numbers as a
     # fresh evaluation of every checkpoint (--force).
-    evaluate = cli("eval", str(run_dir), "--no-progress", "eval.tasks=[]", "eval.ppl_max_blocks=32")
+    evaluate = ["eval", str(run_dir), "--no-progress", "eval.tasks=[]", "eval.ppl_max_blocks=32"]
     def intact_records():
         assert all(read_sealed_json(p) is not None for p in run_dir.glob("checkpoints/*/eval.json"))
 
     _chain(tmp_path, "eval", evaluate, [("write:eval.json", 2), ("write:eval.json", 1), ("write:eval_summary.json", 1)],
            check=intact_records)
     chained = {c.name: read_sealed_json(c / "eval.json")["metrics"] for c in list_checkpoints(run_dir)}
-    assert subprocess.run(evaluate + ["--force"], env=ENV, cwd=ROOT, capture_output=True, timeout=600).returncode == 0
+    _ok(evaluate + ["--force"], tmp_path / "eval-ref")
     fresh = {c.name: read_sealed_json(c / "eval.json")["metrics"] for c in list_checkpoints(run_dir)}
     assert chained == fresh and len(fresh) == 4
+    assert not list(run_dir.glob("*.tmp*")) and not list(run_dir.glob("checkpoints/*/*.tmp*"))  # no litter
 
     # The report: kills between its tables and plots; then tables equal to an uninterrupted report.
     experiment = tmp_path / "experiment.yaml"
     dump_config(load_config(tiny, args), experiment)
-    report = cli("report", "--config", str(experiment))
+    report = ["report", "--config", str(experiment)]
     _chain(tmp_path, "report", report, [("write:main.tex", 1), ("write:sample_efficiency.md", 1),
                                         ("write:heldout_loss_base.png", 1)])
     tables = load_config(tiny, args).experiment_dir / "tables"
     chained = {p.name: p.read_bytes() for p in sorted(tables.iterdir())}
-    assert subprocess.run(report, env=ENV, cwd=ROOT, capture_output=True, timeout=600).returncode == 0
+    _ok(report, tmp_path / "report-ref")
     assert {p.name: p.read_bytes() for p in sorted(tables.iterdir())} == chained and "main.md" in chained
     assert not list(tables.glob("*.tmp*")) and not list((tables.parent / "plots").glob("*.tmp*"))
 
@@ -134,12 +172,10 @@ def test_sae_and_label_extraction_survive_kills_and_end_byte_identical(tmp_path,
              "sae.buffer_tokens=16384", "sae.dead_after_tokens=20000", "concept.extract_batch_size=512"]
     ref, cut = tiny_overrides(tmp_path / "ref", tiny_data, *extra), tiny_overrides(tmp_path / "cut", tiny_data, *extra)
     for command in ("train-sae", "extract-concepts"):
-        done = subprocess.run(cli(command, "--config", str(tiny), "--no-progress", *ref), env=ENV, cwd=ROOT,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
+        _ok([command, "--config", str(tiny), "--no-progress", *ref], tmp_path / command)
     ref_cfg, cfg = load_config(tiny, ref), load_config(tiny, cut)
 
-    _chain(tmp_path, "sae", cli("train-sae", "--config", str(tiny), "--no-progress", *cut),
+    _chain(tmp_path, "sae", ["train-sae", "--config", str(tiny), "--no-progress", *cut],
            [("sae.step", rng.randint(2, 9)), ("write:sae_config.json", 1), ("write:metrics.json", 1)])
     sae_ref, sae = ref_cfg.experiment_dir / "sae", cfg.experiment_dir / "sae"
     assert (sae / "sae.safetensors").read_bytes() == (sae_ref / "sae.safetensors").read_bytes()
@@ -147,7 +183,7 @@ def test_sae_and_label_extraction_survive_kills_and_end_byte_identical(tmp_path,
 
     # Labels: ~10 chunks of 512 blocks; kills after a chunk is appended but not recorded, at the
     # progress record, and at the manifest that marks the cache complete.
-    _chain(tmp_path, "labels", cli("extract-concepts", "--config", str(tiny), "--no-progress", *cut),
+    _chain(tmp_path, "labels", ["extract-concepts", "--config", str(tiny), "--no-progress", *cut],
            [("labels.chunk", rng.randint(2, 5)), ("write:progress.json", rng.randint(2, 4)),
             ("labels.chunk", rng.randint(1, 3)), ("write:manifest.json", 1)],
            check=lambda: not (Path(cfg.concept_dir) / "manifest.json").exists() or pytest.fail("complete-looking cache"))

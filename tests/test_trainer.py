@@ -70,38 +70,8 @@ def _run_cli_train(overrides, env=ENV, **kw):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-@pytest.mark.slow
-def test_exact_resume_after_sigkill(tmp_path, tiny_data):
-    """Kill -9 mid-run, rerun the same command: same final weights and loss as an uninterrupted run."""
-    common = ["model.dropout=0.1"]  # dropout makes the RNG state part of what must be restored
-    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
-    ref = _run_cli_train(tiny_overrides(ref_dir, tiny_data, *common))
-    assert ref.wait(timeout=600) == 0, ref.stderr.read()[-2000:]
-
-    args = tiny_overrides(cut_dir, tiny_data, *common)
-    proc = _run_cli_train(args)
-    run_dir = load_config(ROOT / "config/tiny.yaml", args).run_dir
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list_checkpoints(run_dir)) < 2:  # mid-way: 2 of 4 checkpoints
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = [int(p.name.split("_")[1]) for p in list_checkpoints(run_dir)]
-    assert 0 < max(killed_at) < 160, killed_at
-
-    resumed = _run_cli_train(args)
-    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-2000:]
-    ref_run = load_config(ROOT / "config/tiny.yaml", tiny_overrides(ref_dir, tiny_data, *common)).run_dir
-    a = load_file(str(list_checkpoints(ref_run)[-1] / "model.safetensors"))
-    b = load_file(str(list_checkpoints(run_dir)[-1] / "model.safetensors"))
-    assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
-    fa, fb = (json.loads((r / "final_metrics.json").read_text()) for r in (ref_run, run_dir))
-    assert abs(fa["val/loss"] - fb["val/loss"]) <= 1e-6
-    # The metrics log holds each step once, as the uninterrupted run's does.
-    ma, mb = _metrics(ref_run), _metrics(run_dir)
-    assert [r["step"] for r in ma] == [r["step"] for r in mb]
-    assert all(abs(x["train/loss"] - y["train/loss"]) <= 1e-6 for x, y in zip(ma, mb) if "train/loss" in x)
+# Exact resume after SIGKILL (same weights, val loss and metrics lines as an uninterrupted run, with
+# dropout on) is checked through 14 kills at every write of a run in tests/test_faults.py.
 
 
 def _one_and_two_processes(tmp_path, data, extra, port):
