@@ -180,6 +180,15 @@ class Evaluator(Callback):
             record.update(trainer.last_val)
 
 
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a uid without a passwd entry (some containers)
+        return str(os.getuid())
+
+
 class Tracking(Callback):
     """The run's record: config.yaml and environment.json in the run folder, metrics.jsonl, and the
     MLflow run (params, tags, metrics at step = tokens seen, final_metrics.json as an artifact)."""
@@ -195,7 +204,10 @@ class Tracking(Callback):
         atomic_write_json(trainer.run_dir / "environment.json", env)
         tags = {"experiment": cfg.experiment, "method": trainer.method.name, "scale": cfg.scale or "base",
                 "seed": str(cfg.seed), "git_commit": env["git_commit"], "device": env["device"],
-                "world_size": str(trainer.dist.world_size)}
+                "world_size": str(trainer.dist.world_size),
+                # MLflow's own tags: its UI's User and Source columns, and its filters
+                "mlflow.user": _user(), "mlflow.source.git.commit": env["git_commit"].removesuffix("-dirty"),
+                "mlflow.source.name": "cocomix train"}
         self.tracker = RunTracker(cfg, trainer.run_dir, tags,
                                   params={f"accounting.{k}": v for k, v in trainer.accounting.items()})
         self._truncate_log(trainer)

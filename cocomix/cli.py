@@ -344,8 +344,18 @@ def _add_steer_parser(sub) -> None:
     p.set_defaults(func=cmd_steer)
 
 
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("cocomix")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cocomix", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cocomix {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_setup_parsers(sub)  # in `cocomix --help` order
     _add_training_parsers(sub)

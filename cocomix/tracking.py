@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -171,6 +172,11 @@ def git_commit() -> str:
         return "unknown"
 
 
+# Besides torch and transformers, the packages that shape a result (tokenisation, data loading,
+# evaluation, tracking, sweeps, the DAG, the weights' file format).
+RESULT_PACKAGES = ("tokenizers", "datasets", "lm_eval", "mlflow", "optuna", "snakemake", "safetensors", "numpy")
+
+
 def environment_info() -> dict[str, str]:
     """Versions and hardware, recorded with every run so a log is a reproducible artifact."""
     import torch
@@ -184,6 +190,11 @@ def environment_info() -> dict[str, str]:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
         "git_commit": git_commit(),
     }
+    for name in RESULT_PACKAGES:  # read from package metadata: importing them would cost seconds
+        try:
+            info[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            info[name] = "not installed"
     return info
 
 

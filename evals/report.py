@@ -42,16 +42,12 @@ DOWNSTREAM = [
 ]
 ACCURACY_KEYS = [key for _, key, lower in DOWNSTREAM if not lower]
 
-# Two-sided 95% Student-t quantiles by degrees of freedom (no scipy needed).
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-       15: 2.131, 20: 2.086, 30: 2.042}
-
-
 def t95(df: int) -> float:
-    if df in T95:
-        return T95[df]
-    smaller = [k for k in T95 if k <= df]
-    return T95[max(smaller)] if df < 30 else 1.96
+    """The two-sided 95% Student-t quantile for `df` degrees of freedom (scipy.stats; a hand table
+    used to round 11-29 down to the entry below and everything from 30 on to 1.96)."""
+    from scipy.stats import t  # lazy: scipy only when a table has an interval to show
+
+    return float(t.ppf(0.975, df))
 
 
 @dataclass

@@ -172,3 +172,13 @@ def test_dotted_overrides_may_come_after_options(capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(["train", "--no-progress", "--bogus", "a.b=1"])
     assert e.value.code == 2 and capsys.readouterr().err.strip().endswith("error: unrecognized arguments: --bogus")
+
+
+def test_version_is_the_installed_packages(capsys):
+    import importlib.metadata
+
+    from cocomix.cli import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"cocomix {importlib.metadata.version('cocomix')}"

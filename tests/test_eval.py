@@ -311,3 +311,12 @@ def test_eval_run_folder_twice_evaluates_each_checkpoint_once(tiny_teacher, tmp_
     assert main(["eval", str(tmp_path / "nope")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("cocomix: error: ") and "nope: not found" in err
+
+
+def test_t_interval_quantiles_are_students_at_every_degree_of_freedom():
+    # Two-sided 95% quantiles from a printed t table (Abramowitz & Stegun 26.10); the hand table
+    # this replaced gave 2.228 at 11 degrees of freedom and 1.96 from 30 on.
+    from evals.report import t95
+
+    for df, want in {1: 12.7062, 4: 2.7764, 11: 2.2010, 25: 2.0595, 30: 2.0423, 60: 2.0003, 120: 1.9799}.items():
+        assert t95(df) == pytest.approx(want, abs=1e-4), df

@@ -232,3 +232,12 @@ def test_a_run_killed_while_mlflow_was_down_sends_its_metrics_on_its_next_start(
     assert "resumed from" in second.stdout, second.stdout
     assert not (run_dir / tracking.PENDING).exists()
     _assert_mlflow_equals_the_log(uri, run_dir)
+
+
+def test_environment_records_every_package_that_shapes_a_result():
+    import importlib.metadata
+
+    env = tracking.environment_info()
+    for name in ("tokenizers", "datasets", "lm_eval", "mlflow", "optuna", "snakemake", "safetensors", "numpy"):
+        assert env[name] == importlib.metadata.version(name), name
+    assert env["torch"] and env["transformers"] and env["git_commit"]

@@ -277,6 +277,11 @@ def test_mlflow_run_has_params_tags_and_metric_history(tmp_path, tiny_data):
     assert row["run_id"] == final["mlflow_run_id"] and row["status"] == "FINISHED"
     assert row["params.model.n_embd"] == "64" and row["params.train.block_size"] == "64"
     assert row["tags.method"] == "ntp" and row["tags.seed"] == "0" and row["tags.git_commit"]
+    # MLflow's standard tags (its UI's User and Source columns), which runs used to lack.
+    import getpass
+
+    assert row["tags.mlflow.user"] == getpass.getuser()
+    assert row["tags.mlflow.source.git.commit"] == row["tags.git_commit"].removesuffix("-dirty")
     history = mlflow.MlflowClient(uri).get_metric_history(final["mlflow_run_id"], "train/loss")
     # step = tokens seen: logged every 5 optimizer steps of 1024 tokens.
     assert [m.step for m in history] == [5120 * i for i in range(1, 9)]
