@@ -221,7 +221,8 @@ def save_sae(sae: TopKSAE, folder: Path, meta: dict | None = None) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, str(folder / WEIGHTS))
     follow_umask(folder / WEIGHTS)  # safetensors writes 0600
     config = {"format": "cocomix-topk-sae-v1", "d_model": sae.d_model, "n_latents": sae.n_latents, "k": sae.k,
-              "normalize": sae.normalize, "weights_sha256": sha256_file(folder / WEIGHTS), **(meta or {})}
+              "normalize": sae.normalize, **(meta or {}),
+              "weights_sha256": sha256_file(folder / WEIGHTS)}  # last: an old config passed as meta cannot override it
     atomic_write_json(folder / SAE_CONFIG, config, indent=1)
 
 

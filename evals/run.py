@@ -186,6 +186,7 @@ def _previous_result(out_path: Path, settings: dict[str, Any]) -> dict[str, Any]
         print(f"warning: {out_path} is damaged (not the record it was written as); evaluating again",
               file=sys.stderr, flush=True)
         return None
+    done.pop("sha256")  # the record as `_evaluate_checkpoint` returned it
     return done if done.get("settings") == settings else None
 
 
