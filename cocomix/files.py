@@ -148,10 +148,9 @@ def update_sha256(h, path: str | Path):
     return h
 
 
-def file_identity(path: str | Path) -> dict[str, int]:
-    """What says a file is unchanged since it was hashed: size, mtime, ctime and inode (the rule of
-    make and rsync, plus ctime and inode; damage below the file system is not seen)."""
-    st = Path(path).stat()
+def file_identity(st: os.stat_result) -> dict[str, int]:
+    """What says a file is unchanged since it was hashed (shard and label stamps): size, mtime, ctime
+    and inode (the rule of make and rsync, plus ctime and inode; damage below the file system is not seen)."""
     return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
 
 
@@ -165,12 +164,12 @@ def sha256_matches_once(path: str | Path, sha256: str, stamp: str | Path) -> boo
         assert isinstance(known, dict)
     except Exception:  # noqa: BLE001 - absent or damaged: hash again
         known = {}
-    record = {**file_identity(path), "sha256": sha256}
+    record = {**file_identity(path.stat()), "sha256": sha256}
     if known.get(path.name) == record:
         return True
     if sha256_file(path) != sha256:
         return False
-    if file_identity(path) == {k: v for k, v in record.items() if k != "sha256"}:
+    if file_identity(path.stat()) == {k: v for k, v in record.items() if k != "sha256"}:
         try:
             atomic_write_json(stamp, {**known, path.name: record}, indent=1)
         except OSError:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..config import Config, DataConfig
-from ..files import atomic_write_json, sha256_file, sha256_json
+from ..files import atomic_write_json, file_identity, sha256_file, sha256_json
 from .errors import DataError
 from .sources import iter_documents
 from .synthetic import N_SLOTS, SLOT_NAMES, SyntheticDoc, SyntheticLanguage
@@ -311,11 +311,6 @@ def prepare_data(cfg: Config, progress: bool = True, force: bool = False) -> Pat
 # --------------------------------------------------------------------------------------
 
 
-def _file_id(st: os.stat_result) -> dict[str, int]:
-    """What the stamp compares to decide a file is unchanged since it was hashed."""
-    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
-
-
 def _verify_file(data_dir: Path, entry: dict[str, Any], check_sha: bool,
                  trusted: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Check one file against its manifest entry (size; sha256 if `check_sha`).
@@ -333,13 +328,13 @@ def _verify_file(data_dir: Path, entry: dict[str, Any], check_sha: bool,
         raise DataError(f"shard {path}: size mismatch (expected {entry['bytes']} bytes, got {st.st_size})")
     if not check_sha:
         return None
-    record = {**_file_id(st), "sha256": entry["sha256"]}
+    record = {**file_identity(st), "sha256": entry["sha256"]}
     if trusted is not None and trusted.get(entry["file"]) == record:
         return record  # unchanged since its sha256 matched
     got = sha256_file(path)
     if got != entry["sha256"]:
         raise DataError(f"shard {path}: sha256 mismatch (expected {entry['sha256']}, got {got})")
-    return record if _file_id(path.stat()) == _file_id(st) else None  # changed while hashed: vouch for nothing
+    return record if file_identity(path.stat()) == file_identity(st) else None  # changed while hashed: vouch for nothing
 
 
 def _read_stamp(data_dir: Path, manifest_sha: str) -> dict[str, Any]:
