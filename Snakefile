@@ -2,7 +2,7 @@
 # of every (method, scale, seed) and ablation -> evaluation of every checkpoint -> tables and plots.
 #
 #   snakemake --cores all                                   # config/tiny.yaml, CPU, minutes
-#   snakemake --cores all --config config=config/gutenberg.yaml
+#   snakemake --cores all --config config=config/gutenberg.yaml   (or --configfile config/gutenberg.yaml)
 #   snakemake --cores all --profile gpu                     # one GPU per training job
 #   snakemake --profile slurm --config config=config/paper.yaml
 #
@@ -21,13 +21,17 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
-from cocomix.dag import Dag, requested
+from cocomix.dag import Dag, config_path, requested
 
 # The typed loader is the schema: unknown keys, wrong types, impossible values and unknown methods
 # stop here, before any job starts, and so does every planned run's resolved config, and a global
 # batch the profile's GPUs per training job (train:gpu) cannot split. (Not named DAG: a Snakefile
 # runs in snakemake.workflow's globals, where DAG is Snakemake's own class.)
-PLAN = Dag(config.get("config", "config/tiny.yaml"), train_gpus=requested(workflow, "train", "gpu") or 1)
+PLAN = Dag(config_path(workflow, config), train_gpus=requested(workflow, "train", "gpu") or 1)
+
+
+# `snakemake --report report.html`: one page with the tables and plots (report() in report.smk).
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
@@ -37,6 +41,12 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/eval.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/sweep.smk"
+
+
+# Seconds of work: run where Snakemake runs, never submitted to a (GPU) cluster partition.
+localrules:
+    all,
+    report,
 
 
 rule all:

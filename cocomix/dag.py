@@ -199,6 +199,12 @@ class Dag:
         plots = [f"{self.exp}/plots/{kind}_{s}.png" for kind in ("heldout_loss", "downstream") for s in scales]
         return tables + plots
 
+    def report_entries(self) -> list[tuple[str, str | None]]:
+        """Every report output with its category in `snakemake --report` (None: not shown there;
+        the Markdown and LaTeX tables repeat the CSV ones)."""
+        return [(p, "Plots" if p.endswith(".png") else "Tables" if p.endswith(".csv") else None)
+                for p in self.report_outputs()]
+
     # ---- sweep ----
 
     def sweep_config(self) -> Config:
@@ -221,6 +227,31 @@ class Dag:
     def sweep_threads(self, threads: int) -> int:
         """OMP threads of each sweep worker: the job's threads shared among the workers."""
         return max(1, threads // self.sweep_workers())
+
+
+DEFAULT_CONFIG = "config/tiny.yaml"
+
+
+def config_path(workflow, config: dict) -> str:
+    """The experiment config a Snakemake invocation names: `--config config=PATH`, or one
+    `--configfile PATH` (Snakemake has merged that file's keys into `config`; the plan reads the
+    file itself through the typed loader, as every `cocomix` command does), else the embedded
+    default. Both at once, or several config files, stop planning in one line."""
+    files = [str(f) for f in (workflow.overwrite_configfiles or [])]
+    given = config.get("config")
+    if len(files) > 1:
+        raise ConfigError(f"--configfile: give one experiment config, got {len(files)} ({' '.join(files)}); "
+                          "or use --config config=PATH")
+    if files and given is not None:
+        raise ConfigError(f"--configfile {files[0]} and --config config={given} name two experiment configs; "
+                          "give one of them")
+    if files:
+        path = Path(files[0])
+        try:  # as the user gave it when it lies under the working directory (shorter job lines)
+            return str(path.relative_to(Path.cwd()))
+        except ValueError:
+            return str(path)
+    return str(given) if given is not None else DEFAULT_CONFIG
 
 
 def requested(workflow, rule: str | None, resource: str):

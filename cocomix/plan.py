@@ -38,6 +38,8 @@ def run_spec(method: str, scale: str | None, seed: int, ablation: str | None = N
     overrides = [f"method={method}", f"seed={seed}", f"run_name={name}"]
     if scale:
         overrides.append(f"scale={scale}")
+    if ablation:  # MLflow tag `ablation` (runs that are not ablations: "none"); not in the fingerprint
+        overrides.append(f"tracking.tags.ablation={ablation}")
     return RunSpec(name, method, scale, seed, tuple(overrides) + tuple(extra), ablation)
 
 

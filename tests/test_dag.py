@@ -60,6 +60,42 @@ def test_full_dag_writes_tables_and_plots(dag_run):
 
 
 @pytest.mark.slow
+def test_every_heavy_rule_leaves_a_benchmark_and_the_report_page_shows_tables_and_plots(dag_run):
+    exp = dag_run / "results" / "ci"
+    bench = exp / "benchmarks"
+    # Snakemake's benchmark TSV (s, max_rss, ...) per job of every heavy rule: the figures that size
+    # SLURM runtime and mem_mb.
+    expected = {"prepare_data.tsv", "train_sae.tsv", "train/teacher.tsv", "train/cocomix-base-s0.tsv",
+                "eval/cocomix-base-s0.tsv", "extract_concepts/attribution-sequence_mean-k4.tsv"}
+    found = {str(p.relative_to(bench)) for p in bench.rglob("*.tsv")}
+    assert expected <= found, expected - found
+    header, row = (bench / "train/ntp-base-s0.tsv").read_text().splitlines()[:2]
+    assert header.split("\t")[:3] == ["s", "h:m:s", "max_rss"] and float(row.split("\t")[0]) > 0
+    html = dag_run / "report.html"
+    proc = smk(dag_run, ROOT / ".test/config.yaml", "--report", str(html))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    page = html.read_text(errors="replace")
+    for name in ("main.csv", "sample_efficiency.csv", "ablations.csv", "heldout_loss_base.png", "downstream_base.png"):
+        assert name in page, name
+
+
+@pytest.mark.slow
+def test_dag_runs_carry_mlflows_standard_tags_and_ablations_their_name(dag_run):
+    from mlflow.tracking import MlflowClient
+
+    exp = dag_run / "results" / "ci"
+    client = MlflowClient(tracking_uri=f"sqlite:///{exp.parent / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=200)
+    tags = {r.info.run_name: r.data.tags for r in runs}
+    assert tags["mix_only-base-s0"]["ablation"] == "mix_only" and tags["mix_only-base-s0"]["method"] == "cocomix"
+    assert tags["act_labels-base-s0"]["ablation"] == "act_labels"
+    assert tags["cocomix-base-s0"]["ablation"] == "none" and tags["ntp-base-s1"]["ablation"] == "none"
+    for name in ("cocomix-base-s0", "mix_only-base-s0"):
+        assert tags[name]["mlflow.source.name"] == "cocomix train" and tags[name]["mlflow.user"]
+        assert len(tags[name]["mlflow.source.git.commit"]) in (7, 40) or tags[name]["mlflow.source.git.commit"] == "unknown"
+
+
+@pytest.mark.slow
 def test_second_invocation_does_nothing(dag_run):
     proc = smk(dag_run, ROOT / ".test/config.yaml", "--cores", "2", "-n")
     assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr
@@ -191,12 +227,35 @@ def test_gpu_profile_with_four_gpus_gives_every_gpu_job_a_quarter_of_the_cores(t
     assert "OMP_NUM_THREADS=4" in proc.stdout
 
 
+def _plan(tmp_path, *args):
+    return subprocess.run([*SNAKEMAKE, "--directory", str(tmp_path), "-n", "--cores", "1", *args],
+                          capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
+
+
 @pytest.mark.slow
-def test_paper_config_plans_the_full_dag(tmp_path):
-    proc = subprocess.run([*SNAKEMAKE, "--directory", str(tmp_path), "--config", f"config={ROOT / 'config/paper.yaml'}",
-                           "-n", "--cores", "1"], capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "train" in proc.stdout
+def test_paper_config_plans_the_full_dag_given_by_config_or_by_configfile(tmp_path):
+    paper = ROOT / "config/paper.yaml"
+    by_config = _plan(tmp_path, "--config", f"config={paper}")
+    assert by_config.returncode == 0, by_config.stderr[-3000:]
+    # --configfile used to plan the embedded tiny experiment silently (its keys went unread)
+    by_file = _plan(tmp_path, "--configfile", str(paper))
+    assert by_file.returncode == 0, by_file.stderr[-3000:]
+    expected = {("train", name) for name in Dag(paper).runs}  # the paper's teacher is given (GPT-2)
+    assert expected <= planned_jobs(by_config.stdout) == planned_jobs(by_file.stdout)
+    assert "results/paper/" in by_file.stdout and "results/tiny/" not in by_file.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, message", [
+    (["--configfile", "config/paper.yaml", "config/tiny.yaml"],
+     r"--configfile: give one experiment config, got 2 \(\S+paper.yaml \S+tiny.yaml\); or use --config config=PATH"),
+    (["--configfile", "config/paper.yaml", "--config", "config=config/tiny.yaml"],
+     r"--configfile \S+paper.yaml and --config config=config/tiny.yaml name two experiment configs; give one of them"),
+], ids=["two-configfiles", "configfile-and-config"])
+def test_two_experiment_configs_stop_planning_in_one_line(tmp_path, args, message):
+    proc = _plan(tmp_path, *args)
+    assert proc.returncode != 0
+    assert re.search(r"ConfigError .*\n" + message + "\n", proc.stdout + proc.stderr), proc.stderr[-2000:]
 
 
 # ---- the plan and the rules' questions, without snakemake (fast) ----
@@ -248,6 +307,28 @@ def test_each_run_reads_what_its_method_needs(tmp_path):
     assert dag.fingerprint("kd-base-s0") != dag.fingerprint("ntp-base-s0")
     assert dag.launcher(1).endswith("python -m cocomix.cli") and dag.launcher(8).endswith("-m cocomix.launch --gpus 8")
     assert f"{exp}/tables/main.csv" in dag.report_outputs() and f"{exp}/runs/kd-base-s0/eval_summary.json" in dag.report_inputs()
+
+
+def test_ablation_runs_are_tagged_with_their_name_and_keep_their_fingerprint(tmp_path):
+    dag = Dag(write_config(tmp_path, dag={"methods": ["cocomix"], "seeds": [0],
+                                          "ablations": {"mix_only": {"concept.lam": 0.0}}}))
+    cfg = dag.config("mix_only-base-s0")
+    assert cfg.tracking.tags == {"ablation": "mix_only"} and dag.config("cocomix-base-s0").tracking.tags == {}
+    from cocomix.config import load_config
+    from cocomix.methods import run_fingerprint
+    untagged = [o for o in dag.spec("mix_only-base-s0").overrides if not o.startswith("tracking.tags.")]
+    # the tag is bookkeeping: an ablation run trained before it existed still resumes
+    assert run_fingerprint(cfg) == run_fingerprint(load_config(dag.config_path, untagged))
+
+
+def test_cheap_rules_run_locally_and_heavy_rules_have_benchmarks():
+    text = (ROOT / "Snakefile").read_text()
+    local = re.search(r"^localrules:\n((?:    \w+,\n)+)", text, re.M)
+    assert local and {w.strip(" ,") for w in local.group(1).splitlines()} == {"all", "report"}
+    rules = "".join(p.read_text() for p in (ROOT / "workflow/rules").glob("*.smk"))
+    for rule in ("prepare_data", "train_sae", "extract_concepts", "train", "evaluate", "sweep"):
+        body = re.search(rf"^rule {rule}:\n(.*?)(?=^rule |\Z)", rules, re.M | re.S).group(1)
+        assert "    benchmark:\n" in body, rule
 
 
 def test_given_teacher_and_sae_are_not_built(tmp_path):

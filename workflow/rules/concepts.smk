@@ -14,6 +14,8 @@ rule train_sae:
         fingerprint=lambda wc: PLAN.sae_fingerprint(),
     log:
         f"{EXP}/logs/train_sae.log",
+    benchmark:
+        f"{EXP}/benchmarks/train_sae.tsv"
     threads: GPU_THREADS
     resources:
         gpu=1,
@@ -33,6 +35,8 @@ rule extract_concepts:
         fingerprint=lambda wc: PLAN.labels_fingerprint(wc.variant),
     log:
         f"{EXP}/logs/extract_concepts/{{variant}}.log",
+    benchmark:
+        f"{EXP}/benchmarks/extract_concepts/{{variant}}.tsv"
     wildcard_constraints:
         variant="[^/]+",
     threads: GPU_THREADS

@@ -5,6 +5,8 @@ rule prepare_data:
         manifest=PLAN.data_manifest(),
     log:
         f"{EXP}/logs/prepare_data.log",
+    benchmark:
+        f"{EXP}/benchmarks/prepare_data.tsv"
     threads: workflow.cores
     shell:
         "{COCOMIX} prepare-data --config {CONFIG} > {log} 2>&1"

@@ -7,6 +7,8 @@ rule evaluate:
         f"{EXP}/runs/{{run}}/eval_summary.json",
     log:
         f"{EXP}/logs/eval/{{run}}.log",
+    benchmark:
+        f"{EXP}/benchmarks/eval/{{run}}.tsv"
     wildcard_constraints:
         run="[^/]+",
     threads: GPU_THREADS

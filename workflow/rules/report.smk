@@ -4,7 +4,9 @@ rule report:
     input:
         PLAN.report_inputs(),
     output:
-        PLAN.report_outputs(),
+        # `snakemake --report report.html` shows the CSV tables and the plots (Dag.report_entries)
+        [report(path, category=category, caption=f"../report/{category.lower()}.rst") if category else path
+         for path, category in PLAN.report_entries()],
     log:
         f"{EXP}/logs/report.log",
     shell:

@@ -16,6 +16,8 @@ rule sweep:
         omp=lambda wc, threads: PLAN.sweep_threads(threads),
     log:
         f"{EXP}/logs/sweep.log",
+    benchmark:
+        f"{EXP}/benchmarks/sweep.tsv"
     threads: workflow.cores
     resources:
         gpu=PLAN.sweep_workers(),

@@ -14,6 +14,8 @@ rule train:
         launcher=lambda wc, resources: PLAN.launcher(resources.gpu),
     log:
         f"{EXP}/logs/train/{{run}}.log",
+    benchmark:
+        f"{EXP}/benchmarks/train/{{run}}.tsv"
     wildcard_constraints:
         run="[^/]+",
     threads: GPU_THREADS
