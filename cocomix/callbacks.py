@@ -35,6 +35,7 @@ from cocomix.config import dump_config
 from cocomix.device import all_reduce_mean, barrier, sync
 from cocomix.faults import point
 from cocomix.files import atomic_write_json, clear_stale_tmp, follow_umask, list_checkpoints, sha256_file
+from cocomix.progress import Reporter, si
 from cocomix.tracking import PENDING, MetricsLog, RunTracker, environment_info
 
 
@@ -140,12 +141,15 @@ class TrainMetrics(Callback):
 
 
 class Progress(Callback):
-    """The start line, and a tqdm bar when `progress` is on (main process only); the bar shows the
-    loss of the last log step (reading it every step would wait for the GPU every step)."""
+    """The start line, then (main process only) a tqdm bar on a terminal with `progress` on, else a
+    plain line every `train.log_every_steps` (cocomix/progress.py): step, tokens, loss, lr,
+    throughput, time left. Both show the values TrainMetrics put in the record at log steps (reading
+    the loss every step would wait for the GPU every step). Time left is measured from the end of
+    this process's first step (torch.compile and warm-up), evaluation and checkpoints included."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
-        self.bar = None
+        self.reporter = None
 
     def on_start(self, trainer) -> None:
         if not trainer.dist.is_main:
@@ -153,21 +157,34 @@ class Progress(Callback):
         where = f"resumed from {trainer.resumed_from}" if trainer.resumed_from else "starting from scratch"
         print(f"{trainer.cfg.resolved_run_name}: {where} (step {trainer.step}/{trainer.total_steps}, "
               f"tokens {trainer.tokens_seen:,}/{trainer.total_steps * trainer.tokens_per_step:,})", flush=True)
-        if self.enabled:
-            from tqdm import tqdm  # lazy: only with a progress bar
-
-            self.bar = tqdm(total=trainer.total_steps, initial=trainer.step,
-                            desc=f"train {trainer.cfg.resolved_run_name}", unit="step")
+        self.reporter = Reporter(f"train {trainer.cfg.resolved_run_name}", trainer.total_steps, "step",
+                                 self.enabled, initial=trainer.step)
+        self.first_step = True
 
     def on_step(self, trainer, step, record) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            if "train/loss" in record:
-                self.bar.set_postfix(loss=f"{record['train/loss']:.3f}")
+        if self.reporter is None:
+            return
+        loss = {"loss": f"{record['train/loss']:.3f}"} if "train/loss" in record else {}
+        self.reporter.update(1, **loss)
+        if self.first_step:
+            self.reporter.restart_clock()
+            self.first_step = False
+        if loss:
+            self.reporter.line(self.describe(trainer, record))
+
+    @staticmethod
+    def describe(trainer, record) -> str:
+        text = (f"step {trainer.step}/{trainer.total_steps} tokens {trainer.tokens_seen:,} "
+                f"loss {record['train/loss']:.3f} lr {record['train/lr']:.2e}")
+        if "train/tokens_per_s" in record:
+            text += f" {si(record['train/tokens_per_s'])} tok/s"
+        if "train/mfu" in record:
+            text += f" mfu {record['train/mfu']:.1%}"
+        return text
 
     def on_finish(self, trainer, status) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        if self.reporter is not None:
+            self.reporter.close()
 
 
 class Evaluator(Callback):
@@ -204,7 +221,7 @@ class Tracking(Callback):
         atomic_write_json(trainer.run_dir / "environment.json", env)
         tags = {"experiment": cfg.experiment, "method": trainer.method.name, "scale": cfg.scale or "base",
                 "seed": str(cfg.seed), "git_commit": env["git_commit"], "device": env["device"],
-                "world_size": str(trainer.dist.world_size),
+                "world_size": str(trainer.dist.world_size), "ablation": "none",  # plan.py tags ablations
                 # MLflow's own tags: its UI's User and Source columns, and its filters
                 "mlflow.user": _user(), "mlflow.source.git.commit": env["git_commit"].removesuffix("-dirty"),
                 "mlflow.source.name": "cocomix train"}
@@ -302,15 +319,35 @@ def seed_rngs(seed: int) -> None:
 
 
 class Checkpointer(Callback):
-    """`checkpoints/step_<N>/` every `checkpoint.every_tokens` and at the end: the model as a Hugging Face
-    folder (loadable by AutoModelForCausalLM as it stands), the tokenizer, the trainer state (step,
-    tokens seen, data position, every process's RNG states) and the optimizer state (optimizer.pt),
-    written to a temporary folder renamed into place when complete. Only the newest
-    `checkpoint.keep_last` are kept, and only the newest `checkpoint.keep_optimizer` keep optimizer.pt
-    (resuming reads the newest; evaluation never reads it)."""
+    """`checkpoints/step_<N>/` every `checkpoint.every_tokens` and at the end, written to a temporary
+    folder renamed into place when complete:
 
+        step_<N>/                   a Hugging Face model folder, loadable by AutoModelForCausalLM as it
+                                    stands: model.safetensors, config.json (auto_map), model.py and
+                                    slots.py (remote code), generation_config.json, the tokenizer (its
+                                    model_max_length = the model's context, n_positions)
+        step_<N>/checkpoint.json    step, tokens, config fingerprint, size and sha256 of VERIFIED
+        step_<N>/trainer/           what only resuming reads: trainer_state.pt (step, tokens seen, data
+                                    position, every process's RNG states) and optimizer.pt
+
+    Only the newest `checkpoint.keep_last` are kept, and only the newest `checkpoint.keep_optimizer`
+    keep trainer/optimizer.pt (resuming reads the newest; evaluation never reads it). Checkpoints
+    written before the trainer/ folder (trainer_state.pt and optimizer.pt beside the weights) still
+    resume, verify and prune."""
+
+    # The folder of a checkpoint that holds the trainer state, apart from the model files.
+    TRAINER_DIR = "trainer"
     # What checkpoint.json records (size and sha256) and resume verifies before loading anything.
-    VERIFIED = ("model.safetensors", "trainer_state.pt", "optimizer.pt")
+    VERIFIED = ("model.safetensors", "trainer/trainer_state.pt", "trainer/optimizer.pt")
+
+    @classmethod
+    def trainer_folder(cls, path: Path) -> Path | None:
+        """Where a checkpoint's trainer_state.pt (and optimizer.pt) live: `<path>/trainer/`, or `<path>`
+        itself for checkpoints written before that folder; None when it has no trainer state."""
+        for folder in (path / cls.TRAINER_DIR, path):
+            if (folder / "trainer_state.pt").is_file():
+                return folder
+        return None
 
     def __init__(self, fingerprint: str):
         self.fingerprint = fingerprint
@@ -337,8 +374,8 @@ class Checkpointer(Callback):
                 return None
         else:
             path = Path(resume)
-            if not (path / "trainer_state.pt").exists():
-                raise TrainingError(f"train.resume: '{path}' is not a checkpoint (no trainer_state.pt)")
+            if self.trainer_folder(path) is None:
+                raise TrainingError(f"train.resume: '{path}' is not a checkpoint (no trainer/trainer_state.pt)")
             problem = self.damage(path)
             if problem:
                 raise TrainingError(f"train.resume: checkpoint {path} is damaged: {problem}")
@@ -368,7 +405,7 @@ class Checkpointer(Callback):
                 continue
             f = path / name
             if not f.exists():
-                if name == "optimizer.pt":
+                if Path(name).name == "optimizer.pt":
                     continue  # pruned on purpose from older checkpoints (checkpoint.keep_optimizer)
                 return f"{name} is missing"
             if f.stat().st_size != want["bytes"]:
@@ -422,10 +459,14 @@ class Checkpointer(Callback):
         barrier(trainer.dist)
 
     def load(self, trainer, path: Path) -> None:
+        folder = self.trainer_folder(path)
+        if folder is None:
+            raise TrainingError(f"checkpoint {path}: has no trainer/trainer_state.pt")
+        name = (folder / "trainer_state.pt").relative_to(path)
         try:  # tensors and plain data only: a crafted file cannot run code here
-            state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+            state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
-            raise TrainingError(f"checkpoint {path}: trainer_state.pt holds objects other than tensors and plain "
+            raise TrainingError(f"checkpoint {path}: {name} holds objects other than tensors and plain "
                                 "data (written before cocomix stored RNG states as tensors, or not by cocomix); "
                                 "refusing to unpickle it: start a new run folder or set train.resume=never") from None
         if state["tokens_per_step"] != trainer.tokens_per_step:
@@ -441,22 +482,25 @@ class Checkpointer(Callback):
             raise TrainingError(f"checkpoint {path}: does not match the model (missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]})")
         trainer.model.tie_weights()
-        trainer.optimizer.load_state_dict(self.optimizer_state(path, state))
+        trainer.optimizer.load_state_dict(self.optimizer_state(path, state, folder))
         trainer.step, trainer.tokens_seen = state["step"], state["tokens_seen"]
         trainer.data_position = state["data_position"]
         self.restore_rngs(trainer, path, state["rng"] if isinstance(state["rng"], list) else [state["rng"]])
 
     @staticmethod
-    def optimizer_state(path: Path, state: dict) -> dict:
+    def optimizer_state(path: Path, state: dict, folder: Path | None = None) -> dict:
+        """The optimizer state of checkpoint `path`, from `folder` (where its trainer_state.pt is)."""
+        folder = path if folder is None else folder
         if "optimizer" in state:  # checkpoints written before optimizer.pt
             return state["optimizer"]
-        if not (path / "optimizer.pt").exists():
-            raise TrainingError(f"checkpoint {path}: has no optimizer.pt (only the newest checkpoint.keep_optimizer "
+        name = (folder / "optimizer.pt").relative_to(path)
+        if not (folder / "optimizer.pt").exists():
+            raise TrainingError(f"checkpoint {path}: has no {name} (only the newest checkpoint.keep_optimizer "
                                 "checkpoints keep the optimizer state); resume from a newer one or start a new run folder")
         try:  # mmap: each process maps the file instead of reading a private copy of it
-            return torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError:
-            raise TrainingError(f"checkpoint {path}: optimizer.pt holds objects other than tensors and plain data; "
+            raise TrainingError(f"checkpoint {path}: {name} holds objects other than tensors and plain data; "
                                 "refusing to unpickle it") from None
 
     @staticmethod
@@ -488,11 +532,16 @@ class Checkpointer(Callback):
             trainer.model.save_pretrained(tmp)
             point("checkpoint.model.safetensors")
             shutil.copytree(trainer.cfg.data_dir / "tokenizer", tmp, dirs_exist_ok=True)
+            from cocomix.data.tokenizer import set_model_max_length  # lazy: only a save needs it
+
+            set_model_max_length(tmp, trainer.model.config.n_positions)  # the data's tokenizer says 1e30
+            state_dir = tmp / self.TRAINER_DIR
+            state_dir.mkdir()
             torch.save({"step": trainer.step, "tokens_seen": trainer.tokens_seen,
                         "data_position": trainer.data_position, "tokens_per_step": trainer.tokens_per_step,
-                        "rng": rngs}, tmp / "trainer_state.pt")
+                        "rng": rngs}, state_dir / "trainer_state.pt")
             point("checkpoint.trainer_state.pt")
-            torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(trainer.optimizer.state_dict(), state_dir / "optimizer.pt")
             point("checkpoint.optimizer.pt")
             files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
                      for name in self.VERIFIED}
@@ -519,4 +568,5 @@ class Checkpointer(Callback):
                 shutil.rmtree(old, ignore_errors=True)
         if keep_opt > 0:
             for old in ckpts[:-keep_opt]:
-                (old / "optimizer.pt").unlink(missing_ok=True)
+                (old / self.TRAINER_DIR / "optimizer.pt").unlink(missing_ok=True)
+                (old / "optimizer.pt").unlink(missing_ok=True)  # checkpoints written before trainer/

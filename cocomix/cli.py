@@ -5,6 +5,7 @@
     cocomix train --config config/tiny.yaml --method ntp [model.n_embd=128 ...]
     cocomix inspect <run or checkpoint> --prompt "..." --out <folder>
     cocomix steer <run or checkpoint> --prompt "..." --concepts 17 --factor 10 --out <folder>
+    cocomix export <run or checkpoint> <folder>    # a Hub-ready model folder with its model card
     torchrun --nproc_per_node 2 -m cocomix.cli train --config ...   # DDP
 
 Any bad input ends with one line on stderr (`cocomix: error: ...`) and a non-zero exit.
@@ -84,8 +85,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_train_sae(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    from transformers.utils import logging as hf_logging  # lazy: transformers after the config is valid
+
     from cocomix.sae import sae_path, train_sae  # lazy: torch after the config is valid
 
+    hf_logging.disable_progress_bar()  # the teacher's "Loading weights" bar: a carriage-return line in a log
     m = train_sae(cfg, progress=not args.no_progress)
     print(f"done: SAE -> {sae_path(cfg)}  fvu {m['fvu']:.4f}  l0 {m['l0']:.2f}  dead {m['dead_fraction']:.3f}  "
           f"loss increase {m['loss_increase']:.4f}"
@@ -96,8 +100,11 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
 
 def cmd_extract_concepts(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    from transformers.utils import logging as hf_logging  # lazy: transformers after the config is valid
+
     from cocomix.concepts import extract_concepts  # lazy: torch after the config is valid
 
+    hf_logging.disable_progress_bar()  # the teacher's "Loading weights" bar: a carriage-return line in a log
     print(extract_concepts(cfg, progress=not args.no_progress))
     return 0
 
@@ -236,6 +243,17 @@ def cmd_steer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging  # lazy: transformers only for this command
+
+    from cocomix.export import export  # lazy: torch after the arguments are parsed
+
+    hf_logging.disable_progress_bar()
+    out = export(args.path, args.out)
+    print(f"exported -> {out}")
+    return 0
+
+
 def _add_setup_parsers(sub) -> None:
     """`config` and `prepare-data`."""
     p = sub.add_parser("config", help="print the resolved config as YAML, each key with its docstring")
@@ -344,6 +362,14 @@ def _add_steer_parser(sub) -> None:
     p.set_defaults(func=cmd_steer)
 
 
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="a checkpoint as a Hugging Face Hub folder: weights, remote code, tokenizer, "
+                                      "model card with its evaluation (no trainer state)")
+    p.add_argument("path", help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("out", help="the folder to create (must not exist, or be empty)")
+    p.set_defaults(func=cmd_export)
+
+
 def _version() -> str:
     import importlib.metadata
 
@@ -364,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params_parser(sub)
     _add_inspect_parser(sub)
     _add_steer_parser(sub)
+    _add_export_parser(sub)
     return parser
 
 

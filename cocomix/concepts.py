@@ -52,6 +52,7 @@ from cocomix.data.shards import TokenBlocks, load_manifest
 from cocomix.faults import point
 from cocomix.files import atomic_write_json, clear_stale_tmp, sha256_file, sha256_matches_once, sha256_text
 from cocomix.model import token_nll
+from cocomix.progress import Reporter
 from cocomix.sae import load_sae, sae_hash
 from cocomix.teacher import load_teacher, run_teacher, teacher_hash
 
@@ -297,19 +298,24 @@ def extract_concepts(cfg: Config, progress: bool = True) -> Path:
     row_bytes = cfg.train.block_size * cfg.concept.k_attr * dtype.itemsize  # one block
     state = _resume_state(out, {**key, "extract_batch_size": batch_blocks, "dtype": dtype.str})
     blocks = {s: TokenBlocks(cfg.data_dir, s, cfg.train.block_size, verify=False) for s in SPLITS}
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    # A bar on a terminal, else a plain line about every 10% of the blocks (resumed ones count as done).
+    done = {s: state["blocks_done"].get(s, 0) for s in SPLITS}
+    reporter = Reporter("extract-concepts", sum(len(b) for b in blocks.values()), "block", progress,
+                        initial=sum(done.values()))
 
-        bar = tqdm(total=sum(len(b) for b in blocks.values()), initial=sum(state["blocks_done"].values()),
-                   desc="extract-concepts", unit="block")
+    def report(split: str, blocks_done: int) -> None:
+        reporter.update(blocks_done - done[split])
+        done[split] = blocks_done
+        if reporter.due():
+            counts = " ".join(f"{s} {done[s]:,}/{len(blocks[s]):,}" for s in SPLITS)
+            reporter.line(f"extract-concepts blocks {counts}")
+
     entries = {}
     for split in SPLITS:
-        final = _extract_split(split, blocks[split], out, state, label_bytes, batch_blocks, row_bytes, bar)
+        final = _extract_split(split, blocks[split], out, state, label_bytes, batch_blocks, row_bytes, report)
         entries[split] = {"file": final.name, "n_blocks": len(blocks[split]), "bytes": final.stat().st_size,
                           "sha256": sha256_file(final)}
-    if bar is not None:
-        bar.close()
+    reporter.close()
     manifest = {**key, "dtype": dtype.str, "no_label": _sentinel(dtype), "device": device.type,
                 "teacher_path": str(cfg.teacher.path),
                 "sae_path": str(cfg.sae.path or cfg.experiment_dir / "sae"), "splits": entries}
@@ -371,10 +377,10 @@ def _record_progress(out: Path, state: dict, split: str, blocks_done: int) -> No
 
 
 def _extract_split(split: str, blocks: TokenBlocks, out: Path, state: dict, label_bytes, batch_blocks: int,
-                   row_bytes: int, bar) -> Path:
+                   row_bytes: int, report) -> Path:
     """`<split>.labels.bin` for every block of `split`, resumed after the chunks `state` records:
-    chunks are appended to a `.partial` file, fsynced, then recorded; the finished file is renamed
-    in place. A split already complete on disk is left as it is."""
+    chunks are appended to a `.partial` file, fsynced, then recorded (and `report(split, blocks
+    done)`); the finished file is renamed in place. A split already complete on disk is left as it is."""
     n = len(blocks)
     final = out / f"{split}.labels.bin"
     partial = out / f"{split}.labels.bin.partial"
@@ -394,8 +400,7 @@ def _extract_split(split: str, blocks: TokenBlocks, out: Path, state: dict, labe
             f.flush()
             os.fsync(f.fileno())
             _record_progress(out, state, split, min(n, a + batch_blocks))
-            if bar is not None:
-                bar.update(min(n, a + batch_blocks) - a)
+            report(split, min(n, a + batch_blocks))
     os.replace(partial, final)
     _record_progress(out, state, split, n)
     return final

@@ -309,7 +309,7 @@ class CheckpointConfig(Section):
     keep_last: int = 2
     """Older checkpoints are deleted; 0 keeps all."""
     keep_optimizer: int = 2
-    """The newest N checkpoints keep the optimizer state (optimizer.pt, twice the model's size in
+    """The newest N checkpoints keep the optimizer state (trainer/optimizer.pt, twice the model's size in
     fp32) that resuming needs (2: a damaged newest checkpoint can fall back to the one before); older
     ones keep the model and the rest of the trainer state, all that evaluation reads. 0: all keep it."""
 

@@ -23,6 +23,14 @@ To the outside the model stays an ordinary causal LM: `forward(input_ids)` retur
 per input token, and the KV cache holds T entries in the lower blocks and 2T in the interleaved upper
 ones, so cached generation equals uncached. Losses other than NTP live in the method objects.
 
+Attention follows transformers' conventions: `attn_implementation="sdpa"` (the default,
+`F.scaled_dot_product_attention`) or `"eager"` (explicit softmax(q k^T / sqrt(d_head)), which can
+return the maps), chosen at load (`from_pretrained(..., attn_implementation=...)`) or later
+(`set_attn_implementation`). `output_attentions=True` returns one (B, n_head, T, S) map per block
+(2T x 2T in interleaved blocks); under SDPA those forwards fall back to the eager path, as
+transformers' own models do. Blocks are `GradientCheckpointingLayer`s, so
+`gradient_checkpointing_enable()` recomputes each block's activations in the backward pass.
+
 This file and `slots.py` must stay self-contained (imports: stdlib, math, torch, transformers, and
 `.slots` relatively): saved checkpoints ship a copy of both, so they load with
 `trust_remote_code=True` without this package.
@@ -37,9 +45,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
 
 from .slots import SLOTS, ConceptPrediction, Slot
+
+logger = logging.get_logger(__name__)
 
 
 def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
@@ -104,9 +117,33 @@ class CocomixConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
 
+def eager_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                            scaling: float | None = None, **kwargs):
+    """Attention written out (transformers' AttentionInterface signature): softmax(q k^T * scaling) v.
+
+    query (B, H, T, hd), key and value (B, H, S, hd). attention_mask: boolean, True = may attend,
+    broadcastable to (B, H, T, S) (what `build_attention_mask` builds), or None as for SDPA: causal
+    when T > 1 (query t sits at absolute position S - T + t), no mask for one query over a cache.
+    Returns the output (B, T, H, hd) and the attention probabilities (B, H, T, S), whose rows sum to 1.
+    """
+    T, S = query.shape[2], key.shape[2]
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, T, S)
+    if attention_mask is None and T > 1:
+        attention_mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 class CausalSelfAttention(nn.Module):
+    is_causal = True  # read by transformers' sdpa_attention_forward when no mask is given
+
     def __init__(self, config: CocomixConfig, layer_idx: int):
         super().__init__()
+        self.config = config  # shared with the model: `set_attn_implementation` reaches every layer
         self.n_head = config.n_head
         self.layer_idx = layer_idx  # which slot of the KV cache this layer owns
         self.dropout = config.dropout
@@ -115,24 +152,29 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.is_residual_projection = True  # gets the 1/sqrt(2L) init, see _init_weights
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, attn_mask=None, past_key_values: Cache | None = None):
+    def forward(self, x, attn_mask=None, cache: Cache | None = None, output_attentions: bool = False):
+        """(B, T, C) -> (B, T, C) and the attention probabilities (B, n_head, T, S), or None unless asked."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if past_key_values is not None:
+        if cache is not None:
             # Appends this step's keys/values and returns the whole history: (B, n_head, past + T, head_dim)
-            k, v = past_key_values.update(k, v, self.layer_idx)
+            k, v = cache.update(k, v, self.layer_idx)
+        implementation = self.config._attn_implementation or "sdpa"
+        if output_attentions and implementation != "eager":
+            logger.warning_once(f"attn_implementation={implementation!r} cannot return attention maps: forwards with "
+                                "output_attentions=True use the eager path (load with attn_implementation='eager' "
+                                "to make it the default)")
+            implementation = "eager"
+        attention = (eager_attention_forward if implementation == "eager"
+                     else ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward))
         # attn_mask=None means "no padding": plain causal attention when queries and keys are the same
         # positions (training, prefill), no mask at all for a single new query over a cache.
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attn_mask is None and T == k.shape[2],
-        )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, n_head, T, head_dim) -> (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        y, weights = attention(self, q, k, v, attn_mask, dropout=self.dropout if self.training else 0.0,
+                               scaling=None, is_causal=attn_mask is None and T == k.shape[2])
+        y = y.reshape(B, T, C)  # (B, T, n_head, head_dim) -> (B, T, C)
+        return self.resid_dropout(self.c_proj(y)), (weights if output_attentions else None)
 
 
 class MLP(nn.Module):
@@ -148,7 +190,11 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
-class Block(nn.Module):
+class Block(GradientCheckpointingLayer):
+    """One pre-LN block. Returns the new residual stream (B, T, d), or (stream, attention maps) when
+    output_attentions is asked. Under gradient checkpointing (training with gradients only) its
+    activations are recomputed in the backward pass; the KV cache (`cache=`) is then not used."""
+
     def __init__(self, config: CocomixConfig, layer_idx: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
@@ -156,10 +202,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, past_key_values=None):
-        x = x + self.attn(self.ln_1(x), attn_mask, past_key_values)
+    def forward(self, x, attn_mask=None, cache=None, output_attentions: bool = False):
+        a, weights = self.attn(self.ln_1(x), attn_mask, cache, output_attentions)
+        x = x + a
         x = x + self.mlp(self.ln_2(x))
-        return x
+        return (x, weights) if output_attentions else x
 
 
 def token_nll(logits, targets, ignore_index: int = -100):
@@ -222,6 +269,8 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
     # Plain-attribute layout (no separate base model), so the HF "base model" is the model itself.
     base_model_prefix = ""
     _no_split_modules = ["Block"]
+    _supports_sdpa = True  # attn_implementation "sdpa" (default) or "eager" (see CausalSelfAttention)
+    supports_gradient_checkpointing = True  # the blocks are GradientCheckpointingLayers
     # transformers 5 ties these after init and on load; the checkpoint stores only the embedding.
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
@@ -289,6 +338,7 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache=None,
         return_dict=True,
         output_hidden_states=None,
+        output_attentions=None,  # one (B, n_head, T, S) map per block; SDPA falls back to eager for these
         concept_steering=None,   # {concept index: factor}; default: the `steer_concepts` context
         cache=None,              # the same Cache under its transformers >= 5.24 name (what generate() passes)
         **kwargs,
@@ -317,8 +367,11 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
 
         x = self.transformer.drop(inputs_embeds + self.transformer.wpe(position_ids))  # (B, T, d)
         steering = concept_steering if concept_steering is not None else self.concept_steering
-        x, prediction, all_hidden_states = self._run_blocks(
-            x, attention_mask, cache if use_cache else None, past_len, steering, output_hidden_states)
+        if output_attentions is None:
+            output_attentions = bool(self.config.output_attentions)
+        x, prediction, all_hidden_states, all_attentions = self._run_blocks(
+            x, attention_mask, cache if use_cache else None, past_len, steering, output_hidden_states,
+            output_attentions)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         if self.config.real_vocab_size < self.config.vocab_size:
             # Padding ids get probability exactly 0. In place on the matmul's output (its backward does not
@@ -335,20 +388,24 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
             logits=logits,
             **{_CACHE_FIELD: cache if use_cache else None},
             hidden_states=all_hidden_states,
+            attentions=all_attentions,
             concept_logits=prediction.logits if prediction is not None else None,
             concept_indices=prediction.indices if prediction is not None else None,
             concept_values=prediction.values if prediction is not None else None,
         )
         return output if return_dict else output.to_tuple()
 
-    def _run_blocks(self, x, attention_mask, cache, past_len: int, steering, output_hidden_states):
+    def _run_blocks(self, x, attention_mask, cache, past_len: int, steering, output_hidden_states,
+                    output_attentions: bool = False):
         """The blocks, the slot module after `insert_layer` of them, its read-out and ln_f.
-        (B, T, d) -> (B, T, d), the slot's prediction (or None), the hidden states (or None)."""
+        (B, T, d) -> (B, T, d), the slot's prediction (or None), the hidden states (or None), the
+        attention maps (or None)."""
         T, device = x.shape[1], x.device
         attn_mask = build_attention_mask(attention_mask, T, past_len, device)
         prediction = None
         # hidden_states follow GPT-2's convention: the input to each block, then ln_f of the last output.
         all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for i, block in enumerate(self.transformer.h):
             if self.slot is not None and i == self.config.insert_layer:
                 x, prediction = self.slot(x, steering)  # (B, streams * T, d)
@@ -360,13 +417,18 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
                     attn_mask = build_attention_mask(padding, n * T, n * past_len, device)
             if output_hidden_states:
                 all_hidden_states += (x,)
-            x = block(x, attn_mask, cache)
+            # The stream positionally (gradient checkpointing passes positional arguments through), the
+            # cache by name (a checkpointed block drops it: its backward replay must not append twice).
+            x = block(x, attn_mask, cache=cache, output_attentions=output_attentions)
+            if output_attentions:
+                x, weights = x
+                all_attentions += (weights,)
         if self.slot is not None:
             x = self.slot.readout(x)  # (B, streams * T, d) -> (B, T, d)
         x = self.transformer.ln_f(x)
         if output_hidden_states:
             all_hidden_states += (x,)
-        return x, prediction, all_hidden_states
+        return x, prediction, all_hidden_states, all_attentions
 
     # ---- interpretability -----------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from cocomix.data.shards import BlockOrder, TokenBlocks
 from cocomix.faults import point
 from cocomix.files import atomic_write_json, follow_umask, sha256_file
 from cocomix.model import token_nll
+from cocomix.progress import Reporter, si
 from cocomix.teacher import load_teacher, run_teacher, teacher_hash
 from cocomix.tracking import RunTracker, environment_info
 
@@ -368,27 +369,26 @@ def _fit_sae(cfg: Config, teacher, train_blocks, tracker, device, progress: bool
     sae = init_sae(cfg, teacher.config.n_embd, first, seed)
     opt = torch.optim.Adam(sae.parameters(), lr=s.lr, betas=(0.9, 0.999), eps=6.25e-10)
     n_steps = s.tokens // s.batch_tokens
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n_steps, desc="train-sae", unit="step")
+    # A bar on a terminal, else a plain line at the log steps about every 10% (values already read).
+    reporter = Reporter("train-sae", n_steps, "step", progress)
     t0 = time.perf_counter()
     x = first
     for step in range(1, n_steps + 1):
         loss, mse, aux, dead = _sae_step(sae, opt, x, s)
         point("sae.step")
-        if bar is not None:
-            bar.update(1)
+        reporter.update(1)
         if step % cfg.train.log_every_steps == 0 or step == n_steps:
-            tracker.log({"step": step, "tokens_seen": step * s.batch_tokens, "sae/loss": loss.item(),
-                         "sae/nmse": mse.item(), "sae/auxk": aux.item(),
-                         "sae/dead_fraction": dead.float().mean().item(),
-                         "sae/tokens_per_s": step * s.batch_tokens / (time.perf_counter() - t0)})
+            record = {"sae/loss": loss.item(), "sae/nmse": mse.item(), "sae/auxk": aux.item(),
+                      "sae/dead_fraction": dead.float().mean().item(),
+                      "sae/tokens_per_s": step * s.batch_tokens / (time.perf_counter() - t0)}
+            tracker.log({"step": step, "tokens_seen": step * s.batch_tokens, **record})
+            if reporter.due():
+                reporter.line(f"train-sae step {step}/{n_steps} tokens {step * s.batch_tokens:,} "
+                              f"nmse {record['sae/nmse']:.4f} auxk {record['sae/auxk']:.4f} "
+                              f"dead {record['sae/dead_fraction']:.3f} {si(record['sae/tokens_per_s'])} tok/s")
         if step < n_steps:
             x = next(batches)
-    if bar is not None:
-        bar.close()
+    reporter.close()
     sae.eval().requires_grad_(False)
     return sae, n_steps
 

@@ -7,16 +7,26 @@
 `prepare_harness` is done once per `cocomix eval` call (task conversion, YAMLs, task index) and
 reused for every checkpoint. Task names: lm-eval's own (`hellaswag`, ...), our synthetic tasks
 (`synth_topic`, `synth_recall`), and the aliases `paper` (the seven) and `synthetic`.
+
+`metrics` holds every numeric value lm-eval reports for the unfiltered results, `<task>/<metric>`,
+with its standard error as `<task>/<metric>_stderr` (lm-eval's: binomial for accuracies, bootstrap
+for perplexities). lm-eval gives none ("N/A") for weighted perplexities (WikiText's word and byte
+perplexity, bits per byte); those are bootstrapped here over documents (`raw["cocomix_stderrs"]`
+names them). Tasks run one `simple_evaluate` call each, so each can report when it is done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from cocomix.config import ConfigError
@@ -40,10 +50,15 @@ def expand_tasks(names: list[str]) -> list[str]:
 
 class _DropTruncationWarnings(logging.Filter):
     """lm-eval warns once per request whose context is cut to the model's length; at tiny context
-    lengths that is every request. We count them ourselves and report one line per task set."""
+    lengths that is every request. We count them ourselves and report one line per task set. It
+    also warns, once per `simple_evaluate` call (one per task here), about what we do on purpose:
+    passing a loaded model, and zero-shot over each task's default."""
+
+    EXPECTED = ("Combined length of context", "`pretrained` model kwarg is not of type",
+                "Passed an already-initialized model", "Overwriting default num_fewshot")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Combined length of context")
+        return not record.getMessage().startswith(self.EXPECTED)
 
 
 def make_lm(model: torch.nn.Module, tokenizer, batch_size: int | str = 64, mixed_precision: torch.dtype | None = None):
@@ -78,7 +93,10 @@ def make_lm(model: torch.nn.Module, tokenizer, batch_size: int | str = 64, mixed
                 fixed.append((key, context_enc, continuation_enc))
             return super()._loglikelihood_tokens(fixed, disable_tqdm=disable_tqdm, override_bs=override_bs)
 
-    logging.getLogger("lm_eval.models.huggingface").addFilter(_DropTruncationWarnings())
+    for name in ("lm_eval.models.huggingface", "lm_eval.evaluator"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropTruncationWarnings) for f in log.filters):  # once, not per checkpoint
+            log.addFilter(_DropTruncationWarnings())
     device = next(model.parameters()).device
     return CocomixLM(
         pretrained=model,
@@ -98,29 +116,121 @@ class Harness:
     lm_eval_names: list[str]  # what simple_evaluate is asked for (offline groups where local)
     task_manager: Any
 
-    def run(self, lm, limit: int | None = None, log_samples: bool = False) -> tuple[dict[str, float], dict]:
-        """Evaluate; return ({"<task>/<metric>": value}, lm-eval's raw output)."""
+    def run(self, lm, limit: int | None = None, log_samples: bool = False,
+            on_task: Callable[[str, dict[str, float], float], None] | None = None,
+            bars: bool = False) -> tuple[dict[str, float], dict]:
+        """Evaluate every task, one `simple_evaluate` call each; return ({"<task>/<metric>": value,
+        "<task>/<metric>_stderr": its standard error}, lm-eval's output merged over the tasks).
+
+        on_task(task, its metrics, seconds) is called as each task finishes; bars: lm-eval's own
+        progress bars (off: they fill logs that are not a terminal)."""
         import lm_eval
 
         lm.clipped = 0
-        raw = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=self.lm_eval_names,
-            task_manager=self.task_manager,
-            num_fewshot=0,  # the paper's protocol is zero-shot
-            limit=limit,
-            log_samples=log_samples,
-            bootstrap_iters=1000,  # stderr of the perplexities; the paper reports none
-            verbosity="WARNING",
-        )
         metrics: dict[str, float] = {}
-        for task in self.tasks:
-            for key, value in raw["results"].get(task, {}).items():
+        merged: dict[str, Any] = {"results": {}, "versions": {}, "n-shot": {}, "n-samples": {}, "configs": {},
+                                  "higher_is_better": {}, "group_subtasks": {}, "samples": {},
+                                  "task_seconds": {}, "cocomix_stderrs": []}
+        for task, name in zip(self.tasks, self.lm_eval_names):
+            t0 = time.time()
+            with lm_eval_bars(bars):
+                raw = lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=[name],
+                    task_manager=self.task_manager,
+                    num_fewshot=0,  # the paper's protocol is zero-shot
+                    limit=limit,
+                    log_samples=True,  # per-document values: the weighted perplexities' stderrs (below)
+                    bootstrap_iters=1000,  # stderr of the perplexities; the paper reports none
+                    verbosity="WARNING",
+                )
+            results = raw["results"].get(task, {})
+            samples = raw.get("samples", {}).get(task, [])
+            task_metrics: dict[str, float] = {}
+            for key, value in results.items():
                 metric, _, filt = key.partition(",")
-                if filt == "none" and isinstance(value, (int, float)) and not metric.endswith("_stderr"):
-                    metrics[f"{task}/{metric}"] = float(value)
-        raw["clipped_continuations"] = lm.clipped
-        return metrics, raw
+                if filt == "none" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    task_metrics[f"{task}/{metric}"] = float(value)  # "N/A" stderrs are skipped
+            for metric, aggregate in WEIGHTED_AGGREGATES.items():
+                key = f"{task}/{metric}"
+                if key in task_metrics and key + "_stderr" not in task_metrics:
+                    se = bootstrap_weighted_stderr([s[metric] for s in samples if metric in s], aggregate)
+                    if se is not None:
+                        task_metrics[key + "_stderr"] = se
+                        merged["cocomix_stderrs"].append(key + "_stderr")
+            seconds = time.time() - t0
+            metrics.update(task_metrics)
+            for part in ("results", "versions", "n-shot", "n-samples", "configs", "higher_is_better",
+                         "group_subtasks"):
+                merged[part].update(raw.get(part, {}))
+            if log_samples:
+                merged["samples"].update(raw.get("samples", {}))
+            merged["config"] = raw.get("config", {})
+            merged["lm_eval_version"] = raw.get("lm_eval_version")
+            merged["task_seconds"][task] = seconds
+            if on_task is not None:
+                on_task(task, task_metrics, seconds)
+        if not log_samples:
+            del merged["samples"]
+        merged["clipped_continuations"] = lm.clipped
+        return metrics, merged
+
+
+# Aggregations lm-eval gives no standard error for (weighted perplexities): per-document values are
+# (log-likelihood, weight) pairs, the aggregate a function of their sums.
+WEIGHTED_AGGREGATES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "word_perplexity": lambda ll, w: np.exp(-ll / w),
+    "byte_perplexity": lambda ll, w: np.exp(-ll / w),
+    "bits_per_byte": lambda ll, w: -ll / w / math.log(2),
+}
+
+
+def bootstrap_weighted_stderr(pairs: list, aggregate, iters: int = 1000, seed: int = 1234) -> float | None:
+    """Standard error of `aggregate(sum ll, sum weight)` over documents, by bootstrap (documents
+    resampled with replacement, `iters` times, fixed seed: the same record on every rerun). None
+    with fewer than two documents."""
+    if len(pairs) < 2:
+        return None
+    ll, w = np.asarray([p[0] for p in pairs], dtype=np.float64), np.asarray([p[1] for p in pairs], dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(ll), size=(iters, len(ll)))  # (iters, docs)
+    with np.errstate(over="ignore"):
+        values = aggregate(ll[idx].sum(axis=1), w[idx].sum(axis=1))
+    return float(np.std(values, ddof=1))
+
+
+LM_EVAL_BAR_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
+
+
+@contextlib.contextmanager
+def lm_eval_bars(enabled: bool):
+    """lm-eval draws a tqdm bar per task build, per request type and per bootstrap, with no switch
+    for all of them; off, they are swapped for a disabled tqdm while the block runs."""
+    if enabled:
+        yield
+        return
+    import importlib
+
+    import tqdm as tqdm_module
+
+    original = tqdm_module.tqdm
+
+    class _Off(original):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    patched = [(tqdm_module, "tqdm", original)]  # lm_eval.api.metrics imports it inside functions
+    for name in LM_EVAL_BAR_MODULES:
+        module = importlib.import_module(name)
+        if getattr(module, "tqdm", None) is original:
+            patched.append((module, "tqdm", original))
+    try:
+        for module, attr, _ in patched:
+            setattr(module, attr, _Off)
+        yield
+    finally:
+        for module, attr, value in patched:
+            setattr(module, attr, value)
 
 
 def prepare_harness(
@@ -192,9 +302,14 @@ def paper_summary(metrics: dict[str, float], val_ppl: float | None = None) -> di
     return out
 
 
-def set_quiet() -> None:
-    """lm-eval and datasets print per-split progress bars; our own bar shows progress."""
+def set_quiet(bars: bool = False) -> None:
+    """datasets prints per-split progress bars (always off); transformers draws one per checkpoint
+    load (off unless `bars`: our progress lines and lm-eval's bars show progress)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets
 
     datasets.disable_progress_bars()
+    if not bars:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()

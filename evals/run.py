@@ -3,13 +3,20 @@
 For each checkpoint (a Hugging Face folder `runs/<run>/checkpoints/step_NNNNNNN/`):
 
 1. held-out perplexity by the paper's protocol on all validation blocks (`evals/perplexity.py`);
-2. lm-evaluation-harness tasks (`evals/harness.py`), zero-shot;
-3. `<checkpoint>/eval.json`, written atomically; it marks the checkpoint as done for these
-   settings, so a second `cocomix eval` of the run folder skips it;
+2. lm-evaluation-harness tasks (`evals/harness.py`), zero-shot, each value with its standard
+   error (`<task>/<metric>_stderr`);
+3. `<checkpoint>/lm_eval_results.json`: lm-eval's own results (results, versions, n-shot,
+   n-samples, config, task configs), then `<checkpoint>/eval.json`, both written atomically;
+   eval.json (last, sealed) marks the checkpoint as done for these settings, so a second
+   `cocomix eval` of the run folder skips it, and a damaged one is evaluated again;
 4. the same numbers on the training run's MLflow run as `eval/<task>/<metric>` and
    `eval/val_ppl`, with step = tokens seen, so they plot beside the training curves.
 
 Settings come from the run's resolved `config.yaml` (section `eval`), then dotted overrides.
+
+Progress (on unless --no-progress): one plain line on stdout, flushed, when each checkpoint starts,
+when its held-out perplexity and each task are done (task, key metric, seconds) and when it is
+done; tqdm bars (on stderr) only when stderr is a terminal.
 """
 
 from __future__ import annotations
@@ -28,13 +35,21 @@ import yaml
 from cocomix.config import Config, config_from_dict, load_config, parse_overrides, _set_dotted
 from cocomix.data import DataError
 from cocomix.callbacks import Checkpointer
-from cocomix.files import atomic_write_json, clear_stale_tmp, list_checkpoints, read_sealed_json, write_sealed_json
+from cocomix.files import (atomic_write_json, atomic_write_text, clear_stale_tmp, list_checkpoints,
+                          read_sealed_json, sha256_text, write_sealed_json)
 from cocomix.tracking import PENDING, connect, degrade, replay, tracking_uri
 
 from .harness import make_lm, paper_summary, prepare_harness, set_quiet
+from .offline_tasks import PAPER_METRICS
 from .perplexity import heldout_perplexity
 
 RESULTS_FILE = "eval.json"
+LM_EVAL_FILE = "lm_eval_results.json"
+# The parts of lm-eval's output kept beside eval.json (JSON-serialisable; samples are left out).
+LM_EVAL_PARTS = ("results", "versions", "n-shot", "n-samples", "config", "configs", "higher_is_better",
+                 "group_subtasks", "lm_eval_version")
+# 2: standard errors in "metrics" and lm_eval_results.json beside eval.json (older records are redone).
+RECORD_VERSION = 2
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -80,6 +95,7 @@ def _settings(cfg: Config, tasks: list[str]) -> dict[str, Any]:
         "ppl_block_size": cfg.train.block_size,
         "ppl_max_blocks": ev.ppl_max_blocks,
         "num_fewshot": 0,
+        "record_version": RECORD_VERSION,
     }
 
 
@@ -119,8 +135,9 @@ class _Evaluation:
     tasks: list[str]
     device: torch.device
     autocast: torch.dtype | None
-    progress: bool
+    progress: bool  # plain progress lines on stdout
     versions: dict[str, str]
+    bars: bool = False  # tqdm bars: progress on and stderr a terminal
     harness: Any = None  # built on the first checkpoint that needs it (task conversion + index)
 
 
@@ -144,9 +161,10 @@ def evaluate(
     tasks = list(cfg.eval.tasks)
     if cfg.data.source != "synthetic" and "synthetic" in tasks:
         tasks.remove("synthetic")  # the alias means "if the corpus has a generator"
-    set_quiet()
+    bars = progress and sys.stderr.isatty()
+    set_quiet(bars)
     run = _Evaluation(cfg, run_dir, tasks, dev, torch.bfloat16 if use_bf16 else None, progress,
-                      {"lm_eval": lm_eval.__version__, "torch": torch.__version__})
+                      {"lm_eval": lm_eval.__version__, "torch": torch.__version__}, bars=bars)
 
     results = []
     for i, ckpt in enumerate(checkpoints, 1):
@@ -202,13 +220,17 @@ def _evaluate_checkpoint(run: _Evaluation, ckpt: Path, meta: dict, settings: dic
     seconds: dict[str, float] = {}
     if (cfg.data_dir / "manifest.json").is_file():
         ppl = heldout_perplexity(model, cfg.data_dir, cfg.train.block_size, ev.batch_size, ev.ppl_max_blocks,
-                                 run.autocast, run.progress)
+                                 run.autocast, run.bars)
         metrics.update(ppl)
         seconds["perplexity"] = time.time() - t0
+        if run.progress:
+            print(f"  held-out perplexity: val_ppl {ppl['val_ppl']:.4f} over {ppl['val_blocks']} blocks "
+                  f"({seconds['perplexity']:.1f}s)", flush=True)
     elif run.progress:
         print(f"  no prepared data at {cfg.data_dir}: held-out perplexity skipped", flush=True)
-    n_docs, clipped = _run_tasks(run, model, tokenizer, metrics, seconds) if run.tasks else ({}, 0)
+    raw = _run_tasks(run, model, tokenizer, metrics, seconds) if run.tasks else None
     metrics.update(paper_summary(metrics, metrics.get("val_ppl")))
+    n_docs, clipped = (raw.get("n-samples", {}), raw["clipped_continuations"]) if raw else ({}, 0)
 
     record = {
         "checkpoint": str(ckpt.resolve()),
@@ -219,11 +241,18 @@ def _evaluate_checkpoint(run: _Evaluation, ckpt: Path, meta: dict, settings: dic
         "metrics": metrics,
         "n_docs": n_docs,
         "clipped_continuations": clipped,
+        # stderrs lm-eval gives none for, bootstrapped over documents by evals/harness.py
+        "cocomix_stderrs": raw["cocomix_stderrs"] if raw else [],
         "seconds": seconds,
         "device": str(run.device),
+        "harness_batch_size": cfg.eval.harness_batch_size,  # the lm_eval command of a model card repeats it
         "versions": dict(run.versions),
     }
     record["mlflow_run_id"] = _log_mlflow(cfg, run.run_dir, meta["tokens_seen"], metrics)
+    if raw is not None:  # its sha256 in the sealed record: a reader can tell it belongs to this eval.json
+        record["lm_eval_results"] = {"file": LM_EVAL_FILE, "sha256": write_lm_eval_results(ckpt / LM_EVAL_FILE, raw)}
+    else:
+        (ckpt / LM_EVAL_FILE).unlink(missing_ok=True)  # no tasks this time: no stale results beside it
     write_sealed_json(out_path, record)  # last: its presence means "done"; sealed: damage is seen and redone
     if run.progress:
         shown = {k: round(v, 4) for k, v in metrics.items() if k in ("val_ppl", "avg_acc") or k.endswith(
@@ -232,10 +261,39 @@ def _evaluate_checkpoint(run: _Evaluation, ckpt: Path, meta: dict, settings: dic
     return record
 
 
+def write_lm_eval_results(path: Path, raw: dict[str, Any]) -> str:
+    """lm-eval's own results dict (its JSON-serialisable parts) beside eval.json, atomically; values
+    JSON cannot hold (a torch dtype in "config", functions in task configs) become strings, as in
+    lm-eval's own output files."""
+    from lm_eval.utils import handle_non_serializable
+
+    kept = {part: raw[part] for part in LM_EVAL_PARTS if part in raw}
+    text = json.dumps(kept, indent=1, default=handle_non_serializable, sort_keys=True)
+    atomic_write_text(path, text)
+    return sha256_text(text)
+
+
+def key_metric(task: str, metrics: dict[str, float]) -> str | None:
+    """The metric a progress line shows for a task: the paper's, else accuracy, else the first."""
+    for metric in (*PAPER_METRICS.get(task, ()), "acc", "acc_norm"):
+        if f"{task}/{metric}" in metrics:
+            return metric
+    return next((k.split("/", 1)[1] for k in metrics if not k.endswith("_stderr")), None)
+
+
+def _task_line(task: str, metrics: dict[str, float], seconds: float) -> str:
+    metric = key_metric(task, metrics)
+    if metric is None:
+        return f"  {task}: no metrics ({seconds:.1f}s)"
+    se = metrics.get(f"{task}/{metric}_stderr")
+    value = f"{metrics[f'{task}/{metric}']:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+    return f"  {task}: {metric} {value} ({seconds:.1f}s)"
+
+
 def _run_tasks(run: _Evaluation, model, tokenizer, metrics: dict[str, float],
-               seconds: dict[str, float]) -> tuple[dict, int]:
+               seconds: dict[str, float]) -> dict[str, Any]:
     """lm-eval tasks on `model` (the harness is prepared on first use); adds their metrics and time
-    to `metrics` and `seconds`, returns (documents per task, clipped continuations)."""
+    to `metrics` and `seconds`, returns lm-eval's output (merged over the tasks)."""
     cfg, ev = run.cfg, run.cfg.eval
     if run.harness is None:
         run.harness = prepare_harness(
@@ -245,8 +303,9 @@ def _run_tasks(run: _Evaluation, model, tokenizer, metrics: dict[str, float],
         )
     t1 = time.time()
     lm = make_lm(model, tokenizer, ev.harness_batch_size, run.autocast)
-    task_metrics, raw = run.harness.run(lm, limit=ev.limit)
+    on_task = (lambda task, m, s: print(_task_line(task, m, s), flush=True)) if run.progress else None
+    task_metrics, raw = run.harness.run(lm, limit=ev.limit, on_task=on_task, bars=run.bars)
     metrics.update(task_metrics)
-    n_docs, clipped = raw.get("n-samples", {}), raw["clipped_continuations"]
     seconds["harness"] = time.time() - t1
-    return n_docs, clipped
+    seconds.update({f"harness/{task}": s for task, s in raw["task_seconds"].items()})
+    return raw

@@ -72,7 +72,7 @@ def test_every_heavy_rule_leaves_a_benchmark_and_the_report_page_shows_tables_an
     header, row = (bench / "train/ntp-base-s0.tsv").read_text().splitlines()[:2]
     assert header.split("\t")[:3] == ["s", "h:m:s", "max_rss"] and float(row.split("\t")[0]) > 0
     html = dag_run / "report.html"
-    proc = smk(dag_run, ROOT / ".test/config.yaml", "--report", str(html))
+    proc = smk(dag_run, ROOT / ".test/config.yaml", "--report", str(html))  # no --cores, as users type it
     assert proc.returncode == 0, proc.stderr[-3000:]
     page = html.read_text(errors="replace")
     for name in ("main.csv", "sample_efficiency.csv", "ablations.csv", "heldout_loss_base.png", "downstream_base.png"):

@@ -3,6 +3,7 @@ and `cocomix eval` on a run folder (each checkpoint once, metrics on the trainin
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -176,6 +177,7 @@ def test_synthetic_tasks_trained_model_above_chance(trained_tiny):
 
 def test_synthetic_tasks_are_well_formed(tiny_data, tiny_teacher, tmp_path):
     from cocomix.data.synthetic import SyntheticLanguage
+    from evals.report import CHANCE
     from evals.synthetic_tasks import language_of, recall_docs, topic_docs
 
     _, tok = _load(tiny_teacher)
@@ -193,6 +195,7 @@ def test_synthetic_tasks_are_well_formed(tiny_data, tiny_teacher, tmp_path):
         assert [topic_of[c] == doc["topic"] for c in doc["choices"]].count(True) == 1  # ... one choice fits
         assert topic_of[doc["choices"][doc["label"]]] == doc["topic"]
         assert len(tok(doc["context"] + " " + doc["choices"][0]).input_ids) <= 64
+        assert len(doc["choices"]) == round(1 / CHANCE["synth_topic/acc"])  # the report's chance line
     recall = recall_docs(lang, tok, 30, 64, seed=1)
     assert np.mean([d["gap_words"] for d in recall]) > 4  # topic sentences between introductions and question
     for doc in recall:
@@ -201,6 +204,7 @@ def test_synthetic_tasks_are_well_formed(tiny_data, tiny_teacher, tmp_path):
         intro = words.index(name)  # "<name> the <title> ..."
         assert words[intro + 1] == "the" and prof_of[doc["choices"][doc["label"]]] == title_prof[words[intro + 2]]
         assert len({prof_of[c] for c in doc["choices"]}) == 4 and doc["gap_words"] >= 0
+        assert len(doc["choices"]) == round(1 / CHANCE["synth_recall/acc"])
         assert len(tok(doc["context"] + " " + doc["choices"][0]).input_ids) <= 64
 
 
@@ -251,6 +255,11 @@ def test_seven_paper_tasks_run_offline_with_a_limit(tiny_teacher, tmp_path):
         assert raw["n-samples"][task] == {"original": OFFICIAL_DOC_COUNTS[task], "effective": 2}
         for metric in PAPER_METRICS[task]:
             assert math.isfinite(metrics[f"{task}/{metric}"]), (task, metric)
+            assert math.isfinite(metrics[f"{task}/{metric}_stderr"]), (task, metric)
+    # lm-eval gives no stderr for WikiText's weighted perplexities: bootstrapped over its documents.
+    assert raw["results"]["wikitext"]["word_perplexity_stderr,none"] == "N/A"
+    assert "wikitext/word_perplexity_stderr" in raw["cocomix_stderrs"]
+    assert set(raw["task_seconds"]) == set(PAPER_TASKS)
     # The group YAMLs written for the CLI (`lm_eval --include_path`) point at absolute converted files.
     group = __import__("yaml").safe_load((tmp_path / "offline" / "piqa_offline.yaml").read_text())
     data_file = Path(group["task"][0]["dataset_kwargs"]["data_files"]["validation"])
@@ -278,7 +287,8 @@ def test_eval_run_folder_twice_evaluates_each_checkpoint_once(tiny_teacher, tmp_
     import mlflow
 
     from cocomix.cli import main
-    from evals.run import RESULTS_FILE, evaluate
+    from cocomix.files import sha256_file
+    from evals.run import LM_EVAL_FILE, RECORD_VERSION, RESULTS_FILE, evaluate
 
     run_dir = tmp_path / "run"
     shutil.copytree(Path(tiny_teacher).parent.parent, run_dir)
@@ -290,7 +300,21 @@ def test_eval_run_folder_twice_evaluates_each_checkpoint_once(tiny_teacher, tmp_
     overrides = ["eval.tasks=[synth_topic]", "eval.synthetic_docs=16", "eval.ppl_max_blocks=8",
                  "tracking.enabled=true", f"tracking.uri={uri}"]
 
-    first = evaluate(run_dir, overrides, progress=False)
+    capsys.readouterr()
+    first = evaluate(run_dir, overrides, progress=True)
+    out, err = capsys.readouterr()
+    # Plain progress lines on stdout: per checkpoint its start, perplexity, each task, and done;
+    # no tqdm bar (stderr is not a terminal here).
+    lines = out.splitlines()
+    assert [line for line in lines if line.startswith("[")] == [
+        f"[{i}/{len(ckpts)}] {c.name} ({json.loads((c / 'checkpoint.json').read_text())['tokens_seen']:,} tokens)"
+        for i, c in enumerate(ckpts, 1)]
+    task_lines = [line for line in lines if line.startswith("  synth_topic: ")]
+    assert len(task_lines) == len(ckpts) and all(re.fullmatch(r"  synth_topic: acc 0\.\d{4} ± 0\.\d{4} \(\d+\.\ds\)", t)
+                                                  for t in task_lines), task_lines
+    assert sum(line.startswith("  held-out perplexity: val_ppl ") for line in lines) == len(ckpts)
+    assert sum(line.endswith("eval.json") for line in lines) == len(ckpts)
+    assert "it/s" not in err and "%|" not in err, err[-500:]
     stamps = [(c / RESULTS_FILE).stat().st_mtime_ns for c in ckpts]
     second = evaluate(run_dir, overrides, progress=False)
     assert len(first) == len(ckpts) >= 2 and first == second
@@ -298,7 +322,21 @@ def test_eval_run_folder_twice_evaluates_each_checkpoint_once(tiny_teacher, tmp_
     for ckpt, record in zip(ckpts, first):
         meta = json.loads((ckpt / "checkpoint.json").read_text())
         assert record["tokens_seen"] == meta["tokens_seen"] and record["settings"]["tasks"] == ["synth_topic"]
-        assert set(record["metrics"]) >= {"val_loss", "val_ppl", "synth_topic/acc"}
+        assert set(record["metrics"]) >= {"val_loss", "val_ppl", "synth_topic/acc", "synth_topic/acc_stderr"}
+        # lm-eval's own results beside eval.json (the file the sealed record names by sha256); every
+        # stderr in eval.json is lm-eval's value, none is "N/A".
+        lm_file = ckpt / LM_EVAL_FILE
+        assert record["lm_eval_results"] == {"file": LM_EVAL_FILE, "sha256": sha256_file(lm_file)}
+        lm = json.loads(lm_file.read_text())
+        assert set(lm) >= {"results", "versions", "n-shot", "n-samples", "config"} and "samples" not in lm
+        stderrs = {k: v for k, v in record["metrics"].items() if k.endswith("_stderr")}
+        assert set(stderrs) == {"synth_topic/acc_stderr", "synth_topic/acc_norm_stderr"}
+        for key, value in stderrs.items():
+            task, metric = key.split("/")
+            assert value == lm["results"][task][f"{metric},none"], key
+            assert record["metrics"][key[: -len("_stderr")]] == lm["results"][task][f"{metric[:-7]},none"]
+        assert lm["n-samples"]["synth_topic"]["effective"] == record["n_docs"]["synth_topic"]["effective"] == 16
+        assert record["cocomix_stderrs"] == [] and record["settings"]["record_version"] == RECORD_VERSION
     # MLflow: one point per checkpoint, at step = tokens seen.
     for name in ("eval/val_ppl", "eval/synth_topic/acc"):
         history = client.get_metric_history(run_id, name)
@@ -320,3 +358,26 @@ def test_t_interval_quantiles_are_students_at_every_degree_of_freedom():
 
     for df, want in {1: 12.7062, 4: 2.7764, 11: 2.2010, 25: 2.0595, 30: 2.0423, 60: 2.0003, 120: 1.9799}.items():
         assert t95(df) == pytest.approx(want, abs=1e-4), df
+
+
+def test_weighted_perplexity_stderr_is_a_bootstrap_of_lm_evals_own_aggregate():
+    # lm-eval reports "N/A" for weighted perplexities; ours resamples documents. Its aggregate is
+    # lm-eval's (same function of the pairs), and its stderr that of an independent bootstrap.
+    from lm_eval.api.metrics import bits_per_byte, weighted_perplexity
+
+    from evals.harness import WEIGHTED_AGGREGATES, bootstrap_weighted_stderr
+
+    rng = np.random.default_rng(0)
+    words = rng.integers(200, 2000, size=62)
+    pairs = [(-float(w) * rng.uniform(4, 6), int(w)) for w in words]  # (log-likelihood, words) per document
+    ll, w = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    assert WEIGHTED_AGGREGATES["word_perplexity"](ll.sum(), w.sum()) == pytest.approx(weighted_perplexity(pairs))
+    assert WEIGHTED_AGGREGATES["bits_per_byte"](ll.sum(), w.sum()) == pytest.approx(bits_per_byte(pairs))
+    se = bootstrap_weighted_stderr(pairs, WEIGHTED_AGGREGATES["word_perplexity"])
+    assert se == bootstrap_weighted_stderr(pairs, WEIGHTED_AGGREGATES["word_perplexity"])  # seeded: reproducible
+    reference = []
+    for _ in range(4000):
+        i = rng.integers(0, len(pairs), len(pairs))
+        reference.append(math.exp(-ll[i].sum() / w[i].sum()))
+    assert se == pytest.approx(np.std(reference, ddof=1), rel=0.1)
+    assert bootstrap_weighted_stderr(pairs[:1], WEIGHTED_AGGREGATES["word_perplexity"]) is None

@@ -253,7 +253,7 @@ def test_random_bytes_in_checkpoints_metrics_and_eval_records_end_in_recovery_or
     cases = 0
     # 1-3. Weights, trainer state or optimizer state of the newest checkpoint: resume falls back to
     # the one before, after moving the damaged one aside.
-    for i, name in enumerate(("model.safetensors", "trainer_state.pt", "optimizer.pt")):
+    for i, name in enumerate(("model.safetensors", "trainer/trainer_state.pt", "trainer/optimizer.pt")):
         cfg = _copy_run(small_run, tmp_path / f"ckpt{i}")
         older, newest = list_checkpoints(cfg.run_dir)
         _damage(newest / name, rng)

@@ -15,14 +15,14 @@ from conftest import ROOT
 
 # Lowest first. A module belongs to the layer of its longest matching prefix.
 LAYERS = {
-    "base": ["cocomix.files", "cocomix.gpus", "cocomix.faults"],
+    "base": ["cocomix.files", "cocomix.gpus", "cocomix.faults", "cocomix.progress"],
     "config": ["cocomix.config"],
     "data": ["cocomix.data", "cocomix.tracking"],
     "model": ["cocomix.model", "cocomix.slots", "cocomix.flops", "cocomix.params", "cocomix.device",
               "cocomix.teacher", "cocomix.sae", "cocomix.concepts"],
     "methods": ["cocomix.methods", "cocomix.plan", "baselines"],
     "trainer": ["cocomix.trainer", "cocomix.callbacks"],
-    "evals": ["evals", "cocomix.interpret", "cocomix.steering"],
+    "evals": ["evals", "cocomix.interpret", "cocomix.steering", "cocomix.export"],
     "top": ["cocomix.launch", "cocomix.dag", "cocomix.sweep", "cocomix.cli", "cocomix.__main__",
             "cocomix"],  # the package's __init__: registers the model type once transformers is imported
 }

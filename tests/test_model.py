@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -377,3 +378,136 @@ def test_from_gpt2_can_pad_the_vocabulary(gpt2, model):
     logits = padded(ids).logits
     assert torch.equal(logits[..., :VOCAB], model(ids).logits)
     assert bool((logits[..., VOCAB:] == float("-inf")).all())
+
+
+# ---- attention implementations, attention maps, gradient checkpointing -------------------------
+
+CONCEPT = dict(slot="concept", insert_layer=1, slot_options={"n_concepts": 40, "k": 4})
+VARIANTS = {"backbone": {}, "concept": CONCEPT}  # the concept model interleaves: 2T positions above block 1
+
+
+def saved_model(tmp_path, variant, **extra):
+    """A saved tiny model (init_std 0.2: attention far from uniform), and its folder."""
+    torch.manual_seed(0)
+    model = CocomixForCausalLM(tiny_config(init_std=0.2, **VARIANTS[variant], **extra)).eval()
+    model.save_pretrained(tmp_path / variant)
+    return model, tmp_path / variant
+
+
+def left_padded(lengths, width, seed=0):
+    ids, mask = random_ids(len(lengths), width, seed=seed), torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, : width - n] = PAD
+        mask[row, width - n:] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@torch.no_grad()
+def test_eager_attention_equals_sdpa_and_returns_causal_maps(tmp_path, variant):
+    _, folder = saved_model(tmp_path, variant)
+    sdpa = AutoModelForCausalLM.from_pretrained(folder).eval()
+    eager = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    assert (sdpa.config._attn_implementation, eager.config._attn_implementation) == ("sdpa", "eager")
+    T, n_layer, streams = 12, sdpa.config.n_layer, 2 if variant == "concept" else 1
+    ids = random_ids(2, T)
+    padded_ids, mask = left_padded([12, 7], T, seed=3)
+
+    # Logits: no padding, left padding, and a chunked prefill over a cache (8 queries over 14 keys).
+    diffs = [(eager(ids).logits - sdpa(ids).logits).abs().max().item(),
+             (eager(padded_ids, attention_mask=mask).logits - sdpa(padded_ids, attention_mask=mask).logits)[mask.bool()]
+             .abs().max().item()]
+    long = random_ids(2, 14, seed=5)
+    chunks = []
+    for m in (eager, sdpa):
+        cache = DynamicCache(config=m.config)
+        chunks.append(torch.cat([m(long[:, :6], past_key_values=cache, use_cache=True).logits,
+                                 m(long[:, 6:], past_key_values=cache, use_cache=True).logits], dim=1))
+    diffs.append((chunks[0] - chunks[1]).abs().max().item())
+    print(f"{variant}: eager vs sdpa max |logit diff| {diffs}")
+    assert max(diffs) < 1e-5, diffs
+
+    # The maps: one per block, (B, n_head, T, S) with S = T (2T in interleaved blocks), rows sum to 1,
+    # nothing above the diagonal, padding keys never attended by a real query.
+    out = eager(padded_ids, attention_mask=mask, output_attentions=True)
+    assert len(out.attentions) == n_layer
+    for i, weights in enumerate(out.attentions):
+        n = T * (streams if variant == "concept" and i >= CONCEPT["insert_layer"] else 1)
+        assert weights.shape == (2, 4, n, n), (i, weights.shape)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, n), rtol=0, atol=1e-6)
+        assert bool((weights.triu(1) == 0).all()), f"block {i} attends to the future"
+        key_mask = mask.repeat_interleave(n // T, dim=1).bool()  # (B, n): real token positions
+        real_queries = weights[key_mask[:, None, :, None].expand_as(weights) & ~key_mask[:, None, None, :]]
+        assert bool((real_queries == 0).all()), f"block {i}: a real token attends to padding"
+    # SDPA cannot return maps: asked for them, it runs those forwards eagerly (as transformers' models do).
+    fallback = sdpa(padded_ids, attention_mask=mask, output_attentions=True)
+    assert len(fallback.attentions) == n_layer
+    assert all(torch.equal(a, b) for a, b in zip(fallback.attentions, out.attentions))
+    assert eager(ids).attentions is None  # not asked: none computed
+    # Greedy cached generation is the same token for token.
+    prompt = random_ids(2, 5, seed=1)
+    assert torch.equal(eager.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=PAD),
+                       sdpa.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=PAD))
+
+
+@torch.no_grad()
+def test_attn_implementation_is_honoured(tmp_path, monkeypatch):
+    _, folder = saved_model(tmp_path, "concept")
+    calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(1)
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    ids = random_ids(1, 8)
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    model(ids)
+    assert calls == []  # the eager path never calls SDPA
+    model.set_attn_implementation("sdpa")
+    model(ids)
+    assert len(calls) == model.config.n_layer
+    model.set_attn_implementation("eager")
+    model(ids)
+    assert len(calls) == model.config.n_layer and model.transformer.h[1].attn.config._attn_implementation == "eager"
+    with pytest.raises((ValueError, ImportError)):  # not supported: refused at load, never silently ignored
+        AutoModelForCausalLM.from_pretrained(folder, attn_implementation="flash_attention_2")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path, variant):
+    import copy
+
+    torch.manual_seed(0)
+    plain = CocomixForCausalLM(tiny_config(init_std=0.2, dropout=0.1, **VARIANTS[variant])).train()
+    checkpointed = copy.deepcopy(plain)
+    with warnings.catch_warnings():  # transformers 5.24 renamed it activation_checkpointing_enable (a FutureWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        checkpointed.gradient_checkpointing_enable()
+    assert all(b.gradient_checkpointing for b in checkpointed.transformer.h)
+    recomputed = []  # a block's first LayerNorm runs twice per step when its activations are recomputed
+    checkpointed.transformer.h[-1].ln_1.register_forward_hook(lambda *_: recomputed.append(1))
+    ids = random_ids(2, 16)
+
+    def step(model):
+        torch.manual_seed(1)  # the same dropout masks: checkpointing replays the RNG state it saw
+        out = model(ids, labels=ids)
+        loss = out.loss + (out.concept_logits.square().mean() if out.concept_logits is not None else 0)
+        loss.backward()
+        return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+    loss_a, grads_a = step(plain)
+    loss_b, grads_b = step(checkpointed)
+    assert len(recomputed) == 2
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and all(g is not None for g in grads_a.values())
+    worst = max((grads_a[k] - grads_b[k]).abs().max().item() for k in grads_a)
+    print(f"{variant}: loss {loss_a.item():.6f} both ways, max |grad diff| {worst:.3g}")
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-6, atol=1e-8, msg=name)
+    # Inference is unaffected: no gradients, no recompute, the cache is used.
+    checkpointed.eval()
+    with torch.no_grad():
+        out = checkpointed.generate(ids[:, :4], max_new_tokens=5, do_sample=False, pad_token_id=PAD)
+    assert out.shape == (2, 9)

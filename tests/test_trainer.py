@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,16 +41,18 @@ def test_lr_schedule_shape():
 
 
 @pytest.mark.slow
-def test_ntp_learns_below_unigram_entropy_and_checkpoint_generates(tmp_path, tiny_data):
-    cfg = _cfg(tmp_path, tiny_data, "train.tokens=327680")
-    final = train(cfg, progress=False)
-    unigram = TokenBlocks(tiny_data, "train", cfg.train.block_size).unigram_entropy()
+def test_ntp_learns_below_unigram_entropy_and_checkpoint_generates(tiny_data, tiny_teacher):
+    # The session's teacher is an NTP run of this trainer (TINY, 3 blocks, 327,680 tokens): its own
+    # training is the one checked here (a second, identical training cost CI two minutes).
+    run_dir = tiny_teacher.parent.parent
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    unigram = TokenBlocks(tiny_data, "train", 64).unigram_entropy()  # TINY's train.block_size
     # "Well below": the model must exploit context, not just token frequencies.
     assert final["val/loss"] < 0.8 * unigram, (final["val/loss"], unigram)
-    curve = [r["val/loss"] for r in _metrics(cfg.run_dir) if "val/loss" in r]
-    assert curve[-1] < curve[0]
+    curve = [r["val/loss"] for r in _metrics(run_dir) if "val/loss" in r]
+    assert len(curve) == 8 and curve[-1] < curve[0]  # one held-out point every eval.every_tokens=40960
     ckpt = Path(final["checkpoint"])
-    assert ckpt == list_checkpoints(cfg.run_dir)[-1] and ckpt.name == "step_0000320"
+    assert ckpt == tiny_teacher == list_checkpoints(run_dir)[-1] and ckpt.name == "step_0000320"
     # A fresh process loads the checkpoint through the Auto classes and generates.
     code = (
         "import cocomix, torch\n"
@@ -252,11 +255,13 @@ def test_only_the_newest_checkpoints_keep_the_optimizer_state(tmp_path, tiny_dat
     train(cfg, progress=False)
     ckpts = list_checkpoints(cfg.run_dir)
     assert [p.name for p in ckpts] == ["step_0000004", "step_0000008", "step_0000012"]
-    assert [(p / "optimizer.pt").exists() for p in ckpts] == [False, True, True]  # keep_optimizer: 2
-    assert all((p / "model.safetensors").exists() and (p / "trainer_state.pt").exists() for p in ckpts)
+    assert [(p / "trainer" / "optimizer.pt").exists() for p in ckpts] == [False, True, True]  # keep_optimizer: 2
+    assert all((p / "model.safetensors").exists() and (p / "trainer" / "trainer_state.pt").exists() for p in ckpts)
+    assert not any((p / name).exists() for p in ckpts for name in ("optimizer.pt", "trainer_state.pt"))  # apart
     more = _cfg(tmp_path, tiny_data, "train.tokens=16384", "checkpoint.every_tokens=4096", "checkpoint.keep_last=0",
                 f"train.resume={ckpts[0]}")
-    with pytest.raises(TrainingError, match=r"step_0000004: has no optimizer.pt \(only the newest checkpoint.keep_optimizer"):
+    with pytest.raises(TrainingError, match=r"step_0000004: has no trainer/optimizer.pt \(only the newest "
+                                            r"checkpoint.keep_optimizer"):
         Trainer(more, progress=False)
     resumed = Trainer(_cfg(tmp_path, tiny_data, "train.tokens=16384", "checkpoint.every_tokens=4096",
                            "checkpoint.keep_last=0", f"train.resume={ckpts[-1]}"), progress=False)
@@ -361,6 +366,68 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the
                      f"train.resume={ckpts[0]}"), progress=False)
 
 
+def _to_old_layout(ckpt: Path) -> None:
+    """What checkpoints looked like before trainer/: trainer_state.pt and optimizer.pt beside the
+    weights, checkpoint.json recording them under those names."""
+    for name in ("trainer_state.pt", "optimizer.pt"):
+        os.replace(ckpt / "trainer" / name, ckpt / name)
+    (ckpt / "trainer").rmdir()
+    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    meta["files"] = {name.removeprefix("trainer/"): record for name, record in meta["files"].items()}
+    (ckpt / "checkpoint.json").write_text(json.dumps(meta))
+
+
+def test_checkpoints_resume_exactly_from_the_trainer_folder_and_from_the_old_layout(tmp_path, tiny_data):
+    """A checkpoint keeps its trainer state in step_<N>/trainer/ (the step folder itself is a plain HF
+    model folder); one resumed from it, or from a checkpoint of the old layout (trainer_state.pt and
+    optimizer.pt beside the weights), ends with the uninterrupted run's weights (dropout on)."""
+    from cocomix.callbacks import Checkpointer
+
+    extra = ("train.tokens=12288", "checkpoint.every_tokens=4096", "checkpoint.keep_last=0", "model.dropout=0.1")
+    reference = _cfg(tmp_path / "ref", tiny_data, *extra, "checkpoint.keep_optimizer=0")  # every one resumable
+    first = train(reference, progress=False)
+    ckpts = list_checkpoints(reference.run_dir)
+    assert [p.name for p in ckpts] == ["step_0000004", "step_0000008", "step_0000012"]
+    for ckpt in ckpts:
+        assert {p.name for p in (ckpt / "trainer").iterdir()} <= {"trainer_state.pt", "optimizer.pt"}
+        assert set(json.loads((ckpt / "checkpoint.json").read_text())["files"]) == set(Checkpointer.VERIFIED)
+    want = load_file(str(ckpts[-1] / "model.safetensors"))
+
+    def rerun(name, prepare, *more):
+        cfg = _cfg(tmp_path / name, tiny_data, *extra, *more)
+        shutil.copytree(reference.run_dir, cfg.run_dir)
+        done = list_checkpoints(cfg.run_dir)
+        prepare(done)
+        trainer = Trainer(cfg, progress=False)
+        resumed = trainer.resumed_from
+        final = trainer.train()
+        got = load_file(str(list_checkpoints(cfg.run_dir)[-1] / "model.safetensors"))
+        assert max((want[k] - got[k]).abs().max().item() for k in want) <= 1e-6, name
+        assert final["val/loss"] == pytest.approx(first["val/loss"], abs=1e-6)
+        return cfg, resumed
+
+    # New layout: resume at step 8 (the newest left), retrain 9-12.
+    cfg, resumed = rerun("new", lambda done: shutil.rmtree(done[-1]), "checkpoint.keep_optimizer=0")
+    assert resumed.name == "step_0000008"
+    # Old layout: resume at step 4 from a checkpoint written before trainer/; it verifies, resumes and is
+    # pruned like the new ones (keep_optimizer=2: its optimizer.pt goes once two newer ones exist).
+    def old(done):
+        shutil.rmtree(done[1]), shutil.rmtree(done[2])
+        _to_old_layout(done[0])
+        assert Checkpointer.damage(done[0]) is None and Checkpointer.trainer_folder(done[0]) == done[0]
+
+    cfg, resumed = rerun("old", old, "checkpoint.keep_optimizer=2")
+    assert resumed.name == "step_0000004"
+    ckpts = list_checkpoints(cfg.run_dir)
+    assert [p.name for p in ckpts] == ["step_0000004", "step_0000008", "step_0000012"]
+    assert (ckpts[0] / "trainer_state.pt").is_file() and not (ckpts[0] / "optimizer.pt").exists()
+    assert all((p / "trainer" / "trainer_state.pt").is_file() for p in ckpts[1:])  # written after resuming: new
+    # An old-layout checkpoint named explicitly resumes too.
+    _to_old_layout(ckpts[-1])
+    again = Trainer(_cfg(tmp_path / "old", tiny_data, *extra, f"train.resume={ckpts[-1]}"), progress=False)
+    assert again.step == 12 and again.optimizer.state_dict()["state"]
+
+
 def test_weights_and_records_follow_the_umask(tmp_path, tiny_data):
     # safetensors writes 0600 whatever the umask: colleagues on a shared filesystem could not load the
     # weights. Everything a checkpoint holds now gets the modes a plain open() would.
@@ -371,9 +438,10 @@ def test_weights_and_records_follow_the_umask(tmp_path, tiny_data):
     finally:
         os.umask(old)
     ckpt = list_checkpoints(cfg.run_dir)[-1]
-    modes = {p.name: p.stat().st_mode & 0o777 for p in ckpt.iterdir()}
+    modes = {p.relative_to(ckpt).as_posix(): p.stat().st_mode & 0o777 for p in ckpt.rglob("*") if p.is_file()}
     assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
-    assert ckpt.stat().st_mode & 0o777 == 0o755
+    assert "trainer/optimizer.pt" in modes
+    assert ckpt.stat().st_mode & 0o777 == 0o755 and (ckpt / "trainer").stat().st_mode & 0o777 == 0o755
     assert (cfg.run_dir / "final_metrics.json").stat().st_mode & 0o777 == 0o644
 
 
@@ -420,16 +488,16 @@ class _RunsCode:
 def test_resume_refuses_a_trainer_state_that_would_run_code(tmp_path, tiny_data):
     cfg = _cfg(tmp_path, tiny_data, "train.tokens=20480")
     ckpt = Trainer(cfg, progress=False).save_checkpoint()
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)  # what we write is tensors and plain data
+    state_file = ckpt / "trainer" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)  # what we write is tensors and plain data
     assert isinstance(state["rng"][0]["numpy"][1], torch.Tensor)
     marker = tmp_path / "code-ran"
-    torch.save({**state, "payload": _RunsCode(marker)}, ckpt / "trainer_state.pt")
+    torch.save({**state, "payload": _RunsCode(marker)}, state_file)
     # A crafted folder whose checkpoint.json vouches for the crafted file (else it is merely damaged).
     meta = json.loads((ckpt / "checkpoint.json").read_text())
-    meta["files"]["trainer_state.pt"] = {"bytes": (ckpt / "trainer_state.pt").stat().st_size,
-                                         "sha256": sha256_file(ckpt / "trainer_state.pt")}
+    meta["files"]["trainer/trainer_state.pt"] = {"bytes": state_file.stat().st_size, "sha256": sha256_file(state_file)}
     (ckpt / "checkpoint.json").write_text(json.dumps(meta))
-    with pytest.raises(TrainingError, match=r"trainer_state.pt holds objects other than tensors and plain data"):
+    with pytest.raises(TrainingError, match=r"trainer/trainer_state.pt holds objects other than tensors and plain data"):
         Trainer(cfg, progress=False)
     assert not marker.exists()  # refused before anything was unpickled
 

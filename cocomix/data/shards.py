@@ -37,6 +37,7 @@ import numpy as np
 
 from ..config import Config, DataConfig
 from ..files import atomic_write_json, file_identity, sha256_file, sha256_json
+from ..progress import Reporter, si
 from .errors import DataError
 from .sources import iter_documents
 from .synthetic import N_SLOTS, SLOT_NAMES, SyntheticDoc, SyntheticLanguage
@@ -50,6 +51,7 @@ SPLITS = ("train", "val")
 _OUTPUT_NAME = re.compile(r"^(train|val)_\d+(\.concepts)?\.bin$")
 _ENCODE_BATCH_DOCS = 256
 _ENCODE_BATCH_CHARS = 4_000_000
+_LINE_EVERY_S = 30.0  # seconds between plain progress lines of tokenizing
 _SKIPPED_LISTED = 100  # skipped corpus files named in the manifest (all are counted)
 
 
@@ -181,8 +183,7 @@ def _make_tokenizer(cfg: Config, tmp: Path, progress: bool):
     if cfg.tokenizer.path:
         tok = load_tokenizer(cfg.tokenizer.path)
     else:
-        if progress:
-            print(f"training byte-level BPE (vocab {cfg.tokenizer.vocab_size}) on the training documents", flush=True)
+        print(f"training byte-level BPE (vocab {cfg.tokenizer.vocab_size}) on the training documents", flush=True)
         texts = (d.text for d in iter_documents(cfg.data, split="train"))
         tok = train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.train_max_chars)
     tok.save_pretrained(str(tmp / "tokenizer"))
@@ -202,18 +203,24 @@ def _write_shards(data: DataConfig, tmp: Path, backend, eos_id: int, dtype: np.d
     """Step 2: stream documents -> token ids -> shards, encoded in batches of documents; returns
     ({split: its shards}, the largest token id written). Corpus files skipped as not text are
     appended to `skipped`."""
-    from tqdm.auto import tqdm
-
     synthetic = data.source == "synthetic"
     writers = {s: _ShardWriter(tmp, s, dtype, data.shard_tokens, synthetic) for s in SPLITS}
     max_id = -1
-    bar = tqdm(desc=f"tokenizing {data.source}", unit="doc", disable=not progress)
+    # The number of documents is unknown while streaming: a bar on a terminal, else a plain line
+    # every `_LINE_EVERY_S` seconds and one at the end.
+    reporter = Reporter(f"tokenizing {data.source}", None, "doc", progress, every_s=_LINE_EVERY_S)
+
+    def report(final: bool = False) -> None:
+        if reporter.due(final):
+            tokens = sum(w.n_tokens for w in writers.values())
+            rate = tokens / max(time.perf_counter() - reporter.started, 1e-9)
+            reporter.line(f"tokenizing {data.source}: {reporter.done:,} docs {tokens:,} tokens {si(rate)} tok/s")
 
     def flush(batch: list) -> None:
         nonlocal max_id
         max_id = max(max_id, _encode_documents(batch, backend, eos_id, synthetic, writers))
-        bar.update(len(batch))
-        bar.set_postfix(tokens=sum(w.n_tokens for w in writers.values()), refresh=False)
+        reporter.update(len(batch), tokens=sum(w.n_tokens for w in writers.values()))
+        report()
 
     batch: list = []
     chars = 0
@@ -225,7 +232,8 @@ def _write_shards(data: DataConfig, tmp: Path, backend, eos_id: int, dtype: np.d
             batch, chars = [], 0
     if batch:
         flush(batch)
-    bar.close()
+    report(final=True)
+    reporter.close()
     splits = {s: w.finish() for s, w in writers.items()}
     for s in SPLITS:
         if splits[s]["n_docs"] == 0:

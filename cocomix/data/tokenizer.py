@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..files import sha256_text
+from ..files import atomic_write_text, sha256_text
 from .errors import DataError
 
 EOS = "<|endoftext|>"
@@ -56,6 +56,24 @@ def load_tokenizer(path: str | Path):
     if tok.eos_token_id is None:
         raise DataError(f"tokenizer folder {p}: has no eos token (expected e.g. {EOS})")
     return tok
+
+
+def set_model_max_length(folder: str | Path, n_positions: int) -> None:
+    """Record the model's context as a saved tokenizer's `model_max_length` (tokenizer_config.json).
+
+    A tokenizer trained here knows no model and saves transformers' "unbounded" 1e30; a checkpoint's
+    or an exported model's copy says how many tokens the model takes, so `tokenizer(..., truncation=True)`
+    and pipelines stop at the context. Only that one field changes (tokenizer.json, hashed to match
+    shards to their tokenizer, is untouched)."""
+    path = Path(folder) / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        config = {}
+    except ValueError:
+        raise DataError(f"{path}: not valid JSON") from None
+    config["model_max_length"] = int(n_positions)
+    atomic_write_text(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _canonical_hash(tokenizer_json: str) -> str:

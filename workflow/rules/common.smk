@@ -1,9 +1,18 @@
 # The names the rules' shell commands use. They stay out of `params` (see the lint notes in the
 # Snakefile): a moved environment or another path to the same config must not rerun finished jobs.
+from snakemake.exceptions import WorkflowError
+
 CONFIG = PLAN.config_path
 EXP = PLAN.exp
 OFFLINE = PLAN.offline
 COCOMIX = PLAN.cli
 # CPU threads of each GPU job (training, SAE, labels, evaluation): the cores shared among the GPUs
 # of `--resources gpu=N`, so N of them run side by side.
-GPU_THREADS = PLAN.gpu_job_threads(workflow.cores, requested(workflow, None, "gpu"))
+def _cores():
+    try:
+        return workflow.cores
+    except WorkflowError:  # `snakemake --report` / `--lint` without --cores: no job runs
+        return 1
+
+
+GPU_THREADS = PLAN.gpu_job_threads(_cores(), requested(workflow, None, "gpu"))

@@ -7,6 +7,6 @@ rule prepare_data:
         f"{EXP}/logs/prepare_data.log",
     benchmark:
         f"{EXP}/benchmarks/prepare_data.tsv"
-    threads: workflow.cores
+    threads: _cores()
     shell:
         "{COCOMIX} prepare-data --config {CONFIG} > {log} 2>&1"

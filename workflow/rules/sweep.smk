@@ -18,7 +18,7 @@ rule sweep:
         f"{EXP}/logs/sweep.log",
     benchmark:
         f"{EXP}/benchmarks/sweep.tsv"
-    threads: workflow.cores
+    threads: _cores()
     resources:
         gpu=PLAN.sweep_workers(),
     shell:

@@ -1,0 +1,421 @@
+"""`cocomix export <run or checkpoint> <out>`: a trained checkpoint as a folder ready for the Hugging
+Face Hub (`huggingface-cli upload <repo> <out>`), loadable without this package.
+
+    <out>/
+      model.safetensors            the weights
+      config.json                  with `auto_map`, so AutoModelForCausalLM finds the classes below
+      generation_config.json
+      model.py, slots.py           the model's code (remote code: `trust_remote_code=True`)
+      tokenizer.json, tokenizer_config.json   model_max_length = the model's context (n_positions)
+      README.md                    the model card: method (and ablation), data, tokens trained,
+                                   parameters, geometry, the evaluation numbers of the checkpoint's
+                                   eval.json with their standard errors, and the `lm_eval` command
+                                   that reproduces them
+      eval_tasks/                  only when that evaluation read local task files (the synthetic
+                                   tasks, offline copies of the paper's benchmarks): their task YAMLs
+                                   and data, with paths relative to <out>, for that command
+
+No trainer state (trainer/, trainer_state.pt, optimizer.pt) and no run records (checkpoint.json,
+eval.json, lm_eval_results.json) are copied. A run folder exports its newest checkpoint. The folder
+is written under a temporary name beside <out> and renamed into place when complete (a reader never
+sees half of it); its files get the modes a plain `open` gives (0644 under umask 022). An existing
+non-empty <out> is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cocomix.callbacks import Checkpointer
+from cocomix.data.errors import DataError
+from cocomix.data.tokenizer import set_model_max_length
+from cocomix.files import follow_umask, read_sealed_json, sha256_file, sha256_text
+from cocomix.model import CocomixForCausalLM
+from cocomix.params import count_params
+from evals.harness import expand_tasks
+from evals.offline_tasks import OFFLINE_SUFFIX, PAPER_TASKS
+from evals.run import find_checkpoints, load_eval_config
+from evals.synthetic_tasks import SYNTHETIC_TASKS
+
+README = "README.md"
+TASKS_DIR = "eval_tasks"
+# What a tokenizer folder may hold (copied as they are; model_max_length is then set to the context).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "chat_template.jinja")
+# What the exported folder must never hold (checked after writing it).
+TRAINER_FILES = ("trainer_state.pt", "optimizer.pt")
+
+METHODS = {
+    "ntp": "next-token prediction (the baseline: the backbone and its cross-entropy loss, nothing else)",
+    "ntp_zloss": "next-token prediction with a z-loss on the log-partition function",
+    "kd": "next-token prediction plus knowledge distillation from a frozen teacher LM (KL to its next-token "
+          "distribution)",
+    "pause": "pause tokens: a learned vector interleaved after every token, giving the upper blocks extra positions",
+    "kd_pause": "knowledge distillation and pause tokens together",
+    "cocomix": "CoCoMix (Continuous Concept Mixing, Tack et al., 2025): after `insert_layer` blocks a concept head "
+               "predicts the sparse-autoencoder concepts a frozen teacher's residual stream attributes the next "
+               "token to (cross-entropy on the top `k_attr` labels), compresses its TopK prediction into one "
+               "continuous vector, and interleaves that vector with the token's hidden state for the upper blocks",
+}
+
+
+class ExportError(DataError):
+    """A checkpoint that cannot be exported, or an output folder that is in the way (one line)."""
+
+
+# --------------------------------------------------------------------------------------
+# Finding what to export
+# --------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path | None, Path]:
+    """(run folder or None, the checkpoint to export): a checkpoint folder itself, or a run folder's
+    newest complete checkpoint (its final one once training finished)."""
+    run_dir, checkpoints = find_checkpoints(path)  # the same reading of a path as `cocomix eval`
+    return run_dir, checkpoints[-1]
+
+
+def _run_config(run_dir: Path | None):
+    """The run's resolved config (config.yaml), or None for a checkpoint outside a run folder."""
+    if run_dir is None:
+        return None
+    return load_eval_config(run_dir, None, [])
+
+
+def _eval_record(ckpt: Path) -> tuple[dict | None, dict | None]:
+    """(eval.json, lm_eval_results.json beside it) of a checkpoint; (None, None) when not evaluated."""
+    path = ckpt / "eval.json"
+    if not path.is_file():
+        return None, None
+    record = read_sealed_json(path)
+    if record is None:
+        raise ExportError(f"{path} is damaged (not the record `cocomix eval` wrote); run `cocomix eval --force "
+                          f"{ckpt}` again before exporting")
+    raw = None
+    ref = record.get("lm_eval_results")
+    if ref:
+        lm_file = ckpt / ref["file"]
+        text = lm_file.read_text(encoding="utf-8") if lm_file.is_file() else None
+        if text is None or sha256_text(text) != ref["sha256"]:
+            raise ExportError(f"{lm_file} is missing or not the one {path} was written with; run `cocomix eval "
+                              f"--force {ckpt}` again before exporting")
+        raw = json.loads(text)
+    return record, raw
+
+
+# --------------------------------------------------------------------------------------
+# The evaluation: task files and the lm_eval command
+# --------------------------------------------------------------------------------------
+
+
+def _localize_data_files(tree: Any, task: str, out: Path) -> Any:
+    """Copy every file a task config's `data_files` names into `<out>/eval_tasks/<task>/` and point
+    the config at the copies, relative to <out> (lm-eval resolves relative data files against the
+    working directory: the command runs from <out>)."""
+    if isinstance(tree, list):
+        return [_localize_data_files(t, task, out) for t in tree]
+    if not isinstance(tree, dict):
+        return tree
+    new = {}
+    for key, value in tree.items():
+        if key == "data_files" and isinstance(value, dict):
+            files = {}
+            for split, source in value.items():
+                source = Path(source)
+                if not source.is_file():
+                    raise ExportError(f"task {task}: its data file {source} is gone; run `cocomix eval --force` "
+                                      "again before exporting")
+                rel = Path(TASKS_DIR) / task / f"{split}{source.suffix}"
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, out / rel)
+                files[split] = rel.as_posix()
+            new[key] = files
+        else:
+            new[key] = _localize_data_files(value, task, out)
+    return new
+
+
+def export_tasks(record: dict, raw: dict, out: Path) -> tuple[list[str], bool]:
+    """Write the local task YAMLs and data the evaluation read into <out>/eval_tasks/; return the
+    task names for `lm_eval --tasks` and whether `--include_path eval_tasks` is needed."""
+    settings = record["settings"]
+    names, local = [], False
+    for task in expand_tasks(settings["tasks"]):
+        config = (raw.get("configs") or {}).get(task)
+        if task in SYNTHETIC_TASKS:  # our YAML beside its data (evals/synthetic_tasks.py)
+            source = Path((config or {}).get("metadata", {}).get("config_source", ""))
+            yaml_name = f"{task}.yaml"
+        elif task in PAPER_TASKS and settings.get("task_data"):  # a one-member group (evals/offline_tasks.py)
+            data_files = (config or {}).get("dataset_kwargs", {}).get("data_files") or {}
+            source = Path(next(iter(data_files.values()), "")).parent.parent / f"{task}{OFFLINE_SUFFIX}.yaml"
+            yaml_name = f"{task}{OFFLINE_SUFFIX}.yaml"
+        else:  # lm-eval's own task, from the Hub
+            names.append(task)
+            continue
+        if config is None or not source.is_file():
+            raise ExportError(f"task {task}: its task file is not where the evaluation left it ({source}); run "
+                              "`cocomix eval --force` again before exporting")
+        tree = _localize_data_files(yaml.safe_load(source.read_text(encoding="utf-8")), task, out)
+        (out / TASKS_DIR).mkdir(exist_ok=True)
+        (out / TASKS_DIR / yaml_name).write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
+        names.append(Path(yaml_name).stem)
+        local = True
+    return names, local
+
+
+def lm_eval_command(record: dict, raw: dict, cfg, n_positions: int, tasks: list[str], include: bool) -> str:
+    """The `lm_eval` command line that recomputes the checkpoint's task numbers from the exported
+    folder (run from inside it): the settings `cocomix eval` used (evals/run.py, evals/harness.py):
+    zero-shot, its document limit and seeds, batch size, fp32 weights, the model's context as
+    max_length, the device and, on CUDA, the same bf16 autocast. (The CLI has no flag for the
+    bootstrap iterations: bootstrapped standard errors differ, see `_eval_lines`.)"""
+    run = raw.get("config") or {}
+    model_args = ["pretrained=.", "trust_remote_code=True", "dtype=float32", f"max_length={n_positions}",
+                  "backend=causal"]
+    device = record.get("device") or "cpu"
+    if cfg is not None and device.startswith("cuda") and cfg.train.precision in ("auto", "bf16"):
+        model_args.append("mixed_precision_dtype=bfloat16")
+    # eval.json records the batch size; records written before it did take the run's config's.
+    batch_size = (record.get("harness_batch_size") or record["settings"].get("harness_batch_size")
+                  or (cfg.eval.harness_batch_size if cfg is not None else 64))
+    seeds = ",".join(str(run.get(k, d)) for k, d in
+                     (("random_seed", 0), ("numpy_seed", 1234), ("torch_seed", 1234), ("fewshot_seed", 1234)))
+    parts = ["lm_eval --model hf", f"--model_args {','.join(model_args)}", f"--tasks {','.join(tasks)}"]
+    if include:
+        parts.append(f"--include_path {TASKS_DIR}")
+    limit = record["settings"].get("limit")
+    parts.append(f"--num_fewshot {record['settings'].get('num_fewshot', 0)}"
+                 + (f" --limit {limit}" if limit is not None else "")
+                 + f" --batch_size {batch_size}")
+    parts.append(f"--seed {seeds} --device {device} --output_path lm_eval_out")
+    return " \\\n  ".join(parts)
+
+
+# --------------------------------------------------------------------------------------
+# The model card
+# --------------------------------------------------------------------------------------
+
+
+def _num(value: float) -> str:
+    return f"{value:.2f}" if abs(value) >= 100 else f"{value:.4f}"
+
+
+def _value(metrics: dict, key: str) -> str:
+    se = metrics.get(f"{key}_stderr")
+    return _num(metrics[key]) + (f" ± {_num(se)}" if isinstance(se, (int, float)) else "")
+
+
+def _front_matter(cfg, tree: dict, method: str, ablation: str | None) -> str:
+    meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-generation"}
+    if tree.get("license"):  # no config key for it today: omitted unless the run's config.yaml has one
+        meta["license"] = tree["license"]
+    tags = ["cocomix", method, "causal-lm", "custom_code"] + ([f"ablation-{ablation}"] if ablation else [])
+    meta["tags"] = list(dict.fromkeys(tags))
+    if cfg is not None and cfg.data.source == "hf" and cfg.data.hf_path:
+        meta["datasets"] = [cfg.data.hf_path]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def _data_lines(cfg) -> list[str]:
+    if cfg is None:
+        return ["- not recorded (the checkpoint was exported outside its run folder, which holds config.yaml)"]
+    d = cfg.data
+    if d.source == "synthetic":
+        s = d.synthetic
+        source = (f"the synthetic concept-driven corpus of `cocomix.data.synthetic` ({s.n_tokens:,} words, "
+                  f"{s.n_topics} latent topics, {s.n_professions} professions, generator seed {s.seed})")
+    elif d.source == "hf":
+        source = (f"the Hugging Face dataset `{d.hf_path}`" + (f" (config `{d.hf_name}`)" if d.hf_name else "")
+                  + f", split `{d.hf_split}`, field `{d.text_field}`")
+    else:
+        source = "local text files: " + ", ".join(f"`{Path(p).name}`" for p in d.paths)
+    tok = cfg.tokenizer
+    tokenizer = (f"the tokenizer of `{Path(tok.path).name}`" if tok.path
+                 else f"a byte-level BPE trained on the corpus ({tok.vocab_size:,} tokens)")
+    return [f"- corpus: {source}", f"- held-out split: {d.val_fraction:.0%} of the documents (split seed "
+            f"{d.split_seed})", f"- tokenizer: {tokenizer}"]
+
+
+def _method_lines(cfg, config: dict, method: str, ablation: str | None) -> list[str]:
+    lines = [f"- method: `{method}`: {METHODS.get(method, 'see the cocomix harness')}"]
+    if ablation:
+        changes = (cfg.dag.ablations.get(ablation) if cfg is not None else None) or {}
+        detail = ", ".join(f"`{k}={v}`" for k, v in changes.items())
+        lines.append(f"- ablation: `{ablation}`" + (f" ({detail})" if detail else ""))
+    if config.get("slot") == "concept" and cfg is not None:
+        c = cfg.concept
+        lines.append(f"- concepts: a {cfg.sae.n_latents:,}-latent TopK SAE (k={cfg.sae.k}) on block {cfg.sae.layer} of "
+                     f"the teacher; labels: top {c.k_attr} by `{c.scoring}`; TopK {c.k} mixed by `{c.mix}`; "
+                     f"concept-loss weight {c.lam}")
+    if cfg is not None:
+        t = cfg.train
+        lines.append(f"- optimisation: AdamW, peak lr {t.lr:g}, cosine to {t.min_lr_ratio:g}x, weight decay "
+                     f"{t.weight_decay:g}, global batch {t.global_batch_size} x {t.block_size} tokens, seed {cfg.seed}")
+    return lines
+
+
+def model_card(*, name: str, ckpt: Path, meta: dict, config: dict, cfg, tree: dict, counts: dict,
+               record: dict | None, command: str | None, weights_sha256: str) -> str:
+    method = meta.get("method") or config.get("method") or "unknown"
+    ablation = (cfg.tracking.tags.get("ablation") if cfg is not None else None) or None
+    ablation = None if ablation == "none" else ablation
+    lines = [_front_matter(cfg, tree, method, ablation), f"# {name}", ""]
+    lines += [f"A {counts['total']:,}-parameter causal language model trained with `{method}`"
+              + (f" (ablation `{ablation}`)" if ablation else "") + " by the cocomix harness, a reproduction "
+              "of *LLM Pretraining with Continuous Concepts* (Tack et al., 2025). "
+              f"Checkpoint `{ckpt.name}`: step {meta['step']:,}, {meta['tokens_seen']:,} training tokens.", ""]
+    lines += ["## Method", "", *_method_lines(cfg, config, method, ablation), ""]
+    lines += ["## Training data", "", *_data_lines(cfg), f"- tokens trained: {meta['tokens_seen']:,} "
+              f"({meta['step']:,} optimizer steps)", ""]
+    slot = config.get("slot")
+    geometry = [
+        ("parameters", f"{counts['total']:,} total, {counts['non_embedding']:,} without the embeddings"
+         + (f", {counts['active']:,} active per token" if counts["active"] != counts["total"] else "")),
+        ("blocks", f"{config['n_layer']} (pre-LN GPT-2 blocks, tanh-GELU MLP, LM head tied to the embedding)"),
+        ("width", f"{config['n_embd']}, {config['n_head']} heads of {config['n_embd'] // config['n_head']}"),
+        ("context", f"{config['n_positions']} tokens (learned absolute positions)"),
+        ("vocabulary", f"{config['real_vocab_size']:,} tokens" + (
+            f" (embedding padded to {config['vocab_size']:,} rows; padding ids get -inf logits)"
+            if config["vocab_size"] != config["real_vocab_size"] else "")),
+    ]
+    if slot is not None:
+        options = ", ".join(f"{k}={v}" for k, v in (config.get("slot_options") or {}).items())
+        geometry.append(("slot", f"`{slot}` after block {config['insert_layer']} ({options})"))
+    lines += ["## Model", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in geometry), "",
+              "Load it without the cocomix package:", "", "```python",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>", trust_remote_code=True)',
+              'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>")', "```", "",
+              "`attn_implementation` may be `\"sdpa\"` (default) or `\"eager\"` (which can return attention maps); "
+              "`gradient_checkpointing_enable()` works for fine-tuning.", ""]
+    lines += ["## Evaluation", ""]
+    if record is None:
+        lines += ["Not evaluated: run `cocomix eval` on the checkpoint before exporting to include its numbers.", ""]
+    else:
+        lines += _eval_lines(record, command)
+    lines += ["## Files", "", f"- `model.safetensors` sha256 `{weights_sha256}`"
+              + (" (the training checkpoint's, as checkpoint.json records it)"
+                 if meta.get("files", {}).get("model.safetensors", {}).get("sha256") == weights_sha256 else ""),
+              "- no optimizer or trainer state: this folder is for inference and fine-tuning", ""]
+    return "\n".join(lines)
+
+
+def _eval_lines(record: dict, command: str | None) -> list[str]:
+    metrics, settings = record["metrics"], record["settings"]
+    bootstrapped = set(record.get("cocomix_stderrs") or [])
+    rows = []
+    for task in expand_tasks(settings["tasks"]):
+        for key in metrics:
+            if key.startswith(f"{task}/") and not key.endswith("_stderr"):
+                mark = " †" if f"{key}_stderr" in bootstrapped else ""
+                docs = (record.get("n_docs") or {}).get(task, {}).get("effective", "")
+                rows.append(f"| {task} | {key.split('/', 1)[1]} | {_value(metrics, key)}{mark} | {docs} |")
+    lines = [f"`cocomix eval` of this checkpoint (lm-eval {record.get('versions', {}).get('lm_eval', '?')}, "
+             f"{settings.get('num_fewshot', 0)}-shot"
+             + (f", the first {settings['limit']} documents of each task" if settings.get("limit") is not None else "")
+             + f", on {record.get('device', '?')}). Value ± standard error (lm-eval's: binomial for accuracies, "
+             "bootstrap for perplexities).", ""]
+    if rows:
+        lines += ["| task | metric | value | documents |", "|---|---|---|---|", *rows, ""]
+        if bootstrapped:
+            lines += ["† standard error bootstrapped over documents by cocomix (lm-eval reports none for "
+                      "weighted perplexities).", ""]
+    held_out = [(k, label) for k, label in (("val_loss", "loss (nats/token)"), ("val_ppl", "perplexity"))
+                if k in metrics]
+    if held_out:
+        blocks = metrics.get("val_blocks")
+        lines += ["Held-out split of the training corpus (cocomix's perplexity protocol"
+                  + (f", {int(blocks)} blocks of {settings.get('ppl_block_size')} tokens" if blocks else "")
+                  + "; not an lm-eval task): " + ", ".join(f"{label} {_value(metrics, k)}" for k, label in held_out)
+                  + ".", ""]
+    for key, label in (("avg_acc", "average accuracy (the paper's five tasks)"),
+                       ("avg_ppl", "average perplexity (held-out, LAMBADA, WikiText)")):
+        if key in metrics:
+            lines += [f"{label}: {_num(metrics[key])}", ""]
+    if command:
+        lines += ["Reproduce the task numbers with lm-evaluation-harness, from inside this folder (task files "
+                  f"under `{TASKS_DIR}/` are read relative to it):", "", "```bash", command, "```", ""]
+        boot = sorted({k.split("/", 1)[1].removesuffix("_stderr") for k in metrics if k.endswith("_stderr")}
+                      - {"acc", "acc_norm"})
+        if boot:
+            lines += [f"The values are reproduced exactly; the standard errors of {', '.join(boot)} are "
+                      "bootstrapped, and the lm_eval CLI resamples 100,000 times where cocomix resampled 1,000 "
+                      "(no CLI flag sets it), so those differ in their last digits.", ""]
+        if record.get("clipped_continuations"):
+            lines += [f"Note: {record['clipped_continuations']} continuation(s) were longer than the context; "
+                      "cocomix scored them on their last tokens, where lm-eval's `hf` model stops with an "
+                      "assertion, so those tasks need a longer context to run this way.", ""]
+    return lines
+
+
+# --------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out}: exists and is not empty; refusing to overwrite it (choose a new folder or "
+                          "remove it first)")
+
+
+def export(source: str | Path, out: str | Path) -> Path:
+    """Export the checkpoint `source` names (a checkpoint folder, or a run folder: its newest) to the
+    new folder `out`; returns `out`."""
+    out = Path(out)
+    _check_out(out)  # before any work
+    run_dir, ckpt = resolve_checkpoint(source)
+    problem = Checkpointer.damage(ckpt, only=("model.safetensors",))
+    if problem:
+        raise ExportError(f"checkpoint {ckpt} is damaged: {problem}; it cannot be exported")
+    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    record, raw = _eval_record(ckpt)
+    cfg = _run_config(run_dir)
+    tree = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}) if run_dir is not None else {}
+    name = f"{run_dir.name}-{ckpt.name}" if run_dir is not None else ckpt.name
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        model = CocomixForCausalLM.from_pretrained(ckpt)  # the weights as saved (their dtype)
+        model.save_pretrained(tmp)  # weights, config.json with auto_map, model.py + slots.py (this package's)
+        for file in TOKENIZER_FILES:
+            if (ckpt / file).is_file():
+                shutil.copyfile(ckpt / file, tmp / file)
+        if not (tmp / "tokenizer.json").is_file() and not (tmp / "vocab.json").is_file():
+            raise ExportError(f"checkpoint {ckpt}: has no tokenizer files")
+        n_positions = model.config.n_positions
+        set_model_max_length(tmp, n_positions)
+        command = None
+        if record is not None and raw is not None and record["settings"].get("tasks"):
+            tasks, include = export_tasks(record, raw, tmp)
+            command = lm_eval_command(record, raw, cfg, n_positions, tasks, include) if tasks else None
+        counts = count_params(model)
+        card = model_card(
+            name=name, ckpt=ckpt, meta=meta,
+            config=json.loads((tmp / "config.json").read_text()), cfg=cfg, tree=tree,
+            counts={"total": counts.total, "active": counts.active,
+                    "non_embedding": model.num_params(non_embedding=True)},
+            record=record, command=command, weights_sha256=sha256_file(tmp / "model.safetensors"))
+        del model
+        (tmp / README).write_text(card, encoding="utf-8")
+        left = [p for p in tmp.rglob("*") if p.name in TRAINER_FILES or p.name == Checkpointer.TRAINER_DIR]
+        if left:  # never ship what only resuming reads
+            raise ExportError(f"export of {ckpt}: trainer state in the output ({left[0].name})")
+        follow_umask(tmp)  # safetensors writes 0600: 0644 under umask 022, like every other file
+        try:
+            os.replace(tmp, out)  # onto nothing, or onto an empty folder
+        except OSError as e:  # e.g. something was written into <out> meanwhile
+            raise ExportError(f"{out}: cannot move the export into place ({e.strerror})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind (gone once renamed)
+        raise
+    return out
