@@ -235,8 +235,10 @@ class TrainConfig(Section):
     """Train through `torch.compile(model)` (the official code compiles); the first steps are slower."""
     resume: str = "auto"
     """auto: continue from the latest checkpoint in the run folder; never; or a checkpoint path."""
-    data_seed: int = 0
-    """Seed of the block permutation; identical across methods so all see the same order."""
+    data_seed: int | None = None
+    """Seed of the block permutation. null (default): the run's `seed`, so seeds vary the data order as
+    well as the initial weights, while every method of one seed sees the same order (comparisons pair
+    methods by seed). An integer fixes the order across seeds on purpose."""
     log_every_steps: int = 10
     """Optimizer steps between records of train/loss, learning rate, gradient norm and throughput
     (metrics.jsonl and MLflow); the last step is always recorded."""
@@ -294,6 +296,14 @@ class EvalConfig(Section):
     """Validation blocks for `cocomix eval` perplexity; null = all (the paper's protocol)."""
     synthetic_docs: int = 500
     """Documents per generated synthetic task."""
+    diagnostics: bool = True
+    """At every in-training evaluation of an interleaving model (CoCoMix, its interleaving ablations,
+    pause): the read-out slot's attention to its own token, its uniform baseline, and the loss with
+    the concept code removed (`val/readout_self_attn`, `..._uniform`, `val/loss_no_concept`;
+    cocomix/diagnostics.py). Two more forwards per evaluation batch, one with eager attention."""
+    task_seed: int = 0
+    """Seed of the generated synthetic task documents: one set for every run and seed, so seeds and
+    methods are scored on the same documents (their differences pair)."""
 
     def check(self, cfg: Config) -> None:
         _need(self.every_tokens > 0, "eval.every_tokens", "must be positive")
@@ -394,6 +404,10 @@ class ConceptConfig(Section):
     hidden state (the paper's intervention ablation), or not at all (prediction only)."""
     target: Literal["concepts", "hidden_l2", "hidden_cosine"] = "concepts"
     """Predict SAE concepts (CoCoMix) or regress the teacher's hidden state (ablation)."""
+    readout: Literal["concept", "token"] = "concept"
+    """Which interleaved slot the LM head reads: the concept slot after token t (the paper and the
+    official code), or token t's own slot (an ablation, like `pause.readout: token`: the concept slots
+    are then extra positions later tokens attend to). Needs `mix: interleave`."""
 
     def check(self, cfg: Config) -> None:
         n_layer, sae = cfg.model.n_layer, cfg.sae
@@ -402,6 +416,8 @@ class ConceptConfig(Section):
         _need(self.k_attr > 0, "concept.k_attr", "must be positive")
         _need(0 < self.k <= sae.n_latents, "concept.k", f"must be in [1, sae.n_latents={sae.n_latents}]")
         _need(self.lam >= 0, "concept.lam", "must be >= 0")
+        _need(self.readout == "concept" or self.mix == "interleave", "concept.readout",
+              f"'{self.readout}' needs concept.mix: interleave (with mix: {self.mix} there is one slot per token)")
         _need(self.k_attr <= sae.k or self.scoring == "attribution_preact", "concept.k_attr",
               f"{self.k_attr} labels cannot come from sae.k={sae.k} active latents")
         _need(self.labels == "cached" or self.label_precision == "fp32", "concept.label_precision",
@@ -573,8 +589,8 @@ class Config:
     registry checks it (the CLI asks it first); this module does not know the list."""
     seed: int = 0
     """Seed of the run: torch's generator before the model is built (initial weights, then dropout) and
-    the SAE's own streams (the official code: 22). The data order has its own `train.data_seed`, so
-    runs of different seeds see the same blocks in the same order."""
+    the SAE's own streams (the official code: 22), and the data order unless `train.data_seed` fixes
+    it. Evaluation documents do not depend on it (`eval.task_seed`): every seed is scored on the same."""
     scale: str | None = None
     """Which entry of `scales` to apply (e.g. 69M); null: the file as it is (run name 'base')."""
     scales: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -28,7 +28,7 @@ COCOMIX = f"{OFFLINE} {sys.executable} -m cocomix.cli"
 # What the SAE and a label cache are computed from (their rules rerun when these change).
 SAE_KEYS = ("data", "tokenizer", "teacher", "sae", "train.block_size")
 LABEL_KEYS = ("data", "tokenizer", "teacher", "sae", "concept", "train.block_size")
-TABLES = ("main", "sample_efficiency", "ablations")
+TABLES = ("main", "sample_efficiency", "ablations", "diagnostics")
 # `cocomix sweep` searches CoCoMix's settings: every trial is a CoCoMix run (cocomix/sweep.py).
 SWEEP_METHOD = "cocomix"
 # SLURM time limits of training jobs (Dag.runtime_minutes): the run's FLOPs at this fraction of an
@@ -138,8 +138,10 @@ class Dag:
     @staticmethod
     def gpu_job_threads(cores: int, gpus: int | None) -> int:
         """CPU threads of each GPU job: the cores shared among the GPUs (`--resources gpu=N`), so N
-        GPU jobs run at once; all cores when no GPU count is given (a laptop: one job at a time)."""
-        return max(1, cores // gpus) if gpus else cores
+        GPU jobs run at once. With no GPU count (a CPU machine) half the cores, so two jobs run side by
+        side: a small job spends seconds importing torch and writing files with its other cores idle
+        (the CI DAG on 2 cores: 268 s against 346 s one job at a time)."""
+        return max(1, cores // gpus) if gpus else max(1, cores // 2)
 
     # ---- data, teacher, SAE, labels ----
 
@@ -196,7 +198,8 @@ class Dag:
     def report_outputs(self) -> list[str]:
         tables = [f"{self.exp}/tables/{t}.{ext}" for t in TABLES for ext in ("md", "tex", "csv")]
         scales = sorted({r.scale or "base" for r in self.runs.values()})
-        plots = [f"{self.exp}/plots/{kind}_{s}.png" for kind in ("heldout_loss", "downstream") for s in scales]
+        plots = [f"{self.exp}/plots/{kind}_{s}.png" for kind in ("heldout_loss", "downstream", "diagnostics")
+                 for s in scales]
         return tables + plots
 
     def report_entries(self) -> list[tuple[str, str | None]]:

@@ -146,12 +146,18 @@ MIX_MODES = ("interleave", "add", "none")
 class _MixingSlot(Slot):
     """Predict a continuous concept c_t from h_t (`predict`), then mix it into the stream: interleave
     (h_1, c_1, ..., h_T, c_T) (CoCoMix), add it to h_t (the intervention ablation), or leave the
-    stream alone (prediction only) (spec 1.5 and 3)."""
+    stream alone (prediction only) (spec 1.5 and 3). Interleaved, the LM head reads the concept slot
+    after token t (`readout: concept`, the paper and the official code) or token t's own slot
+    (`readout: token`, an ablation)."""
 
     def __init__(self, config):
         super().__init__(config)
         if self.options.mix not in MIX_MODES:
             raise ValueError(f"concept mix must be one of {list(MIX_MODES)}, got {self.options.mix!r}")
+        if self.options.readout not in ("concept", "token"):
+            raise ValueError(f"concept readout must be 'concept' or 'token', got {self.options.readout!r}")
+        if self.options.readout == "token" and self.options.mix != "interleave":
+            raise ValueError(f"concept readout 'token' needs mix 'interleave', got {self.options.mix!r}")
         self.streams = 2 if self.options.mix == "interleave" else 1
         # Prediction only: the compressed concept is computed but never enters the stream.
         self.all_params_reach_stream = self.options.mix != "none"
@@ -164,6 +170,11 @@ class _MixingSlot(Slot):
         if self.options.mix == "add":
             return h + concept, prediction  # h_t <- h_t + c_t
         return h, prediction  # prediction only: the stream is unchanged
+
+    def readout(self, x):
+        if self.streams == 1:
+            return x
+        return x[:, 0::2] if self.options.readout == "token" else x[:, 1::2]
 
 
 @register_slot
@@ -180,6 +191,7 @@ class ConceptSlot(_MixingSlot):
         n_concepts: int = 0   # C, the SAE dictionary size
         k: int = 32           # TopK of z_t kept for compression
         mix: str = "interleave"
+        readout: str = "concept"  # "token": the LM head reads token t's own slot (an ablation)
 
         def __post_init__(self):
             if not 0 < self.k <= self.n_concepts:
@@ -231,6 +243,7 @@ class HiddenSlot(_MixingSlot):
     class Options:
         hidden_dim: int = 0   # D, the teacher's width
         mix: str = "interleave"
+        readout: str = "concept"
 
         def __post_init__(self):
             if self.hidden_dim <= 0:

@@ -31,6 +31,7 @@ from cocomix.config import Config, split_batch
 from cocomix.data import DataError
 from cocomix.data.shards import BlockOrder, TokenBlocks, check_tokenizer_matches, load_manifest
 from cocomix.device import Dist, autocast, peak_flops, setup_distributed, sync
+from cocomix.diagnostics import readout_diagnostics
 from cocomix.faults import point
 from cocomix.files import RunInUse, atomic_write_json, list_checkpoints, lock_run
 from cocomix.methods import Batch, Method, get_method, run_fingerprint
@@ -130,6 +131,11 @@ class Trainer:
         self.untimed_s = 0.0  # seconds of evaluation and checkpointing so far (see `untimed`)
         self.callbacks = self.default_callbacks(progress, on_eval) + list(callbacks or [])
 
+    @property
+    def data_seed(self) -> int:
+        """The seed of this run's data order: `train.data_seed`, or the run's seed when that is null."""
+        return self.cfg.train.data_seed if self.cfg.train.data_seed is not None else self.cfg.seed
+
     def _build_data(self) -> None:
         t, data_dir = self.cfg.train, self.cfg.data_dir
         # sha256 of every shard on the main process; sizes only elsewhere (same files).
@@ -139,7 +145,7 @@ class Trainer:
         for split, blocks in (("train", self.train_blocks), ("val", self.val_blocks)):
             if len(blocks) == 0:
                 raise DataError(f"{data_dir}: the {split} split has fewer tokens than one block of {t.block_size}")
-        self.order = BlockOrder(len(self.train_blocks), t.data_seed)
+        self.order = BlockOrder(len(self.train_blocks), self.data_seed)
         self.micro_batch_size, self.accum_steps = split_batch(t.global_batch_size, t.micro_batch_size,
                                                               self.dist.world_size)
         self.tokens_per_step = t.global_batch_size * t.block_size
@@ -251,6 +257,9 @@ class Trainer:
                 logits = self.model(input_ids=batch.input_ids, use_cache=False).logits
             per_block = {"loss": token_nll(logits, batch.input_ids).mean(dim=1),
                          **self.method.eval_metrics(self.model, batch, logits)}
+            if ev.diagnostics:  # interleaving models: what the read-out slot does (cocomix/diagnostics.py)
+                with self.autocast:
+                    per_block.update(readout_diagnostics(self.model, batch.input_ids))
             for k, v in per_block.items():
                 sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=self.device)) + v.double().sum()
             blocks += batch.input_ids.size(0)

@@ -110,6 +110,7 @@ class Run:
     downstream: dict[str, float] = field(default_factory=dict)  # final checkpoint's eval metrics
     # (tokens, average accuracy, its lm-eval standard error or None) per evaluated checkpoint
     downstream_curve: list[tuple[int, float, float | None]] = field(default_factory=list)
+    val_history: list[dict] = field(default_factory=list)  # every in-training evaluation record (val/*)
 
     @property
     def label(self) -> str:
@@ -151,10 +152,10 @@ def load_runs(config_path: str | Path) -> list[Run]:
             final = json.loads(final_path.read_bytes())
         except ValueError:
             raise DataError(f"{final_path}: not valid JSON (damaged); rerun the training, it rewrites it") from None
-        curve = [(rec["tokens_seen"], rec["val/loss"]) for rec in MetricsLog(cfg.run_dir / "metrics.jsonl").read()
-                 if "val/loss" in rec]
+        history = [rec for rec in MetricsLog(cfg.run_dir / "metrics.jsonl").read() if "val/loss" in rec]
+        curve = [(rec["tokens_seen"], rec["val/loss"]) for rec in history]
         run = Run(spec.name, spec.method, spec.scale or "base", spec.seed, spec.ablation, cfg.run_dir,
-                  final.get("mlflow_run_id"), final, curve)
+                  final.get("mlflow_run_id"), final, curve, val_history=history)
         evals = load_eval_jsons(cfg.run_dir)
         for ev in evals:
             m = ev.get("metrics", {})
@@ -540,6 +541,52 @@ def ablation_table(runs: list[Run]) -> Table:
                  notes_md, notes_tex)
 
 
+# What the read-out slot does (cocomix/diagnostics.py): column -> (final metrics key, digits)
+DIAGNOSTICS = {
+    "held-out loss": ("val/loss", 4),
+    "loss without concept code": ("val/loss_no_concept", 4),
+    "read-out attention to own token": ("val/readout_self_attn", 3),
+    "uniform": ("val/readout_self_attn_uniform", 3),
+    "concept acc (top-1)": ("val/concept_acc", 3),
+}
+
+
+def diagnostics_table(runs: list[Run]) -> Table:
+    """Every interleaving variant (pause, CoCoMix, its ablations) with its final read-out diagnostics,
+    mean ± std over seeds; '–' where a variant has no such quantity (pause has no concept code)."""
+    header = ["scale", "variant", "seeds", *DIAGNOSTICS, "mlflow runs"]
+    rows = []
+    groups = group(runs)
+    for scale in sorted({r.scale for r in runs}):
+        labels = [lab for (sc, lab), rs in groups.items()
+                  if sc == scale and any("val/readout_self_attn" in r.final for r in rs)]
+        for label in label_order(labels):
+            rs = groups[(scale, label)]
+            cells: list[Cell | str] = [scale, label, str(len(rs))]
+            for key, digits in DIAGNOSTICS.values():
+                values = [r.final[key] for r in rs if key in r.final]
+                cells.append(Cell(*mean_std(values), digits=digits) if len(values) == len(rs) else MISSING)
+            rows.append(cells + [ids(rs)])
+    notes_md = ["Final in-training evaluation, mean ± one standard deviation over seeds. Read-out attention: the "
+                "attention mass the slot the LM head reads gives its own token, mean over the blocks above the "
+                "insertion point, their heads and the positions; uniform: the same for attention spread evenly "
+                "over the prefix. Loss without concept code: the held-out loss with every concept logit scaled "
+                "to 0 before TopK. Concept acc: top-1 predicted concept = the first label."]
+    notes_tex = [r"Final in-training evaluation, mean $\pm$ one standard deviation over seeds. Read-out attention:"
+                 r" attention mass the slot the LM head reads gives its own token (blocks above the insertion"
+                 r" point, heads and positions averaged); uniform: the same for attention spread evenly over the"
+                 r" prefix. Loss without concept code: every concept logit scaled to 0 before TopK."]
+    return Table(header, rows, {k: "std" for k in DIAGNOSTICS}, notes_md, notes_tex,
+                 tex_panels=[["scale", "variant", "seeds", "held-out loss", "loss without concept code"],
+                             ["scale", "variant", "read-out attention to own token", "uniform", "concept acc (top-1)"]])
+
+
+def diagnostic_curves(runs: list[Run], key: str, minus: str | None = None) -> list[list[tuple[float, float]]]:
+    """Per run, (tokens, value of `key` [- value of `minus`]) at every evaluation that has them."""
+    return [[(rec["tokens_seen"], rec[key] - (rec[minus] if minus else 0.0)) for rec in r.val_history
+             if key in rec and (minus is None or minus in rec)] for r in runs]
+
+
 # ----------------------------------------------------------------------------------------
 # Curve aggregation (what the plots draw; tested as numbers)
 # ----------------------------------------------------------------------------------------
@@ -781,6 +828,39 @@ def plot_downstream(runs: list[Run], scale: str, path: Path, colors: dict[str, s
     return _save(fig, path)
 
 
+def plot_diagnostics(runs: list[Run], scale: str, path: Path, colors: dict[str, str]) -> Path:
+    import matplotlib.pyplot as plt
+
+    groups = {label: rs for (sc, label), rs in group(runs).items() if sc == scale}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), layout="constrained")
+    panels = [("val/readout_self_attn", None, "attention mass to own token",
+               "read-out slot's attention to its own token\n(dotted: uniform over the prefix)"),
+              ("val/loss_no_concept", "val/loss", "loss without concept code − loss (nats)",
+               "what the concept code carries: loss increase\nwith every concept logit scaled to 0"),
+              ("val/concept_acc", None, "top-1 concept accuracy", "concept prediction: top-1 = first label")]
+    seeds: dict[str, int] = {}
+    for ax, (key, minus, ylabel, title) in zip(axes, panels):
+        drawn = 0
+        for label in label_order(groups):
+            band = seed_band(diagnostic_curves(groups[label], key, minus), "std")
+            if band is None or not band.x:
+                continue
+            _band(ax, band.x, band, colors[label])
+            seeds[label], drawn = band.n, drawn + 1
+            if key == "val/readout_self_attn":
+                uniform = seed_band(diagnostic_curves(groups[label], "val/readout_self_attn_uniform"), "std")
+                if uniform is not None and uniform.x:
+                    ax.plot(uniform.x, uniform.mean, color=colors[label], linestyle=":", linewidth=1.2)
+        if minus:
+            ax.axhline(0.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set(xlabel="tokens seen", ylabel=ylabel, title=title)
+        if not drawn:
+            _no_data(ax, "no run with this diagnostic")
+    _legend(fig, label_order(groups), colors, seeds)
+    fig.suptitle(f"scale {scale}: read-out diagnostics of the interleaving methods (mean over seeds, band ±1 std)")
+    return _save(fig, path)
+
+
 def plot_curves(runs: list[Run], out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -791,6 +871,7 @@ def plot_curves(runs: list[Run], out_dir: Path) -> list[Path]:
     for scale in sorted({r.scale for r in runs}):
         written.append(plot_heldout(runs, scale, out_dir / f"heldout_loss_{scale}.png", colors))
         written.append(plot_downstream(runs, scale, out_dir / f"downstream_{scale}.png", colors))
+        written.append(plot_diagnostics(runs, scale, out_dir / f"diagnostics_{scale}.png", colors))
     return written
 
 
@@ -809,5 +890,8 @@ def report(config_path: str | Path) -> Path:
     write_table(tables, "ablations", ablation_table(runs),
                 caption=f"{cfg.experiment}: final held-out loss of CoCoMix and its ablations, mean ± std over seeds; "
                         "differences paired by seed")
+    write_table(tables, "diagnostics", diagnostics_table(runs),
+                caption=f"{cfg.experiment}: what the read-out slot does (pause, CoCoMix and its ablations), final "
+                        "in-training evaluation, mean ± std over seeds")
     plot_curves(runs, cfg.experiment_dir / "plots")
     return cfg.experiment_dir

@@ -92,6 +92,7 @@ def _settings(cfg: Config, tasks: list[str]) -> dict[str, Any]:
         "limit": ev.limit,
         "task_data": str(Path(ev.task_data).resolve()) if ev.task_data else None,
         "synthetic_docs": ev.synthetic_docs,
+        "task_seed": ev.task_seed,
         "ppl_block_size": cfg.train.block_size,
         "ppl_max_blocks": ev.ppl_max_blocks,
         "num_fewshot": 0,
@@ -299,7 +300,7 @@ def _run_tasks(run: _Evaluation, model, tokenizer, metrics: dict[str, float],
         run.harness = prepare_harness(
             run.tasks, task_data=ev.task_data, work_dir=cfg.experiment_dir / "eval_tasks",
             data_dir=cfg.data_dir, tokenizer=tokenizer, synthetic_docs=ev.synthetic_docs,
-            max_tokens=model.config.n_positions, seed=cfg.seed,
+            max_tokens=model.config.n_positions, seed=ev.task_seed,  # the same documents for every seed
         )
     t1 = time.time()
     lm = make_lm(model, tokenizer, ev.harness_batch_size, run.autocast)

@@ -54,6 +54,9 @@ def test_paper_scales_match_the_spec():
         (["model.n_positions=16"], "model.n_positions"),
         (["dag.scales=[7B]"], "dag.scales[0]"),
         (["concept.k_attr=40"], "concept.k_attr"),
+        (["concept.readout=token", "concept.mix=add"], "concept.readout"),
+        (["concept.readout=pause"], "concept.readout"),
+        (["train.data_seed=first"], "train.data_seed"),
     ],
 )
 def test_bad_values_name_the_key(overrides, key):

@@ -346,7 +346,8 @@ def test_dag_checks_every_runs_batch_against_the_training_jobs_gpus():
         Dag(ROOT / "config/tiny.yaml", train_gpus=3)
 
 
-@pytest.mark.parametrize("cores,gpus,threads", [(16, 4, 4), (16, None, 16), (2, 4, 1), (16, 1, 16)])
+@pytest.mark.parametrize("cores,gpus,threads", [(16, 4, 4), (16, None, 8), (2, None, 1), (1, None, 1),
+                                                 (2, 4, 1), (16, 1, 16)])
 def test_gpu_job_threads_share_the_cores_among_the_gpus(cores, gpus, threads):
     assert Dag.gpu_job_threads(cores, gpus) == threads
 

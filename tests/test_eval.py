@@ -283,6 +283,31 @@ def test_missing_task_data_names_task_and_option(tmp_path):
 # ---------------------------------------------------------------- cocomix eval on a run folder
 
 
+@pytest.mark.slow
+def test_every_seed_is_scored_on_the_same_synthetic_documents(tiny_teacher, tmp_path):
+    # The synthetic task documents used to be generated from each run's seed: seeds were scored on
+    # different documents, so their differences mixed model and test-set noise.
+    from evals.run import evaluate
+
+    ckpt = Path(tiny_teacher)
+    common = ["eval.tasks=[synth_topic]", "eval.synthetic_docs=16", "eval.ppl_max_blocks=4",
+              f"results_dir={tmp_path}"]
+    records = []
+    for seed in (0, 1):
+        run_dir = tmp_path / f"run-s{seed}"
+        shutil.copytree(ckpt.parent.parent, run_dir, ignore=shutil.ignore_patterns("eval.json", "lm_eval_results.json"))
+        records.append(evaluate(run_dir / "checkpoints" / ckpt.name, common + [f"seed={seed}"], progress=False)[0])
+    generated = sorted(p.name for p in (tmp_path / "tiny" / "eval_tasks" / "synthetic").iterdir())
+    assert generated == ["n16-ctx64-seed0"]  # one set of documents for both seeds (eval.task_seed 0)
+    assert records[0]["settings"]["task_seed"] == records[1]["settings"]["task_seed"] == 0
+    assert records[0]["metrics"]["synth_topic/acc"] == records[1]["metrics"]["synth_topic/acc"]  # same weights, same docs
+    other = evaluate(tmp_path / "run-s1" / "checkpoints" / ckpt.name, common + ["seed=1", "eval.task_seed=7"],
+                     progress=False)[0]
+    assert other["settings"]["task_seed"] == 7  # a changed task seed re-evaluates
+    assert sorted(p.name for p in (tmp_path / "tiny" / "eval_tasks" / "synthetic").iterdir()) == [
+        "n16-ctx64-seed0", "n16-ctx64-seed7"]
+
+
 def test_eval_run_folder_twice_evaluates_each_checkpoint_once(tiny_teacher, tmp_path, capsys):
     import mlflow
 

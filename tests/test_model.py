@@ -511,3 +511,86 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path, vari
     with torch.no_grad():
         out = checkpointed.generate(ids[:, :4], max_new_tokens=5, do_sample=False, pad_token_id=PAD)
     assert out.shape == (2, 9)
+
+
+# ---- CoCoMix's read-out slot -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("readout", ["concept", "token"])
+def test_the_lm_head_reads_the_slot_the_readout_names(readout):
+    # Position t's logits come from the concept slot after token t (paper, code) or from token t's own
+    # slot (the ablation). Replacing the last concept slot's vector changes the last logits only when
+    # the head reads that slot: token t's slot comes before it and cannot attend to it.
+    torch.manual_seed(0)
+    options = {"n_concepts": 40, "k": 4, "readout": readout}
+    model = CocomixForCausalLM(tiny_config(init_std=0.2, slot="concept", insert_layer=1, slot_options=options)).eval()
+    ids = torch.randint(3, VOCAB, (2, 12))
+
+    def zero_last_concept(module, args, output):
+        stream, prediction = output
+        stream = stream.clone()
+        stream[:, -1] = 0.0  # (B, 2T, d): position 2T-1 is the concept slot of the last token
+        return stream, prediction
+
+    with torch.no_grad():
+        plain = model(ids).logits
+        handle = model.slot.register_forward_hook(zero_last_concept)
+        changed = model(ids).logits
+        handle.remove()
+    assert torch.equal(plain[:, :-1], changed[:, :-1])  # earlier positions never see the last slot
+    moved = (plain[:, -1] - changed[:, -1]).abs().max().item()
+    assert (moved > 1e-3) if readout == "concept" else (moved == 0.0), moved
+
+
+def test_token_readout_needs_interleaving():
+    with pytest.raises(ValueError, match="concept readout 'token' needs mix 'interleave', got 'add'"):
+        CocomixForCausalLM(tiny_config(slot="concept", insert_layer=1,
+                                       slot_options={"n_concepts": 40, "k": 4, "readout": "token", "mix": "add"}))
+
+
+# ---- read-out diagnostics (cocomix/diagnostics.py) against the model's own attention maps ----------
+
+
+@pytest.mark.parametrize("slot, options", [("concept", {"n_concepts": 40, "k": 4}),
+                                           ("concept", {"n_concepts": 40, "k": 4, "readout": "token"}),
+                                           ("pause", {"readout": "pause"})])
+def test_readout_diagnostics_equal_the_attention_maps_and_a_zeroed_concept_code(slot, options):
+    from cocomix.diagnostics import readout_diagnostics
+
+    torch.manual_seed(0)
+    model = CocomixForCausalLM(tiny_config(init_std=0.2, n_layer=3, slot=slot, insert_layer=1,
+                                           slot_options=options)).eval()
+    B, T = 3, 10
+    ids = torch.randint(3, VOCAB, (B, T))
+    got = readout_diagnostics(model, ids)
+    with torch.no_grad():
+        maps = model(ids, output_attentions=True).attentions[1:]  # the eager path; above block 1
+    reads_token = options.get("readout") == "token"
+    rows = [2 * t if reads_token else 2 * t + 1 for t in range(T)]  # the position the LM head reads for token t
+    want = torch.stack([torch.stack([m[:, :, r, 2 * t] for t, r in enumerate(rows)], -1).mean(dim=(1, 2))
+                        for m in maps]).mean(0)
+    assert torch.allclose(got["readout_self_attn"], want, atol=1e-6)
+    assert got["readout_self_attn_uniform"].tolist() == pytest.approx([sum(1 / (r + 1) for r in rows) / T] * B)
+    if slot != "concept":
+        assert "loss_no_concept" not in got
+        return
+    # The concept code removed another way: the predictor's logits zeroed, so TopK keeps value-0 concepts.
+    handle = model.slot.predictor.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
+    with torch.no_grad():
+        logits = model(ids).logits
+    handle.remove()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                            reduction="none").view(B, T - 1).mean(1)
+    assert torch.allclose(got["loss_no_concept"], nll, atol=1e-5)
+    with torch.no_grad():
+        plain = token_nll(model(ids).logits, ids).mean(1)
+    assert (got["loss_no_concept"] - plain).abs().min() > 1e-4  # the code carried something
+
+
+def test_models_without_an_interleaved_slot_have_no_readout_diagnostics():
+    from cocomix.diagnostics import readout_diagnostics
+
+    ids = torch.randint(3, VOCAB, (2, 8))
+    assert readout_diagnostics(CocomixForCausalLM(tiny_config()).eval(), ids) == {}
+    add = tiny_config(slot="concept", insert_layer=1, slot_options={"n_concepts": 40, "k": 4, "mix": "add"})
+    assert readout_diagnostics(CocomixForCausalLM(add).eval(), ids) == {}

@@ -22,7 +22,7 @@ CKPT_TOKENS = [2000, 4000]  # checkpoints with an eval.json
 # paired by seed (2.95 - 3.00) differs from the difference of means (2.95 - 3.05).
 FINAL_LOSS = {("ntp", 0): 3.00, ("ntp", 1): 3.10, ("kd", 0): 2.98, ("kd", 1): 3.11, ("pause", 0): 3.02,
               ("pause", 1): 3.07, ("cocomix", 0): 2.90, ("cocomix", 1): 3.06, ("act_labels", 0): 2.95,
-              ("mix_only", 0): 3.01}
+              ("mix_only", 0): 3.01, ("token_readout", 0): 3.04}
 PAPER_VALUES = ["lambada_openai/perplexity", "wikitext/word_perplexity", "hellaswag/acc_norm", "piqa/acc",
                 "social_iqa/acc", "arc_easy/acc", "winogrande/acc", "synth_topic/acc", "synth_recall/acc"]
 
@@ -31,6 +31,20 @@ def _curve(label: str, seed: int) -> list[tuple[int, float]]:
     """Held-out loss falling to FINAL_LOSS at the last point; a per-seed wiggle at the others."""
     final = FINAL_LOSS[(label, seed)]
     return [(t, final + 0.6 * (TOKENS[-1] / t - 1) + 0.01 * seed * (t != TOKENS[-1])) for t in TOKENS]
+
+
+def _diagnostics(label: str, seed: int, tokens: int) -> dict[str, float]:
+    """Fabricated read-out diagnostics (cocomix/diagnostics.py) of the interleaving variants: pause has
+    no concept code, mix_only no concept labels (so no concept accuracy)."""
+    if label in ("ntp", "kd"):
+        return {}
+    out = {"val/readout_self_attn": 0.02 + 0.01 * seed + tokens / 1e5 + 0.001 * len(label),
+           "val/readout_self_attn_uniform": 0.021}
+    if label != "pause":
+        out["val/loss_no_concept"] = FINAL_LOSS[(label, seed)] + 0.5 + 0.1 * seed + tokens / 1e4
+    if label not in ("pause", "mix_only"):
+        out["val/concept_acc"] = 0.1 + 0.05 * seed + tokens / 1e5
+    return out
 
 
 def _metrics(label: str, seed: int, tokens: int) -> dict[str, float]:
@@ -64,7 +78,8 @@ def build_experiment(root: Path) -> Path:
         log = MetricsLog(cfg.run_dir / "metrics.jsonl")
         for t, loss in _curve(label, spec.seed):
             log.write({"step": t // 100, "tokens_seen": t, "train/loss": loss + 0.1})
-            log.write({"step": t // 100, "tokens_seen": t, "val/loss": loss, "val/ppl": math.exp(loss)})
+            log.write({"step": t // 100, "tokens_seen": t, "val/loss": loss, "val/ppl": math.exp(loss),
+                       **_diagnostics(label, spec.seed, t)})
         for t in CKPT_TOKENS:
             write_sealed_json(cfg.run_dir / "checkpoints" / f"step_{t // 100:07d}" / "eval.json",
                               {"checkpoint": "x", "step": t // 100, "tokens_seen": t, "method": spec.method,
@@ -72,7 +87,8 @@ def build_experiment(root: Path) -> Path:
         atomic_write_json(cfg.run_dir / "final_metrics.json", {
             "step": 40, "tokens_seen": TOKENS[-1], "val/loss": FINAL_LOSS[(label, spec.seed)],
             "val/ppl": math.exp(FINAL_LOSS[(label, spec.seed)]), "mlflow_run_id": f"id-{spec.name}",
-            "flops_per_token": 6.0e6, "teacher_flops_per_token": 2.0e6 if spec.method == "kd" else 0})
+            "flops_per_token": 6.0e6, "teacher_flops_per_token": 2.0e6 if spec.method == "kd" else 0,
+            **_diagnostics(label, spec.seed, TOKENS[-1])})
     return config
 
 
@@ -169,7 +185,7 @@ def test_differences_to_ntp_and_cocomix_are_paired_by_seed(experiment):
     _, exp_dir = experiment
     header, rows = _md_rows(exp_dir / "tables" / "ablations.md")
     cells = {r[1]: dict(zip(header, r)) for r in rows}
-    assert list(cells) == ["cocomix", "act_labels", "mix_only"]
+    assert list(cells) == ["cocomix", "act_labels", "mix_only", "token_readout"]
     # cocomix - ntp per seed: 2.90 - 3.00 and 3.06 - 3.10; mean -0.07, t-interval with 1 dof.
     d = [2.90 - 3.00, 3.06 - 3.10]
     half = 12.706204736174698 * np.std(d, ddof=1) / math.sqrt(2)
@@ -188,7 +204,7 @@ def test_differences_to_ntp_and_cocomix_are_paired_by_seed(experiment):
 
 def _tex_tables(exp_dir: Path) -> dict[str, str]:
     paths = sorted((exp_dir / "tables").glob("*.tex"))
-    assert [p.stem for p in paths] == ["ablations", "main", "sample_efficiency"]
+    assert [p.stem for p in paths] == ["ablations", "diagnostics", "main", "sample_efficiency"]
     return {p.stem: p.read_text() for p in paths}
 
 
@@ -314,3 +330,31 @@ def test_plots_exist_and_their_bands_are_the_stated_statistics(experiment):
                                                          [m["synth_topic/acc_stderr"] for m in ms]))
     assert CHANCE["synth_topic/acc"] == 0.25
 
+
+
+def test_diagnostics_table_and_plot_show_what_the_readout_slot_does(experiment):
+    from evals.report import diagnostic_curves, group, load_runs, seed_band
+
+    config, exp_dir = experiment
+    rows = {r["variant"]: r for r in _csv_rows(exp_dir / "tables" / "diagnostics.csv")}
+    assert list(rows) == ["pause", "cocomix", "act_labels", "mix_only", "token_readout"]  # interleaving only
+    for label, seeds in (("cocomix", (0, 1)), ("pause", (0, 1)), ("act_labels", (0,))):
+        finals = [_diagnostics(label, s, TOKENS[-1]) for s in seeds]
+        attn = [f["val/readout_self_attn"] for f in finals]
+        assert float(rows[label]["read-out attention to own token"]) == pytest.approx(np.mean(attn))
+        std = rows[label]["read-out attention to own token_std"]
+        assert (float(std) == pytest.approx(np.std(attn, ddof=1))) if len(seeds) > 1 else std == ""
+        assert float(rows[label]["uniform"]) == pytest.approx(0.021)
+    no_code = [_diagnostics("cocomix", s, TOKENS[-1])["val/loss_no_concept"] for s in (0, 1)]
+    assert float(rows["cocomix"]["loss without concept code"]) == pytest.approx(np.mean(no_code))
+    assert float(rows["cocomix"]["loss without concept code_std"]) == pytest.approx(np.std(no_code, ddof=1))
+    assert rows["pause"]["loss without concept code"] == "" and rows["mix_only"]["concept acc (top-1)"] == ""
+    md = (exp_dir / "tables" / "diagnostics.md").read_text()
+    assert "| base | pause | 2 |" in md and "–" in md and "id-pause-base-s0 id-pause-base-s1" in md
+    png = exp_dir / "plots" / "diagnostics_base.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20000
+    # The plotted curve of the loss increase: mean over seeds of (loss without code - loss) per eval point.
+    band = seed_band(diagnostic_curves(group(load_runs(config))[("base", "cocomix")], "val/loss_no_concept", "val/loss"))
+    want = [np.mean([_diagnostics("cocomix", s, t)["val/loss_no_concept"] - _curve("cocomix", s)[i][1] for s in (0, 1)])
+            for i, t in enumerate(TOKENS)]
+    assert band.x == TOKENS and band.mean == pytest.approx(want)

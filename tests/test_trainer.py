@@ -248,6 +248,45 @@ def test_throughput_leaves_out_evaluation_checkpoints_and_the_first_step(tmp_pat
     assert final["mfu"] is None  # no MFU on CPU
 
 
+def test_seeds_vary_the_data_order_every_method_of_a_seed_shares_it_and_data_seed_fixes_it(tmp_path, tiny_data):
+    # Seeds used to vary only the initial weights: every seed read the same blocks in the same order,
+    # so the spread over seeds left out the data order's share of the noise.
+    from cocomix.data.shards import BlockOrder
+
+    def order(name, *extra):
+        trainer = Trainer(_cfg(tmp_path / name, tiny_data, "train.tokens=4096", *extra), progress=False)
+        return trainer.order.take(0, 64).tolist(), len(trainer.train_blocks)
+
+    (ntp0, n_blocks), (ntp1, _) = order("a", "seed=0"), order("b", "seed=1")
+    assert ntp0 == BlockOrder(n_blocks, 0).take(0, 64).tolist() and ntp1 == BlockOrder(n_blocks, 1).take(0, 64).tolist()
+    assert ntp0 != ntp1
+    assert order("c", "seed=1", "method=pause")[0] == ntp1  # methods of one seed pair: the same blocks
+    fixed = BlockOrder(n_blocks, 5).take(0, 64).tolist()
+    assert order("d", "seed=0", "train.data_seed=5")[0] == order("e", "seed=1", "train.data_seed=5")[0] == fixed
+
+
+def test_interleaving_runs_log_their_readout_diagnostics_at_every_evaluation(tmp_path, tiny_data):
+    # mix_only (concept.lam=0) needs no labels: a CoCoMix model trained through the LM loss alone.
+    T = 64  # train.block_size of the tiny configs
+    uniform = {"concept": sum(1 / (2 * t + 2) for t in range(T)) / T, "token": sum(1 / (2 * t + 1) for t in range(T)) / T}
+    common = ["train.tokens=8192", "eval.every_tokens=4096", "eval.max_blocks=8"]
+    for name, extra, readout in (("mix", ["method=cocomix", "concept.lam=0"], "concept"),
+                                 ("tok", ["method=cocomix", "concept.lam=0", "concept.readout=token"], "token"),
+                                 ("pause", ["method=pause", "pause.readout=token"], "token")):
+        final = train(_cfg(tmp_path / name, tiny_data, *common, *extra), progress=False)
+        evals = [r for r in _metrics(tmp_path / name / "tiny" / "runs" / f"{extra[0][7:]}-base-s0") if "val/loss" in r]
+        assert len(evals) == 2, name
+        for rec in evals + [final]:
+            assert 0.0 < rec["val/readout_self_attn"] < 1.0, name
+            assert rec["val/readout_self_attn_uniform"] == pytest.approx(uniform[readout], rel=1e-6), name
+            if name == "pause":
+                assert "val/loss_no_concept" not in rec
+            else:  # removing the concept code changes the loss
+                assert abs(rec["val/loss_no_concept"] - rec["val/loss"]) > 1e-4, name
+    final = train(_cfg(tmp_path / "off", tiny_data, *common, "method=pause", "eval.diagnostics=false"), progress=False)
+    assert not any(k.startswith("val/readout") for k in final)
+
+
 def test_only_the_newest_checkpoints_keep_the_optimizer_state(tmp_path, tiny_data):
     # Every checkpoint used to carry the optimizer (about 2.3 TB over the paper's DAG by estimate);
     # only resuming reads it: from the newest checkpoint, or the one before if the newest is damaged.

@@ -84,8 +84,8 @@ class CoCoMix(Method):
     def slot_options(self, cfg: Config) -> dict:
         c = cfg.concept
         if c.target != "concepts":
-            return {"hidden_dim": _teacher_width(cfg), "mix": c.mix}
-        return {"n_concepts": cfg.sae.n_latents, "k": c.k, "mix": c.mix}
+            return {"hidden_dim": _teacher_width(cfg), "mix": c.mix, "readout": c.readout}
+        return {"n_concepts": cfg.sae.n_latents, "k": c.k, "mix": c.mix, "readout": c.readout}
 
     # ---- labels ----
 
