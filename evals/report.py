@@ -706,6 +706,11 @@ def _colors(labels: list[str]) -> dict[str, str]:
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import EngFormatter
+
+    for ax in fig.axes:  # 250k, not 250000 (long tick labels run into each other)
+        if ax.get_xlabel().startswith("tokens seen"):
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120, bbox_inches="tight")  # tight: nothing clipped
     plt.close(fig)
