@@ -886,17 +886,19 @@ def report(config_path: str | Path) -> Path:
     tables = cfg.experiment_dir / "tables"
     for folder in (tables, cfg.experiment_dir / "plots"):
         clear_stale_tmp(folder)  # what a killed report left
-    write_table(tables, "main", main_table(runs),
-                caption=f"{cfg.experiment}: held-out perplexity and downstream scores, mean over seeds ± standard "
-                        "error (note below)")
-    write_table(tables, "sample_efficiency", sample_efficiency_table(runs),
-                caption=f"{cfg.experiment}: tokens to reach the NTP run's final held-out loss (same scale and seed), "
-                        "mean ± 95% t-interval over seeds")
-    write_table(tables, "ablations", ablation_table(runs),
-                caption=f"{cfg.experiment}: final held-out loss of CoCoMix and its ablations, mean ± std over seeds; "
-                        "differences paired by seed")
-    write_table(tables, "diagnostics", diagnostics_table(runs),
-                caption=f"{cfg.experiment}: what the read-out slot does (pause, CoCoMix and its ablations), final "
-                        "in-training evaluation, mean ± std over seeds")
+    exp = cfg.experiment
+    for name, table, caption in (
+        ("main", main_table(runs), f"{exp}: held-out perplexity and downstream scores, mean over seeds ± standard "
+                                   "error (note below)"),
+        ("sample_efficiency", sample_efficiency_table(runs),
+         f"{exp}: tokens to reach the NTP run's final held-out loss (same scale and seed), mean ± 95% t-interval "
+         "over seeds"),
+        ("ablations", ablation_table(runs),
+         f"{exp}: final held-out loss of CoCoMix and its ablations, mean ± std over seeds; differences paired by seed"),
+        ("diagnostics", diagnostics_table(runs),
+         f"{exp}: what the read-out slot does (pause, CoCoMix and its ablations), final in-training evaluation, "
+         "mean ± std over seeds"),
+    ):
+        write_table(tables, name, table, caption=caption)
     plot_curves(runs, cfg.experiment_dir / "plots")
     return cfg.experiment_dir

@@ -403,8 +403,10 @@ def test_every_method_trains_and_logs_the_same_metrics_to_mlflow(tmp_path, tiny_
 
     shared = {"train/loss", "train/ntp_loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/step",
               "val/loss", "val/ppl"}
-    own = {"ntp": set(), "pause": set(), "kd": {"train/kd_loss"}, "kd_pause": {"train/kd_loss"},
-           "cocomix": {"train/concept_loss", "val/concept_loss", "val/concept_acc", "val/concept_acc_any"}}
+    readout = {"val/readout_self_attn", "val/readout_self_attn_uniform"}  # interleaving models (cocomix/diagnostics.py)
+    own = {"ntp": set(), "pause": readout, "kd": {"train/kd_loss"}, "kd_pause": {"train/kd_loss"} | readout,
+           "cocomix": {"train/concept_loss", "val/concept_loss", "val/concept_acc", "val/concept_acc_any",
+                       "val/loss_no_concept"} | readout}
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert sorted(r.data.tags["method"] for r in runs) == sorted(own)
