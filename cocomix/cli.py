@@ -47,6 +47,14 @@ def _check_method(cfg) -> None:
     get_method(cfg.method)
 
 
+def _no_hf_bars() -> None:
+    """No transformers progress bars (checkpoint saves, the teacher's "Loading weights"): in a job log
+    each is a carriage-return line; the commands print their own progress."""
+    from transformers.utils import logging as hf_logging  # lazy: only the commands that load models
+
+    hf_logging.disable_progress_bar()
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(describe_config(_load(args)), end="")
     return 0
@@ -69,11 +77,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         extra.append(f"seed={args.seed}")
     cfg = _load(args, extra)
     _check_method(cfg)
-    from transformers.utils import logging as hf_logging  # lazy: transformers after the config is valid
-
     from cocomix.trainer import train  # lazy: torch after the config is valid
 
-    hf_logging.disable_progress_bar()  # one bar per checkpoint save is noise; ours shows progress
+    _no_hf_bars()
     final = train(cfg, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(
@@ -85,11 +91,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_train_sae(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from transformers.utils import logging as hf_logging  # lazy: transformers after the config is valid
-
     from cocomix.sae import sae_path, train_sae  # lazy: torch after the config is valid
 
-    hf_logging.disable_progress_bar()  # the teacher's "Loading weights" bar: a carriage-return line in a log
+    _no_hf_bars()
     m = train_sae(cfg, progress=not args.no_progress)
     print(f"done: SAE -> {sae_path(cfg)}  fvu {m['fvu']:.4f}  l0 {m['l0']:.2f}  dead {m['dead_fraction']:.3f}  "
           f"loss increase {m['loss_increase']:.4f}"
@@ -100,11 +104,9 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
 
 def cmd_extract_concepts(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from transformers.utils import logging as hf_logging  # lazy: transformers after the config is valid
-
     from cocomix.concepts import extract_concepts  # lazy: torch after the config is valid
 
-    hf_logging.disable_progress_bar()  # the teacher's "Loading weights" bar: a carriage-return line in a log
+    _no_hf_bars()
     print(extract_concepts(cfg, progress=not args.no_progress))
     return 0
 
@@ -244,11 +246,9 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from transformers.utils import logging as hf_logging  # lazy: transformers only for this command
-
     from cocomix.export import export  # lazy: torch after the arguments are parsed
 
-    hf_logging.disable_progress_bar()
+    _no_hf_bars()
     out = export(args.path, args.out)
     print(f"exported -> {out}")
     return 0

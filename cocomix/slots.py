@@ -60,8 +60,12 @@ class Slot(nn.Module):
         raise NotImplementedError
 
     def readout(self, x):
-        """(B, streams * T, d) -> (B, T, d). Interleaved: the slot after token t predicts token t+1."""
-        return x if self.streams == 1 else x[:, self.streams - 1 :: self.streams]
+        """(B, streams * T, d) -> (B, T, d). Interleaved: the slot after token t predicts token t+1, or
+        token t's own position when the slot's options say `readout: token` (pause and concept ablations)."""
+        if self.streams == 1:
+            return x
+        first = 0 if getattr(self.options, "readout", None) == "token" else self.streams - 1
+        return x[:, first :: self.streams]
 
     def flops_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -99,9 +103,6 @@ class PauseSlot(Slot):
 
     def forward(self, h, steering=None):
         return interleave(h, self.embedding.to(h.dtype).expand_as(h)), None
-
-    def readout(self, x):
-        return x[:, 0::2] if self.options.readout == "token" else x[:, 1::2]
 
     def flops_params(self) -> int:
         return 0  # a broadcast, no matmul
@@ -170,11 +171,6 @@ class _MixingSlot(Slot):
         if self.options.mix == "add":
             return h + concept, prediction  # h_t <- h_t + c_t
         return h, prediction  # prediction only: the stream is unchanged
-
-    def readout(self, x):
-        if self.streams == 1:
-            return x
-        return x[:, 0::2] if self.options.readout == "token" else x[:, 1::2]
 
 
 @register_slot

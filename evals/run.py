@@ -35,6 +35,7 @@ import yaml
 from cocomix.config import Config, config_from_dict, load_config, parse_overrides, _set_dotted
 from cocomix.data import DataError
 from cocomix.callbacks import Checkpointer
+from cocomix.progress import use_bar
 from cocomix.files import (atomic_write_json, atomic_write_text, clear_stale_tmp, list_checkpoints,
                           read_sealed_json, sha256_text, write_sealed_json)
 from cocomix.tracking import PENDING, connect, degrade, replay, tracking_uri
@@ -162,7 +163,7 @@ def evaluate(
     tasks = list(cfg.eval.tasks)
     if cfg.data.source != "synthetic" and "synthetic" in tasks:
         tasks.remove("synthetic")  # the alias means "if the corpus has a generator"
-    bars = progress and sys.stderr.isatty()
+    bars = use_bar(progress)  # tqdm bars only on a terminal
     set_quiet(bars)
     run = _Evaluation(cfg, run_dir, tasks, dev, torch.bfloat16 if use_bf16 else None, progress,
                       {"lm_eval": lm_eval.__version__, "torch": torch.__version__}, bars=bars)
