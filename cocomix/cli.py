@@ -81,11 +81,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _no_hf_bars()
     final = train(cfg, progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(
-            f"done: {cfg.resolved_run_name} step {final['step']} tokens {final['tokens_seen']:,} "
-            f"val/loss {final['val/loss']:.4f} val/ppl {final['val/ppl']:.2f} -> {final['checkpoint']}"
-        )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(
+        f"done: {cfg.resolved_run_name} step {final['step']} tokens {final['tokens_seen']:,} "
+        f"val/loss {final['val/loss']:.4f} val/ppl {final['val/ppl']:.2f} -> {final['checkpoint']}"
+    )
+    if args.eval:  # `cocomix eval <run dir>` in the same process: torch and the model code are loaded already
+        from evals.run import evaluate  # lazy: lm-eval only for a run that evaluates itself
+
+        results = evaluate(cfg.run_dir, progress=not args.no_progress)
+        print(f"done: {len(results)} checkpoint(s) evaluated -> {cfg.run_dir}")
     return 0
 
 
@@ -272,6 +278,8 @@ def _add_training_parsers(sub) -> None:
     _add_config_args(p)
     p.add_argument("--method", default=None, help="shorthand for method=...")
     p.add_argument("--seed", type=int, default=None, help="shorthand for seed=...")
+    p.add_argument("--eval", action="store_true",
+                   help="then evaluate every checkpoint of the run, as `cocomix eval <run dir>` (one process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

@@ -555,6 +555,9 @@ class DagConfig(Section):
     """Methods trained at every scale and seed: names in the method registry (`cocomix.methods`)."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Seeds of the main runs, each a run `<method>-<scale>-s<seed>` (the official code: 22)."""
+    method_seeds: dict[str, list[int]] = field(default_factory=dict)
+    """Method -> its seeds, for methods that run fewer (or other) seeds than `seeds`: e.g. NTP and
+    CoCoMix at 3 seeds and KD at 1. Comparisons against NTP pair by seed, so they use the seeds both have."""
     scales: list[str] = field(default_factory=list)
     """Names from `scales`; empty: the config as it is (scale name 'base')."""
     ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -565,10 +568,17 @@ class DagConfig(Section):
     """Scales of the ablation runs; default `scales` (the paper ablates at 69M only)."""
     evaluate: bool = True
     """Run `cocomix eval` on every checkpoint of every run (tasks from `eval.tasks`)."""
+    evaluate_in_train: bool = True
+    """Evaluate a run's checkpoints at the end of its training job (`cocomix train --eval`: one process,
+    one start-up of torch, transformers and lm-eval); false: a separate `evaluate` job per run."""
     teacher: dict[str, Any] = field(default_factory=dict)
     """Dotted overrides for the teacher, an NTP run named 'teacher', trained when teacher.path is unset."""
 
     def check(self, cfg: Config) -> None:
+        for name, seeds in self.method_seeds.items():
+            _need(name in self.methods, f"dag.method_seeds.{name}", f"must name a method of dag.methods {self.methods}")
+            _need(isinstance(seeds, list) and len(seeds) > 0 and all(isinstance(x, int) for x in seeds),
+                  f"dag.method_seeds.{name}", "must be a non-empty list of integer seeds")
         for i, name in enumerate(self.ablation_scales or []):
             _need(name in cfg.scales, f"dag.ablation_scales[{i}]",
                   f"{name!r} is not defined under 'scales' ({sorted(cfg.scales)})")

@@ -28,9 +28,11 @@ COCOMIX = f"{OFFLINE} {sys.executable} -m cocomix.cli"
 # What the SAE and a label cache are computed from (their rules rerun when these change).
 SAE_KEYS = ("data", "tokenizer", "teacher", "sae", "train.block_size")
 LABEL_KEYS = ("data", "tokenizer", "teacher", "sae", "concept", "train.block_size")
-TABLES = ("main", "sample_efficiency", "ablations", "diagnostics")
+TABLES = ("main", "sample_efficiency", "ablations", "diagnostics", "teacher", "sae")
 # `cocomix sweep` searches CoCoMix's settings: every trial is a CoCoMix run (cocomix/sweep.py).
 SWEEP_METHOD = "cocomix"
+# Snakemake priority of the teacher and of what only it unlocks (train_sae, extract_concepts).
+PRIORITY_TEACHER = 2
 # SLURM time limits of training jobs (Dag.runtime_minutes): the run's FLOPs at this fraction of an
 # H100/H200's dense bf16 peak, times RUNTIME_SAFETY, plus RUNTIME_EXTRA_MIN for start-up, evaluations
 # and checkpoints, at most RUNTIME_MAX_MIN (a job stopped at its limit is resubmitted and resumes).
@@ -39,6 +41,8 @@ RUNTIME_MFU, RUNTIME_PEAK_FLOPS, RUNTIME_SAFETY, RUNTIME_EXTRA_MIN, RUNTIME_MAX_
 
 class Dag:
     """The experiment of one config file, as the rules see it."""
+
+    teacher_priority = PRIORITY_TEACHER  # of the teacher's job and of train_sae and extract_concepts
 
     def __init__(self, config_path: str | Path, train_gpus: int = 1):
         """`train_gpus`: the GPUs (DDP processes) the profile gives each training job; every planned
@@ -114,6 +118,30 @@ class Dag:
         if "labels" in artifacts:
             files += self.label_inputs(cfg)
         return files
+
+    @property
+    def eval_in_train(self) -> bool:
+        """Each training job evaluates its run's checkpoints itself (`dag.evaluate_in_train`): its outputs
+        are then final_metrics.json and eval_summary.json, and there is no `evaluate` rule."""
+        return self.base.dag.evaluate and self.base.dag.evaluate_in_train
+
+    def train_outputs(self) -> list[str]:
+        """What the `train` rule writes per run (a `{run}` wildcard pattern)."""
+        files = [f"{self.exp}/runs/{{run}}/final_metrics.json"]
+        return files + ([f"{self.exp}/runs/{{run}}/eval_summary.json"] if self.eval_in_train else [])
+
+    def train_flags(self) -> str:
+        """`cocomix train` flags of every training job: `--eval` when it evaluates its own checkpoints."""
+        return "--eval" if self.eval_in_train else ""
+
+    def priority(self, run: str) -> int:
+        """Snakemake priority of a training job: the teacher first (the SAE, the labels and every run that
+        reads them wait for it), then the runs that read concept labels (the last to become ready), then
+        the rest; on a few cores this keeps every core busy to the end instead of leaving the teacher's
+        chain for last."""
+        if run == "teacher":
+            return PRIORITY_TEACHER
+        return 1 if "labels" in self.artifacts(self.config(run)) else 0
 
     @staticmethod
     def launcher(gpus: int) -> str:
@@ -191,6 +219,7 @@ class Dag:
 
     def report_inputs(self) -> list[str]:
         files = [f"{self.exp}/runs/{name}/final_metrics.json" for name in self.runs]
+        files += self.teacher_inputs() + self.sae_inputs()  # the teacher and SAE tables
         if self.base.dag.evaluate:
             files += [f"{self.exp}/runs/{name}/eval_summary.json" for name in self.runs]
         return files

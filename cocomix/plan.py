@@ -61,7 +61,8 @@ def plan_runs(config_path: str | Path) -> list[RunSpec]:
     base = load_config(config_path)
     check_method_names(base)
     scales = base.dag.scales or [base.scale]
-    runs = [run_spec(m, sc, s) for sc in scales for m in base.dag.methods for s in base.dag.seeds]
+    runs = [run_spec(m, sc, s) for sc in scales for m in base.dag.methods
+            for s in base.dag.method_seeds.get(m, base.dag.seeds)]
     for name, overrides in base.dag.ablations.items():
         extra = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in overrides.items()]
         seeds = base.dag.seeds if base.dag.ablation_seeds is None else base.dag.ablation_seeds

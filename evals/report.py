@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cocomix.config import load_config
-from cocomix.plan import plan_runs
+from cocomix.plan import plan_runs, teacher_spec
 from cocomix.data import DataError
 from cocomix.files import atomic_write_bytes, atomic_write_text, clear_stale_tmp, read_sealed_json
 from cocomix.tracking import MetricsLog
@@ -442,6 +442,8 @@ MAIN_NOTES_MD = [
     "not divided by n. avg acc and avg ppl: SE_i = sqrt(Σ_k SE_ik²)/K over their K components (held-out ppl "
     f"adds none). {DAGGER}: no per-run SE recorded, seed term only.",
     "held-out ppl: mean ± one standard deviation over seeds (none with one seed).",
+    "Δ loss vs NTP: final held-out loss (nats) minus the NTP run's of the same seed and scale, mean over seeds ± "
+    "half-width of the 95% t-interval (none with one pair).",
 ]
 MAIN_NOTES_TEX = [
     r"Downstream $\pm$ (accuracies in \%): standard error of the mean over the $n$ seeds,"
@@ -450,18 +452,23 @@ MAIN_NOTES_TEX = [
     r" over documents for perplexities); the seeds share the documents, so that part is not divided by $n$."
     r" Avg acc, avg ppl: $\mathrm{SE}_i=\sqrt{\sum_k \mathrm{SE}_{ik}^2}/K$ over their $K$ components (held-out"
     r" ppl adds none). $^\dagger$: no per-run SE recorded, seed term only."
-    r" Held-out ppl: mean $\pm$ one standard deviation over seeds.",
+    r" Held-out ppl: mean $\pm$ one standard deviation over seeds. $\Delta$ loss vs NTP: final held-out loss"
+    r" (nats) minus the NTP run's of the same seed, mean $\pm$ half-width of the 95\% $t$-interval.",
 ]
+DELTA_NTP = "Δ loss vs NTP"
 
 
 def main_table(runs: list[Run]) -> Table:
     extra = extra_accuracy_keys(runs)
-    header = (["scale", "method", "seeds", "held-out ppl"] + [c for c, _, _ in DOWNSTREAM] + ["avg ppl", "avg acc"]
-              + extra + ["mlflow runs"])
+    header = (["scale", "method", "seeds", "held-out ppl", DELTA_NTP] + [c for c, _, _ in DOWNSTREAM]
+              + ["avg ppl", "avg acc"] + extra + ["mlflow runs"])
     rows = []
-    for (scale, label), rs in group([r for r in runs if r.ablation is None]).items():
+    main = [r for r in runs if r.ablation is None]
+    groups = group(main)
+    for (scale, label), rs in groups.items():
         rs = sorted(rs, key=lambda r: r.seed)
-        cells: list[Cell | str] = [scale, label, str(len(rs)), Cell(*mean_std([heldout_ppl(r) for r in rs]))]
+        delta = paired_delta(rs, groups.get((scale, "ntp"))) if label != "ntp" else MISSING
+        cells: list[Cell | str] = [scale, label, str(len(rs)), Cell(*mean_std([heldout_ppl(r) for r in rs])), delta]
         for _, key, lower in DOWNSTREAM:
             cells.append(downstream_cell([run_downstream(r, key) for r in rs], 1 if lower else 100))
         cells.append(downstream_cell([run_avg_ppl(r) for r in rs]))
@@ -470,11 +477,11 @@ def main_table(runs: list[Run]) -> Table:
             cells.append(downstream_cell([run_downstream(r, key) for r in rs], 100))
         cells.append(ids(rs))
         rows.append(cells)
-    spread = {"held-out ppl": "std", **{h: "se" for h in header[4:-1]}}
+    spread = {"held-out ppl": "std", DELTA_NTP: "ci95", **{h: "se" for h in header[5:-1]}}
     # LaTeX: perplexities, the paper's accuracies and other tasks' accuracies one above the other, each
     # panel about a line wide (all 15 columns in one row are twice that)
     keys = header[:3]
-    ppl = ["held-out ppl"] + [c for c, _, lower in DOWNSTREAM if lower] + ["avg ppl"]
+    ppl = ["held-out ppl", DELTA_NTP] + [c for c, _, lower in DOWNSTREAM if lower] + ["avg ppl"]
     acc = [c for c, _, lower in DOWNSTREAM if not lower] + ["avg acc"]
     return Table(header, rows, spread, MAIN_NOTES_MD, MAIN_NOTES_TEX,
                  tex_panels=[keys + ppl, keys[:2] + acc, keys[:2] + extra])  # seeds: once
@@ -579,6 +586,76 @@ def diagnostics_table(runs: list[Run]) -> Table:
     return Table(header, rows, {k: "std" for k in DIAGNOSTICS}, notes_md, notes_tex,
                  tex_panels=[["scale", "variant", "seeds", "held-out loss", "loss without concept code"],
                              ["scale", "variant", "read-out attention to own token", "uniform", "concept acc (top-1)"]])
+
+
+def teacher_table(runs: list[Run], teacher: dict | None) -> Table:
+    """The teacher (the experiment's own NTP run, when the DAG trains it) against every method's
+    students: tokens trained and final held-out loss (the same validation blocks), and the gap."""
+    header = ["model", "seeds", "tokens", "held-out loss", "gap to teacher (nats)", "mlflow runs"]
+    rows: list[list[Cell | str]] = []
+    t_loss = teacher["val/loss"] if teacher else None
+    if teacher:
+        rows.append(["teacher", "1", f"{teacher['tokens_seen']:,}", Cell(t_loss, digits=4), MISSING,
+                     teacher.get("mlflow_run_id") or "(untracked:teacher)"])
+    for (scale, label), rs in group([r for r in runs if r.ablation is None]).items():
+        losses = [r.final["val/loss"] for r in rs]
+        gap = Cell(*mean_std([v - t_loss for v in losses]), digits=4, signed=True) if teacher else MISSING
+        tokens = sorted({r.final["tokens_seen"] for r in rs})
+        rows.append([f"{label} ({scale})", str(len(rs)), " / ".join(f"{t:,}" for t in tokens),
+                     Cell(*mean_std(losses), digits=4), gap, ids(rs)])
+    notes_md = ["Final in-training held-out loss on the same validation blocks, students: mean ± one standard "
+                "deviation over seeds. Gap: student minus teacher (positive: the teacher is better)."]
+    notes_tex = [r"Final in-training held-out loss on the same validation blocks; students: mean $\pm$ one"
+                 r" standard deviation over seeds. Gap: student minus teacher (positive: the teacher is better)."]
+    return Table(header, rows, {"held-out loss": "std", "gap to teacher (nats)": "std"}, notes_md, notes_tex)
+
+
+# The SAE's metrics.json (cocomix/sae.py): column -> (key, digits)
+SAE_COLUMNS = {
+    "FVU": ("fvu", 4),
+    "L0": ("l0", 1),
+    "dead latents": ("dead_fraction", 3),
+    "loss increase (nats)": ("loss_increase", 4),
+    "concept AUROC (best latent)": ("recovery/best_auroc", 3),
+    "untrained SAE": ("recovery/untrained_best_auroc", 3),
+    "random latent": ("recovery/random_auroc", 3),
+}
+
+
+def sae_table(sae: dict | None, cfg) -> Table:
+    """The TopK SAE on the teacher's residual stream: reconstruction, and on the synthetic corpus how well
+    its best latent per ground-truth concept detects that concept, against an untrained SAE of the
+    same size (what picking the best of many random directions gives) and a blindly picked latent."""
+    header = ["layer", "latents", "k", *SAE_COLUMNS, "margin over untrained", "mlflow run"]
+    rows: list[list[Cell | str]] = []
+    if sae:
+        cells: list[Cell | str] = [str(cfg.sae.layer), str(cfg.sae.n_latents), str(cfg.sae.k)]
+        cells += [Cell(sae[key], digits=d) if key in sae else MISSING for key, d in SAE_COLUMNS.values()]
+        margin = (sae["recovery/best_auroc"] - sae["recovery/untrained_best_auroc"]
+                  if "recovery/untrained_best_auroc" in sae else None)
+        cells += [Cell(margin, digits=3, signed=True), sae.get("mlflow_run_id") or "(untracked:sae)"]
+        rows.append(cells)
+    notes_md = ["FVU: fraction of the activations' variance the reconstruction leaves unexplained; loss increase: "
+                "the teacher's held-out loss with its activation replaced by the reconstruction minus without. "
+                "Concept AUROC (synthetic corpus only): per ground-truth concept the best latent's AUROC as a "
+                "detector of the tokens carrying it, mean over concepts; untrained SAE: the same for an SAE of the "
+                "same size at initialisation; random latent: a latent picked blindly."]
+    notes_tex = [r"FVU: fraction of variance unexplained; loss increase: teacher's held-out loss with the"
+                 r" reconstruction minus without. Concept AUROC (synthetic corpus): per ground-truth concept the"
+                 r" best latent's AUROC, mean over concepts; untrained SAE: the same at initialisation."]
+    return Table(header, rows, {}, notes_md, notes_tex,
+                 tex_panels=[["layer", "latents", "k", "FVU", "L0", "dead latents", "loss increase (nats)"],
+                             ["concept AUROC (best latent)", "untrained SAE", "random latent", "margin over untrained"]])
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON record the DAG wrote, None when absent; one line naming the file when damaged."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_bytes())
+    except ValueError:
+        raise DataError(f"{path}: not valid JSON (damaged); rerun the job that writes it") from None
 
 
 def diagnostic_curves(runs: list[Run], key: str, minus: str | None = None) -> list[list[tuple[float, float]]]:
@@ -883,6 +960,8 @@ def plot_curves(runs: list[Run], out_dir: Path) -> list[Path]:
 def report(config_path: str | Path) -> Path:
     cfg = load_config(config_path)
     runs = load_runs(config_path)
+    spec = teacher_spec(config_path)  # the DAG's own teacher run (none when teacher.path is given)
+    teacher = read_json(spec.config(config_path).run_dir / "final_metrics.json") if spec else None
     tables = cfg.experiment_dir / "tables"
     for folder in (tables, cfg.experiment_dir / "plots"):
         clear_stale_tmp(folder)  # what a killed report left
@@ -898,6 +977,10 @@ def report(config_path: str | Path) -> Path:
         ("diagnostics", diagnostics_table(runs),
          f"{exp}: what the read-out slot does (pause, CoCoMix and its ablations), final in-training evaluation, "
          "mean ± std over seeds"),
+        ("teacher", teacher_table(runs, teacher),
+         f"{exp}: the teacher against the students, final held-out loss"),
+        ("sae", sae_table(read_json(cfg.experiment_dir / "sae" / "metrics.json"), cfg),
+         f"{exp}: the TopK SAE on the teacher's residual stream, reconstruction and concept recovery"),
     ):
         write_table(tables, name, table, caption=caption)
     plot_curves(runs, cfg.experiment_dir / "plots")

@@ -65,8 +65,9 @@ def test_every_heavy_rule_leaves_a_benchmark_and_the_report_page_shows_tables_an
     bench = exp / "benchmarks"
     # Snakemake's benchmark TSV (s, max_rss, ...) per job of every heavy rule: the figures that size
     # SLURM runtime and mem_mb.
+    # (no eval/*.tsv: each training job evaluates its own checkpoints, dag.evaluate_in_train)
     expected = {"prepare_data.tsv", "train_sae.tsv", "train/teacher.tsv", "train/cocomix-base-s0.tsv",
-                "eval/cocomix-base-s0.tsv", "extract_concepts/attribution-sequence_mean-k4.tsv"}
+                "extract_concepts/attribution-sequence_mean-k4.tsv"}
     found = {str(p.relative_to(bench)) for p in bench.rglob("*.tsv")}
     assert expected <= found, expected - found
     header, row = (bench / "train/ntp-base-s0.tsv").read_text().splitlines()[:2]
@@ -117,9 +118,9 @@ def test_changing_one_setting_reruns_only_what_reads_it(dag_run, tmp_path):
     other.write_text(yaml.safe_dump(cfg))
     proc = smk(dag_run, other, "--cores", "2", "-n")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # The KD branch (its two training runs and their evaluations) and the report; nothing else.
-    assert planned_jobs(proc.stdout) == {("train", "kd-base-s0"), ("train", "kd-base-s1"), ("evaluate", "kd-base-s0"),
-                                         ("evaluate", "kd-base-s1"), ("report", None), ("all", None)}
+    # The KD branch (its two training runs, which evaluate their checkpoints too) and the report; nothing else.
+    assert planned_jobs(proc.stdout) == {("train", "kd-base-s0"), ("train", "kd-base-s1"), ("report", None),
+                                         ("all", None)}
     cfg["train"]["lr"] = 1.0e-3  # every run reads train.*
     other.write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(smk(dag_run, other, "--cores", "2", "-n").stdout)
@@ -214,7 +215,11 @@ def test_a_batch_the_profiles_gpus_cannot_split_fails_at_planning_in_one_line(tm
 @pytest.mark.slow
 def test_gpu_profile_with_four_gpus_gives_every_gpu_job_a_quarter_of_the_cores(tmp_path):
     # The old rules asked for all cores: with --resources gpu=4 four evaluations ran one after another.
-    proc = _dry_run(tmp_path, ROOT / ".test/config.yaml", "--cores", "16", "--profile", "gpu", "--resources", "gpu=4")
+    cfg = yaml.safe_load((ROOT / ".test/config.yaml").read_text())
+    cfg["dag"]["evaluate_in_train"] = False  # the evaluate rule too
+    config = tmp_path / "separate_eval.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    proc = _dry_run(tmp_path, config, "--cores", "16", "--profile", "gpu", "--resources", "gpu=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = [block for block in proc.stdout.split("\nrule ")[1:]]
     threads = {}
@@ -284,6 +289,31 @@ def test_plan_rejects_unknown_methods_naming_the_key(tmp_path, changes, message)
         plan_runs(write_config(tmp_path, **changes))
 
 
+def test_the_teacher_and_the_runs_that_wait_for_its_labels_go_first(tmp_path):
+    dag = Dag(write_config(tmp_path, dag={"methods": ["ntp", "kd", "cocomix"], "seeds": [0],
+                                          "ablations": {"mix_only": {"concept.lam": 0.0}}}))
+    assert dag.priority("teacher") == dag.teacher_priority == 2
+    assert [dag.priority(r) for r in ("cocomix-base-s0", "mix_only-base-s0", "ntp-base-s0", "kd-base-s0")] == [1, 1, 0, 0]
+    rules = (ROOT / "workflow/rules/concepts.smk").read_text()
+    assert rules.count("priority: PLAN.teacher_priority") == 2  # train_sae and extract_concepts
+
+
+def test_method_seeds_give_some_methods_other_seeds(tmp_path):
+    runs = plan_runs(write_config(tmp_path, dag={"methods": ["ntp", "kd", "cocomix"], "seeds": [0, 1, 2],
+                                                 "method_seeds": {"kd": [0]}}))
+    assert [r.name for r in runs] == ["ntp-base-s0", "ntp-base-s1", "ntp-base-s2", "kd-base-s0",
+                                      "cocomix-base-s0", "cocomix-base-s1", "cocomix-base-s2"]
+
+
+@pytest.mark.parametrize("method_seeds, message", [
+    ({"pause": [0]}, r"^config key 'dag.method_seeds.pause': must name a method of dag.methods \['ntp', 'kd'\]$"),
+    ({"kd": []}, r"^config key 'dag.method_seeds.kd': must be a non-empty list of integer seeds$"),
+])
+def test_method_seeds_name_planned_methods_and_list_seeds(tmp_path, method_seeds, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_runs(write_config(tmp_path, dag={"methods": ["ntp", "kd"], "seeds": [0], "method_seeds": method_seeds}))
+
+
 def test_each_run_reads_what_its_method_needs(tmp_path):
     dag = Dag(write_config(tmp_path, dag={"methods": ["ntp", "kd", "pause", "cocomix"], "seeds": [0],
                                           "ablations": {"act_labels": {"concept.scoring": "activation"},
@@ -327,8 +357,37 @@ def test_cheap_rules_run_locally_and_heavy_rules_have_benchmarks():
     assert local and {w.strip(" ,") for w in local.group(1).splitlines()} == {"all", "report"}
     rules = "".join(p.read_text() for p in (ROOT / "workflow/rules").glob("*.smk"))
     for rule in ("prepare_data", "train_sae", "extract_concepts", "train", "evaluate", "sweep"):
-        body = re.search(rf"^rule {rule}:\n(.*?)(?=^rule |\Z)", rules, re.M | re.S).group(1)
+        body = re.search(rf"^ *rule {rule}:\n(.*?)(?=^ *rule |\Z)", rules, re.M | re.S).group(1)
         assert "    benchmark:\n" in body, rule
+
+
+def test_training_jobs_evaluate_their_own_checkpoints_unless_told_otherwise(tmp_path):
+    """One process per run (dag.evaluate_in_train, default): `cocomix train --eval` writes the run's
+    eval_summary.json beside final_metrics.json; false: a separate evaluate job per run; no evaluation
+    at all with dag.evaluate false."""
+    exp = "results/ci"
+    both = Dag(write_config(tmp_path, dag={"methods": ["ntp"], "seeds": [0]}))
+    assert both.train_outputs() == [f"{exp}/runs/{{run}}/final_metrics.json", f"{exp}/runs/{{run}}/eval_summary.json"]
+    assert both.train_flags() == "--eval" and both.eval_in_train
+    apart = Dag(write_config(tmp_path, dag={"methods": ["ntp"], "seeds": [0], "evaluate_in_train": False}))
+    assert apart.train_outputs() == [f"{exp}/runs/{{run}}/final_metrics.json"] and apart.train_flags() == ""
+    assert f"{exp}/runs/ntp-base-s0/eval_summary.json" in apart.report_inputs()
+    none = Dag(write_config(tmp_path, dag={"methods": ["ntp"], "seeds": [0], "evaluate": False}))
+    assert not none.eval_in_train and none.train_flags() == ""
+    assert f"{exp}/runs/ntp-base-s0/eval_summary.json" not in none.report_inputs()
+
+
+@pytest.mark.slow
+def test_separate_evaluation_jobs_when_training_jobs_do_not_evaluate(tmp_path):
+    cfg = yaml.safe_load((ROOT / ".test/config.yaml").read_text())
+    cfg["dag"]["evaluate_in_train"] = False
+    config = tmp_path / "separate_eval.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    jobs = planned_jobs(_dry_run(tmp_path, config, "--cores", "2").stdout)
+    assert ("evaluate", "kd-base-s0") in jobs and ("evaluate", "teacher") not in jobs
+    default = _dry_run(tmp_path, ROOT / ".test/config.yaml", "--cores", "2")
+    assert default.returncode == 0 and "evaluate" not in {rule for rule, _ in planned_jobs(default.stdout)}
+    assert re.search(r"cocomix\.cli train --config \S+ --no-progress --eval '", default.stdout)
 
 
 def test_given_teacher_and_sae_are_not_built(tmp_path):
@@ -342,7 +401,7 @@ def test_given_teacher_and_sae_are_not_built(tmp_path):
 
 def test_dag_checks_every_runs_batch_against_the_training_jobs_gpus():
     Dag(ROOT / "config/paper.yaml", train_gpus=8)  # 512 / 8 = 64 per rank, micro 16: 4 accumulation steps
-    with pytest.raises(ConfigError, match=r"^run teacher: train.global_batch_size=32 cannot be split evenly over 3"):
+    with pytest.raises(ConfigError, match=r"^run teacher: train.global_batch_size=16 cannot be split evenly over 3"):
         Dag(ROOT / "config/tiny.yaml", train_gpus=3)
 
 

@@ -27,6 +27,11 @@ PAPER_VALUES = ["lambada_openai/perplexity", "wikitext/word_perplexity", "hellas
                 "social_iqa/acc", "arc_easy/acc", "winogrande/acc", "synth_topic/acc", "synth_recall/acc"]
 
 
+TEACHER_LOSS = 2.40
+SAE_METRICS = {"fvu": 0.0272, "l0": 16.0, "dead_fraction": 0.0, "loss_increase": 0.0808, "recovery/best_auroc": 0.8735,
+               "recovery/untrained_best_auroc": 0.7088, "recovery/random_auroc": 0.5000, "mlflow_run_id": "id-sae"}
+
+
 def _curve(label: str, seed: int) -> list[tuple[int, float]]:
     """Held-out loss falling to FINAL_LOSS at the last point; a per-seed wiggle at the others."""
     final = FINAL_LOSS[(label, seed)]
@@ -69,8 +74,8 @@ def build_experiment(root: Path) -> Path:
     from cocomix.tracking import MetricsLog
 
     config = root / "experiment.yaml"
-    dump_config(load_config(ROOT / "config/tiny.yaml", [f"results_dir={root / 'results'}", "tracking.enabled=false"]),
-                config)
+    dump_config(load_config(ROOT / "config/tiny.yaml", [f"results_dir={root / 'results'}", "tracking.enabled=false",
+                                                         "dag.seeds=[0,1]", "dag.method_seeds={}"]), config)
     for spec in plan_runs(config):
         cfg = spec.config(config)
         label = spec.ablation or spec.method
@@ -89,6 +94,10 @@ def build_experiment(root: Path) -> Path:
             "val/ppl": math.exp(FINAL_LOSS[(label, spec.seed)]), "mlflow_run_id": f"id-{spec.name}",
             "flops_per_token": 6.0e6, "teacher_flops_per_token": 2.0e6 if spec.method == "kd" else 0,
             **_diagnostics(label, spec.seed, TOKENS[-1])})
+    exp = load_config(config).experiment_dir
+    atomic_write_json(exp / "runs" / "teacher" / "final_metrics.json", {
+        "step": 80, "tokens_seen": 2 * TOKENS[-1], "val/loss": TEACHER_LOSS, "mlflow_run_id": "id-teacher"})
+    atomic_write_json(exp / "sae" / "metrics.json", SAE_METRICS)
     return config
 
 
@@ -158,6 +167,37 @@ def test_main_table_has_a_pm_on_every_downstream_cell_equal_to_an_independent_co
     assert "SE = sqrt(s²/n + mean_i SE_i²)" in text.split("|")[-1]  # the footnote under the table
 
 
+def test_main_table_gives_each_methods_loss_difference_to_ntp_paired_by_seed(experiment):
+    _, exp_dir = experiment
+    header, rows = _md_rows(exp_dir / "tables" / "main.md")
+    cells = {r[1]: dict(zip(header, r)) for r in rows}
+    csv_rows = {r["method"]: r for r in _csv_rows(exp_dir / "tables" / "main.csv")}
+    assert cells["ntp"]["Δ loss vs NTP"] == "–"
+    for method in ("kd", "pause", "cocomix"):
+        d = [FINAL_LOSS[(method, s)] - FINAL_LOSS[("ntp", s)] for s in (0, 1)]
+        half = stats.t.ppf(0.975, 1) * np.std(d, ddof=1) / math.sqrt(2)
+        assert cells[method]["Δ loss vs NTP"] == f"{np.mean(d):+.4f} ± {half:.4f}", method
+        assert float(csv_rows[method]["Δ loss vs NTP_ci95"]) == pytest.approx(half)
+
+
+def test_teacher_and_sae_tables_show_the_gap_to_the_students_and_the_margin_over_an_untrained_sae(experiment):
+    _, exp_dir = experiment
+    header, rows = _md_rows(exp_dir / "tables" / "teacher.md")
+    cells = {r[0]: dict(zip(header, r)) for r in rows}
+    assert cells["teacher"]["held-out loss"] == f"{TEACHER_LOSS:.4f}" and cells["teacher"]["tokens"] == "8,000"
+    for method in METHODS:
+        gaps = [FINAL_LOSS[(method, s)] - TEACHER_LOSS for s in (0, 1)]
+        row = cells[f"{method} (base)"]
+        assert row["seeds"] == "2" and row["tokens"] == "4,000"
+        assert row["gap to teacher (nats)"] == f"{np.mean(gaps):+.4f} ± {np.std(gaps, ddof=1):.4f}"
+    assert "ablation" not in " ".join(cells)  # students are the main runs
+    header, rows = _md_rows(exp_dir / "tables" / "sae.md")
+    row = dict(zip(header, rows[0]))
+    assert (row["layer"], row["latents"], row["k"]) == ("2", "512", "16")
+    assert row["concept AUROC (best latent)"] == "0.874" and row["untrained SAE"] == "0.709"
+    assert row["margin over untrained"] == f"{0.8735 - 0.7088:+.3f}" and row["mlflow run"] == "id-sae"
+
+
 def test_one_seed_pm_is_lm_evals_stderr_and_missing_stderrs_are_marked(experiment):
     from evals.report import DAGGER, load_runs, main_table
 
@@ -204,7 +244,7 @@ def test_differences_to_ntp_and_cocomix_are_paired_by_seed(experiment):
 
 def _tex_tables(exp_dir: Path) -> dict[str, str]:
     paths = sorted((exp_dir / "tables").glob("*.tex"))
-    assert [p.stem for p in paths] == ["ablations", "diagnostics", "main", "sample_efficiency"]
+    assert [p.stem for p in paths] == ["ablations", "diagnostics", "main", "sae", "sample_efficiency", "teacher"]
     return {p.stem: p.read_text() for p in paths}
 
 
@@ -241,7 +281,7 @@ def test_tex_tables_are_ascii_escaped_without_run_ids_and_fit_the_page(experimen
     for name, tex in tables.items():
         assert tex.isascii(), name
         assert "id-ntp" not in tex and "untracked" not in tex and "mlflow" not in tex, name
-        assert r"$\pm$" in tex and "±" not in tex, name
+        assert (r"$\pm$" in tex or name == "sae") and "±" not in tex, name  # one SAE: nothing has a spread
         body = tex.split("\n", 1)[1].replace(" & ", " ")  # after the comment line, without column separators
         body = re.sub(r"\\[_%&#$]|\$[^$]*\$|\}%$", "", body, flags=re.M)  # escapes, math, a line-end comment
         assert not re.search(r"[_%&#]", body), (name, re.findall(r".{20}[_%&#].{20}", body))  # none raw

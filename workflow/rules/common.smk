@@ -6,6 +6,7 @@ CONFIG = PLAN.config_path
 EXP = PLAN.exp
 OFFLINE = PLAN.offline
 COCOMIX = PLAN.cli
+TRAIN_FLAGS = PLAN.train_flags()  # `--eval`: each training job evaluates its own checkpoints
 # CPU threads of each GPU job (training, SAE, labels, evaluation): the cores shared among the GPUs
 # of `--resources gpu=N`, so N of them run side by side.
 def _cores():

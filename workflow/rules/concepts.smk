@@ -17,6 +17,7 @@ rule train_sae:
     benchmark:
         f"{EXP}/benchmarks/train_sae.tsv"
     threads: GPU_THREADS
+    priority: PLAN.teacher_priority  # on the teacher's chain: every label-reading run waits for it
     resources:
         gpu=1,
     shell:
@@ -40,6 +41,7 @@ rule extract_concepts:
     wildcard_constraints:
         variant="[^/]+",
     threads: GPU_THREADS
+    priority: PLAN.teacher_priority  # on the teacher's chain: every label-reading run waits for it
     resources:
         gpu=1,
     shell:

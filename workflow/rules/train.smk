@@ -1,12 +1,14 @@
 rule train:
     """One (method, scale, seed) run. Killed and rerun, it resumes from its latest checkpoint:
-    only final_metrics.json is the rule's output, so Snakemake never deletes the checkpoints.
-    Inputs: the data and whatever the run's method needs (Dag.train_inputs)."""
+    only final_metrics.json (and, with dag.evaluate_in_train, eval_summary.json: the job then
+    evaluates every checkpoint itself, as the evaluate rule would) are the rule's outputs, so
+    Snakemake never deletes the checkpoints. Inputs: the data and whatever the run's method needs
+    (Dag.train_inputs)."""
     # lint: no conda/container and OFFLINE/CONFIG in the shell on purpose (notes in the Snakefile)
     input:
         lambda wc: PLAN.train_inputs(wc.run),
     output:
-        f"{EXP}/runs/{{run}}/final_metrics.json",
+        PLAN.train_outputs(),
     params:
         fingerprint=lambda wc: PLAN.fingerprint(wc.run),
         overrides=lambda wc: PLAN.overrides(wc.run),
@@ -19,10 +21,11 @@ rule train:
     wildcard_constraints:
         run="[^/]+",
     threads: GPU_THREADS
+    priority: lambda wc: PLAN.priority(wc.run)
     resources:
         gpu=1,
         # SLURM time limit from the run's FLOPs (a job stopped at it is resubmitted and resumes)
         runtime=lambda wc: PLAN.runtime_minutes(wc.run),
     shell:
         "OMP_NUM_THREADS={threads} {OFFLINE} {params.launcher} train --config {CONFIG} --no-progress "
-        "{params.overrides} > {log} 2>&1"
+        "{TRAIN_FLAGS} {params.overrides} > {log} 2>&1"
