@@ -1,5 +1,6 @@
 # The two commands of the README quick start. Each sets up whatever is missing first.
-#   make run    the whole DAG on the embedded default (config/tiny.yaml): ~13 minutes on 2 CPU cores
+#   make run    the whole DAG on the embedded default (config/tiny.yaml): ~8 minutes on 2 CPU cores
+#               (a fresh clone, set-up included: 7m56s, 2026-12-04)
 #   make test   run the test suite (everything; what CI runs)
 #   make test-fast   the tests not marked slow (no training beyond seconds, no snakemake/sweep/
 #                    torchrun/training subprocess): under 2 minutes on 2 CPU cores

@@ -141,10 +141,11 @@ def test_synthetic_tasks_untrained_model_at_chance(tiny_teacher, harness_synthet
 
 @pytest.fixture(scope="module")
 def trained_tiny(tmp_path_factory):
-    """The embedded default (config/tiny.yaml: its language, tokenizer and model) trained on 1.5M
-    tokens, about two minutes on 2 cores, with synthetic tasks built for its corpus. The corpus is
+    """The embedded default's language, tokenizer and width (config/tiny.yaml), 4 blocks, trained on
+    1.5M tokens in 384 steps of 32 x 128 tokens (the default's 6 blocks and 512-token steps would take
+    three times as long), about two minutes on 2 cores, with synthetic tasks built for its corpus. The corpus is
     enlarged to 3M words so those tokens are read once, not repeated: a smaller corpus read twice
-    (tiny.yaml's own 700k words) leaves topic accuracy near 0.47. Smaller models and corpora (the
+    (700k words read twice) leaves topic accuracy near 0.47. Smaller models and corpora (the
     session's tiny teacher) do not learn to use the document's topic."""
     from cocomix.config import load_config
     from cocomix.data.shards import prepare_data
@@ -154,6 +155,8 @@ def trained_tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     cfg = load_config(ROOT / "config/tiny.yaml", [f"results_dir={root}", "tracking.enabled=false",
                                                    "data.synthetic.n_tokens=3000000", "train.tokens=1572864",
+                                                   "model.n_layer=4", "train.block_size=128",
+                                                   "train.global_batch_size=32", "train.micro_batch_size=32",
                                                    "eval.every_tokens=1572864",
                                                    "checkpoint.every_tokens=1572864"])
     prepare_data(cfg, progress=False)
