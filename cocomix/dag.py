@@ -219,7 +219,10 @@ class Dag:
 
     def report_inputs(self) -> list[str]:
         files = [f"{self.exp}/runs/{name}/final_metrics.json" for name in self.runs]
-        files += self.teacher_inputs() + self.sae_inputs()  # the teacher and SAE tables
+        # The teacher and SAE tables read them where some run needs them (no teacher is trained for them)
+        built = {f for name in self.runs for f in self.train_inputs(name)}
+        built |= {f for variant in self.label_specs for f in self.extract_inputs(variant)}
+        files += [f for f in self.teacher_inputs() + self.sae_inputs() if f in built]
         if self.base.dag.evaluate:
             files += [f"{self.exp}/runs/{name}/eval_summary.json" for name in self.runs]
         return files

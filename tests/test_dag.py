@@ -246,6 +246,7 @@ def test_paper_config_plans_the_full_dag_given_by_config_or_by_configfile(tmp_pa
     by_file = _plan(tmp_path, "--configfile", str(paper))
     assert by_file.returncode == 0, by_file.stderr[-3000:]
     expected = {("train", name) for name in Dag(paper).runs}  # the paper's teacher is given (GPT-2)
+    expected |= {("evaluate", name) for name in Dag(paper).runs}  # evaluation jobs apart (dag.evaluate_in_train)
     assert expected <= planned_jobs(by_config.stdout) == planned_jobs(by_file.stdout)
     assert "results/paper/" in by_file.stdout and "results/tiny/" not in by_file.stdout
 
@@ -377,6 +378,17 @@ def test_training_jobs_evaluate_their_own_checkpoints_unless_told_otherwise(tmp_
     assert f"{exp}/runs/ntp-base-s0/eval_summary.json" not in none.report_inputs()
 
 
+def test_the_report_reads_the_teacher_and_sae_only_where_some_run_needs_them(tmp_path):
+    exp = "results/ci"
+    ntp = Dag(write_config(tmp_path, dag={"methods": ["ntp"], "seeds": [0]}))
+    assert not [f for f in ntp.report_inputs() if "teacher" in f or "/sae/" in f]  # no teacher trained for a table
+    kd = Dag(write_config(tmp_path, dag={"methods": ["ntp", "kd"], "seeds": [0]}))
+    assert f"{exp}/runs/teacher/final_metrics.json" in kd.report_inputs()
+    assert f"{exp}/sae/metrics.json" not in kd.report_inputs()
+    full = Dag(write_config(tmp_path, dag={"methods": ["cocomix"], "seeds": [0]}))
+    assert {f"{exp}/runs/teacher/final_metrics.json", f"{exp}/sae/metrics.json"} <= set(full.report_inputs())
+
+
 @pytest.mark.slow
 def test_separate_evaluation_jobs_when_training_jobs_do_not_evaluate(tmp_path):
     cfg = yaml.safe_load((ROOT / ".test/config.yaml").read_text())
@@ -385,7 +397,7 @@ def test_separate_evaluation_jobs_when_training_jobs_do_not_evaluate(tmp_path):
     config.write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(_dry_run(tmp_path, config, "--cores", "2").stdout)
     assert ("evaluate", "kd-base-s0") in jobs and ("evaluate", "teacher") not in jobs
-    default = _dry_run(tmp_path, ROOT / ".test/config.yaml", "--cores", "2")
+    default = _dry_run(tmp_path, ROOT / ".test/config.yaml", "--cores", "2", "--printshellcmds")
     assert default.returncode == 0 and "evaluate" not in {rule for rule, _ in planned_jobs(default.stdout)}
     assert re.search(r"cocomix\.cli train --config \S+ --no-progress --eval '", default.stdout)
 

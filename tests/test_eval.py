@@ -145,7 +145,7 @@ def trained_tiny(tmp_path_factory):
     1.5M tokens in 384 steps of 32 x 128 tokens (the default's 6 blocks and 512-token steps would take
     three times as long), about two minutes on 2 cores, with synthetic tasks built for its corpus. The corpus is
     enlarged to 3M words so those tokens are read once, not repeated: a smaller corpus read twice
-    (700k words read twice) leaves topic accuracy near 0.47. Smaller models and corpora (the
+    (700k words) leaves topic accuracy near 0.47. Smaller models and corpora (the
     session's tiny teacher) do not learn to use the document's topic."""
     from cocomix.config import load_config
     from cocomix.data.shards import prepare_data
@@ -377,6 +377,33 @@ def test_eval_run_folder_twice_evaluates_each_checkpoint_once(tiny_teacher, tmp_
     assert main(["eval", str(tmp_path / "nope")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("cocomix: error: ") and "nope: not found" in err
+
+
+def test_train_with_eval_leaves_what_cocomix_eval_would_and_nothing_for_it_to_redo(tiny_data, tmp_path, capsys):
+    """`cocomix train --eval` (each DAG training job): every checkpoint evaluated in the training process,
+    the run's eval_summary.json written last; `cocomix eval` on the run afterwards finds nothing to do."""
+    from cocomix.cli import main
+    from cocomix.config import load_config
+    from evals.run import RESULTS_FILE
+
+    tiny = str(ROOT / "config/tiny.yaml")
+    over = tiny_overrides(tmp_path, tiny_data, "train.tokens=16384", "eval.every_tokens=8192",
+                          "checkpoint.every_tokens=8192", "eval.tasks=[synth_topic]", "eval.synthetic_docs=8",
+                          "eval.ppl_max_blocks=8", "eval.max_blocks=8", "run_name=ev")
+    assert main(["train", "--config", tiny, "--no-progress", "--eval", *over]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == f"done: 2 checkpoint(s) evaluated -> {load_config(tiny, over).run_dir}"
+    run_dir = load_config(tiny, over).run_dir
+    ckpts = sorted((run_dir / "checkpoints").iterdir())
+    summary = json.loads((run_dir / "eval_summary.json").read_text())
+    assert summary["tokens_seen"] == [8192, 16384] and summary["checkpoints"] == [str(c) for c in ckpts]
+    records = [json.loads((c / RESULTS_FILE).read_text()) for c in ckpts]
+    assert summary["final"] == records[-1]["metrics"] and "synth_topic/acc" in summary["final"]
+    stamps = [(c / RESULTS_FILE).stat().st_mtime_ns for c in ckpts]
+    assert main(["eval", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("already evaluated") == 2, out
+    assert [(c / RESULTS_FILE).stat().st_mtime_ns for c in ckpts] == stamps
 
 
 def test_t_interval_quantiles_are_students_at_every_degree_of_freedom():
