@@ -44,7 +44,7 @@ import yaml
 
 from cocomix.config import RUN_SECTIONS, Config, ConfigError, SweepParam, _set_dotted, config_from_dict, fingerprint
 from cocomix.data import DataError
-from cocomix.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from cocomix.files import RunInUse, atomic_write_bytes, atomic_write_json, atomic_write_text, lock_run
 from cocomix.tracking import RunTracker, TrackingError, connect, degrade, tracking_uri
 
 # Keys every sweep searches (the issue's two design choices); the rest of `sweep.space` is optional.
@@ -58,6 +58,13 @@ class SweepError(RuntimeError):
 class TrialFailed(Exception):
     """A trial that failed for a reason of its own (NaN, out of memory, an impossible combination):
     Optuna records it as FAIL and the worker goes on to the next trial."""
+
+
+class TrialTakenElsewhere(BaseException):
+    """Another worker already runs this very trial: Optuna's SQLite storage can hand one queued trial
+    (a killed worker's, queued again) to two workers at once, and the one that finds the trial's run
+    folder locked leaves it to the other. A BaseException, so Optuna does not record it (a FAIL told
+    here would refuse the other worker's result); `run_worker` goes on to the next trial."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,8 +394,15 @@ def objective_for(cfg: Config, space: dict[str, SweepParam], parent_run_id: str 
             if tokens < total and trial.should_prune():
                 raise EarlyStop()
 
+        held = None
         try:
             tcfg = trial_config(cfg, params, trial.number, run_dir, parent_run_id)
+            try:
+                held = lock_run(tcfg.run_dir)  # the Trainer takes the same lock; held here, it is shared
+            except RunInUse:
+                print(f"trial {trial.number}: another worker runs it (its run folder is locked); left to it",
+                      flush=True)
+                raise TrialTakenElsewhere() from None
             trial.set_user_attr("run_dir", str(tcfg.run_dir))
             _ensure_labels(tcfg)
             final = train(tcfg, progress=False, on_eval=on_eval)
@@ -404,6 +418,9 @@ def objective_for(cfg: Config, space: dict[str, SweepParam], parent_run_id: str 
                 torch.cuda.empty_cache()
             print(f"trial {trial.number} failed: {message}", flush=True)
             raise TrialFailed(message) from None
+        finally:
+            if held is not None:
+                held.close()
         trial.set_user_attr("tokens", final["tokens_seen"])
         _record_trial_run(cfg, trial, tcfg.run_dir, "COMPLETE")
         print(f"trial {trial.number} {params}: val/loss {final['val/loss']:.4f}", flush=True)
@@ -435,10 +452,13 @@ def run_worker(cfg: Config, worker_index: int = 0) -> None:
         if _remaining(cfg, study) <= 0 and _counts(study)["waiting"] == 0:
             study.stop()
 
-    if _remaining(cfg, study) <= 0 and _counts(study)["waiting"] == 0:
-        return
-    study.optimize(objective_for(cfg, space, study.user_attrs.get("mlflow_parent_run_id")),
-                   callbacks=[stop_when_full], catch=(TrialFailed,), gc_after_trial=True)
+    objective = objective_for(cfg, space, study.user_attrs.get("mlflow_parent_run_id"))
+    while _remaining(cfg, study) > 0 or _counts(study)["waiting"] > 0:
+        try:
+            study.optimize(objective, callbacks=[stop_when_full], catch=(TrialFailed,), gc_after_trial=True)
+            return
+        except TrialTakenElsewhere:
+            continue  # that trial is the other worker's; ask for the next one
 
 
 def launch_workers(cfg: Config, config_path: Path, n: int) -> None:

@@ -29,7 +29,8 @@ PAPER_VALUES = ["lambada_openai/perplexity", "wikitext/word_perplexity", "hellas
 
 TEACHER_LOSS = 2.40
 SAE_METRICS = {"fvu": 0.0272, "l0": 16.0, "dead_fraction": 0.0, "loss_increase": 0.0808, "recovery/best_auroc": 0.8735,
-               "recovery/untrained_best_auroc": 0.7088, "recovery/random_auroc": 0.5000, "mlflow_run_id": "id-sae"}
+               "recovery/untrained_best_auroc": 0.7088, "recovery/random_auroc": 0.5000, "recovery/top8_auroc": 0.9312,
+               "recovery/untrained_top8_auroc": 0.8102, "mlflow_run_id": "id-sae"}
 
 
 def _curve(label: str, seed: int) -> list[tuple[int, float]]:
@@ -196,6 +197,7 @@ def test_teacher_and_sae_tables_show_the_gap_to_the_students_and_the_margin_over
     assert (row["layer"], row["latents"], row["k"]) == ("2", "512", "16")
     assert row["concept AUROC (best latent)"] == "0.874" and row["untrained SAE"] == "0.709"
     assert row["margin over untrained"] == f"{0.8735 - 0.7088:+.3f}" and row["mlflow run"] == "id-sae"
+    assert row["best 8 latents (held out)"] == "0.931" and row["margin (8 latents)"] == f"{0.9312 - 0.8102:+.3f}"
 
 
 def test_one_seed_pm_is_lm_evals_stderr_and_missing_stderrs_are_marked(experiment):

@@ -204,3 +204,36 @@ def test_sweep_errors(concept_cache, tmp_path):
     assert out.returncode == 1
     assert len(out.stderr.strip().splitlines()) == 1
     assert "was created with another base config, budget or search space" in out.stderr
+
+
+@pytest.mark.slow
+def test_a_trial_another_worker_already_runs_is_left_to_it_untold(concept_cache, tmp_path):
+    """Optuna's SQLite storage can give one queued trial to two workers at once (seen in CI after a
+    kill: both resumed the retried trial; the one that found its run folder locked failed it, and the
+    other's result was then refused: 'Cannot tell a FAIL trial'). Now the second leaves it untold."""
+    import sys
+
+    import optuna
+
+    from cocomix.sweep import TrialTakenElsewhere, objective_for, search_space, trial_config
+
+    cfg = load(sweep_overrides(concept_cache, tmp_path, "taken"))
+    study = optuna.create_study()
+    params = {"concept.insert_layer": 1, "concept.k": 8}
+    study.enqueue_trial(params)
+    trial = study.ask()
+    lock = trial_config(cfg, params, trial.number).run_dir / ".lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                               "f.write('pid 1 on the other worker'); f.flush(); print('locked', flush=True)\n"
+                               "time.sleep(120)", str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(TrialTakenElsewhere):
+            objective_for(cfg, search_space(cfg), None)(trial)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert study.trials[0].state == optuna.trial.TrialState.RUNNING  # nothing told: the other worker's to tell
+    assert "failure" not in study.trials[0].user_attrs and not (lock.parent / "checkpoints").exists()
