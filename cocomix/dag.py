@@ -31,8 +31,6 @@ LABEL_KEYS = ("data", "tokenizer", "teacher", "sae", "concept", "train.block_siz
 TABLES = ("main", "sample_efficiency", "ablations", "diagnostics", "teacher", "sae")
 # `cocomix sweep` searches CoCoMix's settings: every trial is a CoCoMix run (cocomix/sweep.py).
 SWEEP_METHOD = "cocomix"
-# Snakemake priority of the teacher and of what only it unlocks (train_sae, extract_concepts).
-PRIORITY_TEACHER = 2
 # SLURM time limits of training jobs (Dag.runtime_minutes): the run's FLOPs at this fraction of an
 # H100/H200's dense bf16 peak, times RUNTIME_SAFETY, plus RUNTIME_EXTRA_MIN for start-up, evaluations
 # and checkpoints, at most RUNTIME_MAX_MIN (a job stopped at its limit is resubmitted and resumes).
@@ -42,7 +40,7 @@ RUNTIME_MFU, RUNTIME_PEAK_FLOPS, RUNTIME_SAFETY, RUNTIME_EXTRA_MIN, RUNTIME_MAX_
 class Dag:
     """The experiment of one config file, as the rules see it."""
 
-    teacher_priority = PRIORITY_TEACHER  # of the teacher's job and of train_sae and extract_concepts
+    teacher_priority = 2  # Snakemake priority of the teacher's job and of train_sae and extract_concepts
 
     def __init__(self, config_path: str | Path, train_gpus: int = 1):
         """`train_gpus`: the GPUs (DDP processes) the profile gives each training job; every planned
@@ -140,7 +138,7 @@ class Dag:
         the rest; on a few cores this keeps every core busy to the end instead of leaving the teacher's
         chain for last."""
         if run == "teacher":
-            return PRIORITY_TEACHER
+            return self.teacher_priority
         return 1 if "labels" in self.artifacts(self.config(run)) else 0
 
     @staticmethod

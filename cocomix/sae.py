@@ -529,12 +529,17 @@ def concept_auroc(acts, inds, n_latents: int, token_concepts: np.ndarray) -> tup
     acts, inds: (N, k) SAE codes; token_concepts: (N, n_slots). Returns (concept ids (M,),
     labels (N, M) bool, auc (M, C)). Builds the dense (N, C) codes: keep N * C bounded.
     """
+    ids, labels = concept_labels(token_concepts)
+    return ids, labels, auroc_matrix(_dense_codes(acts, inds, n_latents), labels)  # (M, C)
+
+
+def concept_labels(token_concepts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(concept ids (M,), labels (N, M) bool): every concept id > 0 present on some but not all tokens."""
     ids = np.unique(token_concepts)
     ids = ids[ids > 0]
     labels = np.stack([(token_concepts == c).any(axis=1) for c in ids], axis=1)  # (N, M)
     keep = (labels.sum(axis=0) > 0) & (labels.sum(axis=0) < len(labels))
-    labels = labels[:, keep]
-    return ids[keep], labels, auroc_matrix(_dense_codes(acts, inds, n_latents), labels)  # (M, C)
+    return ids[keep], labels[:, keep]
 
 
 def concept_recovery(acts, inds, n_latents: int, token_concepts: np.ndarray, untrained=None,
@@ -554,7 +559,9 @@ def concept_recovery(acts, inds, n_latents: int, token_concepts: np.ndarray, unt
       recovery/untrained_top8_auroc  the same for the untrained SAE
     """
     n_tokens = min(len(acts), max(1, max_elements // n_latents))  # bounds the dense (N, C) matrix
-    _, labels, auc = concept_auroc(acts[:n_tokens], inds[:n_tokens], n_latents, token_concepts[:n_tokens])
+    _, labels = concept_labels(token_concepts[:n_tokens])
+    dense = _dense_codes(acts[:n_tokens], inds[:n_tokens], n_latents)  # (N, C), for both numbers below
+    auc = auroc_matrix(dense, labels)
     out = {
         "recovery/n_concepts": int(labels.shape[1]),
         "recovery/best_auroc": float(auc.max(axis=1).mean()),
@@ -574,8 +581,7 @@ def concept_recovery(acts, inds, n_latents: int, token_concepts: np.ndarray, unt
         dense_u = _dense_codes(torch.cat(acts_u)[:n_tokens], torch.cat(inds_u)[:n_tokens], n_latents)
         out["recovery/untrained_best_auroc"] = float(auroc_matrix(dense_u, labels).max(axis=1).mean())
         out["recovery/untrained_top8_auroc"] = top_k_auroc(dense_u, labels, TOP_K_LATENTS)
-    out["recovery/top8_auroc"] = top_k_auroc(_dense_codes(acts[:n_tokens], inds[:n_tokens], n_latents), labels,
-                                             TOP_K_LATENTS)
+    out["recovery/top8_auroc"] = top_k_auroc(dense, labels, TOP_K_LATENTS)
     return out
 
 
@@ -593,10 +599,8 @@ def top_k_auroc(dense: np.ndarray, labels: np.ndarray, k: int) -> float:
     if not keep.any():
         return float("nan")
     auc = auroc_matrix(dense[fit], labels[fit][:, keep])  # (M, C)
-    scale = dense[fit].std(axis=0) + 1e-12
-    scores = []
-    for m, row in enumerate(auc):
-        picked = np.argsort(-row)[:k]
-        summed = (dense[test][:, picked] / scale[picked]).sum(axis=1, keepdims=True)
-        scores.append(float(auroc_matrix(summed, labels[test][:, keep][:, [m]])[0, 0]))
+    scaled = dense[test] / (dense[fit].std(axis=0) + 1e-12)
+    held_out = labels[test][:, keep]
+    scores = [float(auroc_matrix(scaled[:, np.argsort(-row)[:k]].sum(axis=1, keepdims=True), held_out[:, [m]])[0, 0])
+              for m, row in enumerate(auc)]
     return float(np.mean(scores))

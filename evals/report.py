@@ -633,6 +633,7 @@ def sae_table(sae: dict | None, cfg) -> Table:
     if sae:
         cells: list[Cell | str] = [str(cfg.sae.layer), str(cfg.sae.n_latents), str(cfg.sae.k)]
         cells += [Cell(sae[key], digits=d) if key in sae else MISSING for key, d in SAE_COLUMNS.values()]
+
         def margin(key: str) -> Cell:
             trained, untrained = sae.get(f"recovery/{key}"), sae.get(f"recovery/untrained_{key}")
             return MISSING if trained is None or untrained is None else Cell(trained - untrained, digits=3, signed=True)
