@@ -69,9 +69,14 @@ class SyntheticConfig(Section):
     n_tokens: int = 3_000_000
     """Approximate number of words to generate (train + val)."""
     n_topics: int = 12
-    """Number of latent topics; each owns its own nouns, verbs and adjectives."""
+    """Number of latent topics; each owns its own content words."""
     words_per_topic: int = 40
-    """Content words per part of speech per topic."""
+    """Content words per topic: per part of speech, or in all if `parts_of_speech` is false."""
+    parts_of_speech: bool = True
+    """Each topic's words split into nouns, verbs and adjectives (`words_per_topic` each); false: one
+    pool per topic fills every content slot, so a topic is one word class (what the default uses)."""
+    max_topics_per_doc: Literal[1, 2] = 2
+    """2: a document mixes one or two topics sentence by sentence (70/30); 1: one topic per document."""
     n_professions: int = 8
     """Entity attributes: each entity introduced in a document has one profession."""
     seed: int = 1234

@@ -92,6 +92,38 @@ def test_topics_shape_word_choice_across_the_document():
     assert base < 0.3, base  # 12 topics mixed at random
 
 
+def test_one_word_pool_and_one_topic_per_document():
+    """`parts_of_speech: false`: each topic's content words are one pool of `words_per_topic` words
+    that fills noun, verb and adjective slots alike; `max_topics_per_doc: 1`: every topic word of a
+    document belongs to one topic. The words of the concept table are the pool, each once."""
+    cfg = SyntheticConfig(n_tokens=60_000, n_topics=6, words_per_topic=5, parts_of_speech=False, max_topics_per_doc=1)
+    lang = SyntheticLanguage(cfg)
+    table = lang.concept_table()
+    topics = [c for c in table["concepts"] if c["kind"] == "topic"]
+    assert [len(c["words"]) for c in topics] == [5] * 6
+    assert all(c["nouns"] == c["verbs"] == c["adjectives"] == c["words"] for c in topics)
+    assert len({w for c in topics for w in c["words"]}) == 30  # pools are disjoint
+    pool = {c["id"]: set(c["words"]) for c in topics}
+    docs = list(lang.documents())
+    for d in docs:
+        words = np.array(d.text.split())
+        t = d.word_concepts[:, 0]
+        assert len(set(t[t > 0].tolist())) == 1
+        assert set(words[t > 0]) <= pool[int(t[t > 0][0])]
+    # Every pool word turns up in every slot: nouns ('the ... .' ends), verbs and adjectives alike.
+    after_the = Counter(w for d in docs for a, w in zip(d.text.split(), d.text.split()[1:]) if a == "the")
+    assert set().union(*pool.values()) <= set(after_the)
+    # The default language keeps two topics per document and three word lists per topic.
+    default = SyntheticLanguage(SyntheticConfig(n_tokens=20_000, n_topics=6, words_per_topic=5))
+    assert all(len(c["words"]) == 15 for c in default.concept_table()["concepts"] if c["kind"] == "topic")
+    assert any(len(set(d.word_concepts[d.word_concepts[:, 0] > 0, 0].tolist())) == 2 for d in default.documents())
+
+
+def test_max_topics_per_doc_is_checked():
+    with pytest.raises(ConfigError, match=r"^config key 'data.synthetic.max_topics_per_doc': expected one of \[1, 2\], got 3$"):
+        load_config(None, ["data.synthetic.max_topics_per_doc=3"])
+
+
 def test_entity_profession_recurs_after_introduction():
     """'NAME the TITLE' introduces a profession; later 'NAME <word>' uses that profession's words."""
     lang = SyntheticLanguage(SyntheticConfig(n_tokens=100_000))

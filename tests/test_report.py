@@ -194,7 +194,7 @@ def test_teacher_and_sae_tables_show_the_gap_to_the_students_and_the_margin_over
     assert set(cells) == {"teacher"} | {f"{m} (base)" for m in METHODS}  # students are the main runs, no ablation
     header, rows = _md_rows(exp_dir / "tables" / "sae.md")
     row = dict(zip(header, rows[0]))
-    assert (row["layer"], row["latents"], row["k"]) == ("2", "512", "16")
+    assert (row["layer"], row["latents"], row["k"]) == ("5", "512", "8")  # config/tiny.yaml
     assert row["concept AUROC (best latent)"] == "0.874" and row["untrained SAE"] == "0.709"
     assert row["margin over untrained"] == f"{0.8735 - 0.7088:+.3f}" and row["mlflow run"] == "id-sae"
     assert row["best 8 latents (held out)"] == "0.931" and row["margin (8 latents)"] == f"{0.9312 - 0.8102:+.3f}"

@@ -4,9 +4,10 @@ Why: CoCoMix claims to help a model learn *concepts*. Real corpora do not tell u
 concepts are, so the default corpus is one where they are known by construction and act over
 the whole document, not just the next word:
 
-* Each document draws 1-2 latent **topics**. Every topic owns its own nouns, verbs and
-  adjectives, so once a few content words have been seen, the topic (and hence the vocabulary
-  of the rest of the document) is predictable.
+* Each document draws 1-2 latent **topics** (`max_topics_per_doc`). Every topic owns its own
+  content words (nouns, verbs and adjectives, or with `parts_of_speech: false` one pool that fills
+  every content slot), so once a few content words have been seen, the topic (and hence the
+  vocabulary of the rest of the document) is predictable.
 * Each document introduces 1-3 named **entities**, each with a **profession** that is stated
   once, when introduced ("mira the baker ..."). Later sentences about the entity use words
   owned by that profession, so predicting them requires remembering the introduction, possibly
@@ -96,7 +97,8 @@ class SyntheticLanguage:
         self.cfg = cfg
         rng = np.random.default_rng([cfg.seed, 0])
         T, W, P = cfg.n_topics, cfg.words_per_topic, cfg.n_professions
-        n_content = 3 * T * W + P * (1 + PROFESSION_WORDS) + N_NAMES
+        n_pos = 3 if cfg.parts_of_speech else 1
+        n_content = n_pos * T * W + P * (1 + PROFESSION_WORDS) + N_NAMES
         words = _pseudo_words(rng, n_content, exclude=set(FUNCTION_WORDS))
 
         # Global vocabulary: function words, topic words [topic][pos][i], profession titles,
@@ -111,7 +113,9 @@ class SyntheticLanguage:
             k += n
             return out
 
-        self.topic_words = take(3 * T * W).reshape(T, 3, W)  # pos 0 noun, 1 verb, 2 adjective
+        # [topic, pos, i]: pos 0 noun, 1 verb, 2 adjective; without parts of speech all three rows
+        # are the topic's one pool, so every user of `topic_words` indexes it the same way.
+        self.topic_words = np.repeat(take(n_pos * T * W).reshape(T, n_pos, W), 3 // n_pos, axis=1)
         self.prof_titles = take(P)
         self.prof_words = take(P * PROFESSION_WORDS).reshape(P, PROFESSION_WORDS)
         self.names = take(N_NAMES)
@@ -144,7 +148,7 @@ class SyntheticLanguage:
             tw = self.topic_words[t]
             concepts.append({
                 "id": self.topic_id(t), "name": f"topic_{t}", "kind": "topic",
-                "words": [v[i] for i in tw.ravel()],
+                "words": [v[i] for i in dict.fromkeys(tw.ravel())],
                 "nouns": [v[i] for i in tw[0]], "verbs": [v[i] for i in tw[1]], "adjectives": [v[i] for i in tw[2]],
             })  # fmt: skip
         for p in range(self.cfg.n_professions):
@@ -177,7 +181,7 @@ class SyntheticLanguage:
         cfg = self.cfg
         W = cfg.words_per_topic
         # Latent variables of the document.
-        topics = rng.choice(cfg.n_topics, size=rng.integers(1, 3), replace=False)
+        topics = rng.choice(cfg.n_topics, size=rng.integers(1, cfg.max_topics_per_doc + 1), replace=False)
         topic_p = np.array([1.0]) if len(topics) == 1 else np.array([0.7, 0.3])
         n_ent = int(rng.integers(1, 4))
         ent_names = rng.choice(self.names, size=n_ent, replace=False)
