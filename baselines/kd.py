@@ -81,6 +81,8 @@ def load_kd_teacher(cfg, device: torch.device, student_vocab_size: int):
 @register
 class KD(Method):
     name = "kd"
+    description = ("next-token prediction plus knowledge distillation from a frozen teacher LM (KL to its "
+                   "next-token distribution)")
     reads = ("teacher", "kd")
 
     def artifacts(self, cfg) -> frozenset[str]:

@@ -6,3 +6,4 @@ from cocomix.methods.base import Method, register
 @register
 class NTP(Method):
     name = "ntp"
+    description = "next-token prediction (the baseline: the backbone and its cross-entropy loss, nothing else)"

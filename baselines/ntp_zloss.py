@@ -12,6 +12,7 @@ from cocomix.methods.base import Batch, Method, register
 @register
 class NTPZLoss(Method):
     name = "ntp_zloss"
+    description = "next-token prediction with a z-loss on the log-partition function"
     coef = 1e-4
 
     def loss(self, model, batch: Batch):

@@ -31,9 +31,11 @@ class PauseSlot:
 @register
 class Pause(PauseSlot, NTP):
     name = "pause"
+    description = "pause tokens: a learned vector interleaved after every token, giving the upper blocks extra positions"
 
 
 @register
 class KDPause(PauseSlot, KD):
     name = "kd_pause"
+    description = "knowledge distillation and pause tokens together"
     reads = PauseSlot.reads + KD.reads

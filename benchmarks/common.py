@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from cocomix.files import atomic_write_json
-from cocomix.tracking import environment_info
+from cocomix.records import environment_info
 from cocomix.trainer import train_step
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,28 +15,20 @@ throughput/MFU, held-out evaluation, tracking, checkpointing, the `on_eval` hook
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import pickle
-import random
-import shutil
-import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
+from cocomix import checkpoints as ckpt
 from cocomix.config import dump_config
 from cocomix.device import all_reduce_mean, barrier, sync
-from cocomix.faults import point
-from cocomix.files import atomic_write_json, clear_stale_tmp, follow_umask, list_checkpoints, sha256_file
+from cocomix.files import atomic_write_json
 from cocomix.progress import Reporter, si
-from cocomix.tracking import PENDING, MetricsLog, RunTracker, environment_info
+from cocomix.records import MetricsLog, environment_info
+from cocomix.tracking import Tracker, open_tracker
 
 
 class TrainingError(RuntimeError):
@@ -197,21 +189,13 @@ class Evaluator(Callback):
             record.update(trainer.last_val)
 
 
-def _user() -> str:
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # a uid without a passwd entry (some containers)
-        return str(os.getuid())
-
-
 class Tracking(Callback):
     """The run's record: config.yaml and environment.json in the run folder, metrics.jsonl, and the
-    MLflow run (params, tags, metrics at step = tokens seen, final_metrics.json as an artifact)."""
+    tracker's run (`tracking.backend`: params, tags, metrics at step = tokens seen,
+    final_metrics.json as an artifact)."""
 
     def __init__(self):
-        self.tracker: RunTracker | None = None
+        self.tracker: Tracker | None = None
 
     def on_start(self, trainer) -> None:
         if not trainer.dist.is_main:
@@ -221,29 +205,24 @@ class Tracking(Callback):
         atomic_write_json(trainer.run_dir / "environment.json", env)
         tags = {"experiment": cfg.experiment, "method": trainer.method.name, "scale": cfg.scale or "base",
                 "seed": str(cfg.seed), "git_commit": env["git_commit"], "device": env["device"],
-                "world_size": str(trainer.dist.world_size), "ablation": "none",  # plan.py tags ablations
-                # MLflow's own tags: its UI's User and Source columns, and its filters
-                "mlflow.user": _user(), "mlflow.source.git.commit": env["git_commit"].removesuffix("-dirty"),
-                "mlflow.source.name": "cocomix train"}
-        self.tracker = RunTracker(cfg, trainer.run_dir, tags,
-                                  params={f"accounting.{k}": v for k, v in trainer.accounting.items()})
+                "world_size": str(trainer.dist.world_size), "ablation": "none"}  # plan.py tags ablations
+        self.tracker = open_tracker(cfg, trainer.run_dir, tags, source="cocomix train",
+                                    params={f"accounting.{k}": v for k, v in trainer.accounting.items()})
         self._truncate_log(trainer)
-        if (trainer.run_dir / PENDING).is_file():  # an earlier start ran without MLflow: send what it lacks
-            self.tracker.sync()
+        self.tracker.catch_up()  # an earlier start ran without the backend: send what it lacks
         if trainer.resumed_from is None:
             self.tracker.log_artifact(trainer.run_dir / "config.yaml")
             self.tracker.log_artifact(trainer.run_dir / "environment.json")
 
     def _truncate_log(self, trainer) -> None:
         """metrics.jsonl as it was at the checkpoint resumed from (from scratch: empty)."""
-        log, ckpt = self.tracker.metrics, trainer.resumed_from
-        if ckpt is None:
+        log, resumed = self.tracker.metrics, trainer.resumed_from
+        if resumed is None:
             log.truncate_to({"bytes": 0, "sha256": hashlib.sha256(b"").hexdigest()}, trainer.run_dir)
             return
-        prefix = json.loads((ckpt / "checkpoint.json").read_text()).get("metrics_jsonl")
-        own = Path(ckpt).resolve().parent.parent == trainer.run_dir.resolve()  # not a checkpoint of another run
-        if prefix is not None and own:
-            log.truncate_to(prefix, ckpt)
+        prefix = ckpt.read_meta(resumed).get("metrics_jsonl")
+        if prefix is not None and ckpt.belongs_to(resumed, trainer.run_dir):  # not a checkpoint of another run
+            log.truncate_to(prefix, resumed)
         else:
             log.truncate_after(trainer.tokens_seen)
 
@@ -252,7 +231,7 @@ class Tracking(Callback):
             self.tracker.log({"step": trainer.step, "tokens_seen": trainer.tokens_seen, **record})
 
     def on_end(self, trainer, final) -> None:
-        final["mlflow_run_id"] = self.tracker.run_id if self.tracker else None
+        final.update(self.tracker.ids() if self.tracker else {})
 
     def on_finish(self, trainer, status) -> None:
         if self.tracker is None:
@@ -275,79 +254,14 @@ class OnEval(Callback):
 
 
 # --------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints: when to save and prune, and the resume call (the format: cocomix/checkpoints.py)
 # --------------------------------------------------------------------------------------
 
 
-def rng_state() -> dict:
-    """Every RNG state as tensors and plain data, so trainer_state.pt loads with weights_only=True
-    (numpy's key array becomes an int64 tensor; nothing in a checkpoint can execute code on load).
-    On CUDA, the state of this process's own device only: a job may resume where another number of
-    GPUs is visible, or on another GPU (the claimed device is always this process's cuda:0)."""
-    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def cuda_rng_for_this_device(saved, device_index: int):
-    """The CUDA RNG state to restore on this process's device: the saved tensor, or from an older
-    checkpoint's list of every visible device's states the entry of this device (None if absent)."""
-    if isinstance(saved, (list, tuple)):
-        return saved[device_index] if device_index < len(saved) else None
-    return saved
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        cuda = cuda_rng_for_this_device(state["cuda"], torch.cuda.current_device())
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda)
-
-
-def seed_rngs(seed: int) -> None:
-    """Fresh RNG streams for a process the checkpoint has no state for."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 class Checkpointer(Callback):
-    """`checkpoints/step_<N>/` every `checkpoint.every_tokens` and at the end, written to a temporary
-    folder renamed into place when complete:
-
-        step_<N>/                   a Hugging Face model folder, loadable by AutoModelForCausalLM as it
-                                    stands: model.safetensors, config.json (auto_map), model.py and
-                                    slots.py (remote code), generation_config.json, the tokenizer (its
-                                    model_max_length = the model's context, n_positions)
-        step_<N>/checkpoint.json    step, tokens, config fingerprint, size and sha256 of VERIFIED
-        step_<N>/trainer/           what only resuming reads: trainer_state.pt (step, tokens seen, data
-                                    position, every process's RNG states) and optimizer.pt
-
-    Only the newest `checkpoint.keep_last` are kept, and only the newest `checkpoint.keep_optimizer`
-    keep trainer/optimizer.pt (resuming reads the newest; evaluation never reads it). Checkpoints
-    written before the trainer/ folder (trainer_state.pt and optimizer.pt beside the weights) still
-    resume, verify and prune."""
-
-    # The folder of a checkpoint that holds the trainer state, apart from the model files.
-    TRAINER_DIR = "trainer"
-    # What checkpoint.json records (size and sha256) and resume verifies before loading anything.
-    VERIFIED = ("model.safetensors", "trainer/trainer_state.pt", "trainer/optimizer.pt")
-
-    @classmethod
-    def trainer_folder(cls, path: Path) -> Path | None:
-        """Where a checkpoint's trainer_state.pt (and optimizer.pt) live: `<path>/trainer/`, or `<path>`
-        itself for checkpoints written before that folder; None when it has no trainer state."""
-        for folder in (path / cls.TRAINER_DIR, path):
-            if (folder / "trainer_state.pt").is_file():
-                return folder
-        return None
+    """A checkpoint (cocomix/checkpoints.py) every `checkpoint.every_tokens` and at the end. Only the
+    newest `checkpoint.keep_last` are kept, and only the newest `checkpoint.keep_optimizer` keep their
+    optimizer state (resuming reads the newest; evaluation never reads it)."""
 
     def __init__(self, fingerprint: str):
         self.fingerprint = fingerprint
@@ -368,67 +282,32 @@ class Checkpointer(Callback):
         if resume == "auto":
             self.supersede_stale_run(trainer)
             if trainer.dist.is_main:
-                self.clear_litter(trainer.run_dir)
+                ckpt.clear_litter(trainer.run_dir)
             path = self.newest_intact(trainer)
             if path is None:
                 return None
         else:
             path = Path(resume)
-            if self.trainer_folder(path) is None:
+            if ckpt.trainer_folder(path) is None:
                 raise TrainingError(f"train.resume: '{path}' is not a checkpoint (no trainer/trainer_state.pt)")
-            problem = self.damage(path)
+            problem = ckpt.damage(path)
             if problem:
                 raise TrainingError(f"train.resume: checkpoint {path} is damaged: {problem}")
-        self.load(trainer, path)
+        try:
+            self.load(trainer, path)
+        except ckpt.CheckpointError as e:
+            raise TrainingError(str(e)) from None
         self.last_saved = path
         return path
 
     @staticmethod
-    def clear_litter(run_dir: Path) -> None:
-        """Remove what killed writers left: temporary checkpoint folders (a whole checkpoint's size
-        each) and temporary files of atomic writes. Safe: this process holds the run's lock."""
-        for tmp in (run_dir / "checkpoints").glob("step_*.tmp*"):
-            shutil.rmtree(tmp, ignore_errors=True)
-        clear_stale_tmp(run_dir)
-
-    @staticmethod
-    def damage(path: Path, only: tuple[str, ...] | None = None) -> str | None:
-        """What is wrong with a checkpoint, in a few words, or None: every file checkpoint.json lists
-        (or those of `only`) must have its recorded size and sha256 (checkpoints from before these
-        records: sizes unknown, only their presence is checked)."""
-        try:
-            meta = json.loads((path / "checkpoint.json").read_text())
-        except (OSError, ValueError) as e:
-            return f"checkpoint.json unreadable ({type(e).__name__})"
-        for name, want in meta.get("files", {}).items():
-            if only is not None and name not in only:
-                continue
-            f = path / name
-            if not f.exists():
-                if Path(name).name == "optimizer.pt":
-                    continue  # pruned on purpose from older checkpoints (checkpoint.keep_optimizer)
-                return f"{name} is missing"
-            if f.stat().st_size != want["bytes"]:
-                return f"{name} has {f.stat().st_size} bytes, checkpoint.json records {want['bytes']}"
-            if sha256_file(f) != want["sha256"]:
-                return f"{name} does not match its sha256 in checkpoint.json"
-        return None
-
-    def newest_intact(self, trainer) -> Path | None:
-        """The newest checkpoint that verifies; damaged newer ones are moved aside (`<name>.damaged`,
-        which no reader lists) with one warning line each, and the run resumes from the one before."""
+    def newest_intact(trainer) -> Path | None:
+        """The newest checkpoint that verifies (damaged newer ones are moved aside); one process
+        hashes (gigabytes at scale), the others are told the result."""
         found = [None]
-        if trainer.dist.is_main:  # one process hashes (gigabytes at scale); the others are told the result
-            for path in reversed(list_checkpoints(trainer.run_dir)):
-                problem = self.damage(path)
-                if problem is None:
-                    found[0] = str(path)
-                    break
-                aside = path.with_name(path.name + ".damaged")
-                shutil.rmtree(aside, ignore_errors=True)
-                os.replace(path, aside)
-                print(f"warning: checkpoint {path} is damaged ({problem}); moved to {aside}, resuming from the "
-                      "one before it", file=sys.stderr, flush=True)
+        if trainer.dist.is_main:
+            path = ckpt.newest_intact(trainer.run_dir)
+            found[0] = str(path) if path else None
         if trainer.dist.world_size > 1:
             dist.broadcast_object_list(found, src=0)
         return Path(found[0]) if found[0] else None
@@ -436,45 +315,22 @@ class Checkpointer(Callback):
     def supersede_stale_run(self, trainer) -> None:
         """A run folder whose checkpoints came from another config is moved aside, not resumed:
         resuming it would silently mix two experiments (e.g. after a DAG rerun for a changed lr)."""
-        meta = None
-        for path in reversed(list_checkpoints(trainer.run_dir)):  # the newest readable record decides
-            try:
-                meta = json.loads((path / "checkpoint.json").read_text())
-                break
-            except (OSError, ValueError):
-                continue  # damaged: resume moves it aside
-        if meta is None or meta.get("config_fingerprint") == self.fingerprint:
+        found = ckpt.newest_fingerprint(trainer.run_dir)
+        if found is None or found == self.fingerprint:
             return
         barrier(trainer.dist)
         if trainer.dist.is_main:
-            run_dir = trainer.run_dir
-            n = 1 + sum(1 for p in run_dir.iterdir() if p.name.startswith("superseded-"))
-            dest = run_dir / f"superseded-{n}"
-            dest.mkdir()
-            for entry in run_dir.iterdir():  # everything the old run wrote (eval outputs too), not the lock
-                if entry.name != ".lock" and not entry.name.startswith("superseded-"):
-                    os.replace(entry, dest / entry.name)
-            warnings.warn(f"{run_dir}: its checkpoints were made with another config; moved to {dest}, "
-                          "starting over", stacklevel=2)
+            ckpt.supersede(trainer.run_dir)
         barrier(trainer.dist)
 
     def load(self, trainer, path: Path) -> None:
-        folder = self.trainer_folder(path)
-        if folder is None:
-            raise TrainingError(f"checkpoint {path}: has no trainer/trainer_state.pt")
-        name = (folder / "trainer_state.pt").relative_to(path)
-        try:  # tensors and plain data only: a crafted file cannot run code here
-            state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise TrainingError(f"checkpoint {path}: {name} holds objects other than tensors and plain "
-                                "data (written before cocomix stored RNG states as tensors, or not by cocomix); "
-                                "refusing to unpickle it: start a new run folder or set train.resume=never") from None
+        state, folder = ckpt.load_trainer_state(path)
         if state["tokens_per_step"] != trainer.tokens_per_step:
             raise TrainingError(
                 f"checkpoint {path}: tokens per step {state['tokens_per_step']} differs from the config's "
                 f"{trainer.tokens_per_step}; resume with the same batch settings or start a new run folder"
             )
-        weights = load_file(str(path / "model.safetensors"), device=str(trainer.device))
+        weights = ckpt.load_weights(path, trainer.device)
         missing, unexpected = trainer.model.load_state_dict(weights, strict=False)
         # Tied weights are stored once; anything else missing means the checkpoint does not fit.
         missing = [k for k in missing if k != "lm_head.weight"]
@@ -482,26 +338,10 @@ class Checkpointer(Callback):
             raise TrainingError(f"checkpoint {path}: does not match the model (missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]})")
         trainer.model.tie_weights()
-        trainer.optimizer.load_state_dict(self.optimizer_state(path, state, folder))
+        trainer.optimizer.load_state_dict(ckpt.optimizer_state(path, state, folder))
         trainer.step, trainer.tokens_seen = state["step"], state["tokens_seen"]
         trainer.data_position = state["data_position"]
         self.restore_rngs(trainer, path, state["rng"] if isinstance(state["rng"], list) else [state["rng"]])
-
-    @staticmethod
-    def optimizer_state(path: Path, state: dict, folder: Path | None = None) -> dict:
-        """The optimizer state of checkpoint `path`, from `folder` (where its trainer_state.pt is)."""
-        folder = path if folder is None else folder
-        if "optimizer" in state:  # checkpoints written before optimizer.pt
-            return state["optimizer"]
-        name = (folder / "optimizer.pt").relative_to(path)
-        if not (folder / "optimizer.pt").exists():
-            raise TrainingError(f"checkpoint {path}: has no {name} (only the newest checkpoint.keep_optimizer "
-                                "checkpoints keep the optimizer state); resume from a newer one or start a new run folder")
-        try:  # mmap: each process maps the file instead of reading a private copy of it
-            return torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError:
-            raise TrainingError(f"checkpoint {path}: {name} holds objects other than tensors and plain data; "
-                                "refusing to unpickle it") from None
 
     @staticmethod
     def restore_rngs(trainer, path: Path, rngs: list[dict]) -> None:
@@ -513,60 +353,29 @@ class Checkpointer(Callback):
             print(f"{path}: written by {len(rngs)} process(es), resumed on {d.world_size}: continuing, but not "
                   "bit-exact (exact resume needs the same world size)", flush=True)
         if d.rank < len(rngs):
-            set_rng_state(rngs[d.rank])
+            ckpt.set_rng_state(rngs[d.rank])
         else:
-            seed_rngs((trainer.cfg.seed * 1_000_003 + trainer.step) * 1_009 + d.rank)
+            ckpt.seed_rngs((trainer.cfg.seed * 1_000_003 + trainer.step) * 1_009 + d.rank)
 
     # ---- save ----
 
     def save(self, trainer) -> Path:
-        final = trainer.run_dir / "checkpoints" / f"step_{trainer.step:07d}"
-        rngs = [rng_state()]  # every process contributes its RNG state (dropout masks differ per rank)
+        final = ckpt.step_path(trainer.run_dir, trainer.step)
+        rngs = [ckpt.rng_state()]  # every process contributes its RNG state (dropout masks differ per rank)
         if trainer.dist.world_size > 1:
             gathered: list = [None] * trainer.dist.world_size
             dist.all_gather_object(gathered, rngs[0])
             rngs = gathered
         if trainer.dist.is_main and not final.exists():
-            tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            trainer.model.save_pretrained(tmp)
-            point("checkpoint.model.safetensors")
-            shutil.copytree(trainer.cfg.data_dir / "tokenizer", tmp, dirs_exist_ok=True)
-            from cocomix.data.tokenizer import set_model_max_length  # lazy: only a save needs it
-
-            set_model_max_length(tmp, trainer.model.config.n_positions)  # the data's tokenizer says 1e30
-            state_dir = tmp / self.TRAINER_DIR
-            state_dir.mkdir()
-            torch.save({"step": trainer.step, "tokens_seen": trainer.tokens_seen,
-                        "data_position": trainer.data_position, "tokens_per_step": trainer.tokens_per_step,
-                        "rng": rngs}, state_dir / "trainer_state.pt")
-            point("checkpoint.trainer_state.pt")
-            torch.save(trainer.optimizer.state_dict(), state_dir / "optimizer.pt")
-            point("checkpoint.optimizer.pt")
-            files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-                     for name in self.VERIFIED}
-            (tmp / "checkpoint.json").write_text(json.dumps(
-                {"step": trainer.step, "tokens_seen": trainer.tokens_seen, "method": trainer.method.name,
-                 "config_fingerprint": self.fingerprint, "files": files,
-                 "metrics_jsonl": MetricsLog(trainer.run_dir / "metrics.jsonl").prefix()}))
-            point("checkpoint.checkpoint.json")
-            follow_umask(tmp)  # safetensors writes 0600: colleagues could not read the weights
-            os.replace(tmp, final)
-            point("checkpoint.renamed")
-            self.prune(trainer)
+            state = {"step": trainer.step, "tokens_seen": trainer.tokens_seen, "data_position": trainer.data_position,
+                     "tokens_per_step": trainer.tokens_per_step, "rng": rngs}
+            meta = {"step": trainer.step, "tokens_seen": trainer.tokens_seen, "method": trainer.method.name,
+                    "config_fingerprint": self.fingerprint,
+                    "metrics_jsonl": MetricsLog(trainer.run_dir / "metrics.jsonl").prefix()}
+            ckpt.write(final, trainer.model, trainer.data_dir / "tokenizer", state,
+                       trainer.optimizer.state_dict(), meta)
+            c = trainer.cfg.checkpoint
+            ckpt.prune(trainer.run_dir, c.keep_last, c.keep_optimizer)
         barrier(trainer.dist)
         self.last_saved = final
         return final
-
-    def prune(self, trainer) -> None:
-        """After a new checkpoint is complete: drop checkpoints beyond keep_last, and the optimizer
-        state of those beyond keep_optimizer (a kill in between leaves only extra files)."""
-        keep, keep_opt = trainer.cfg.checkpoint.keep_last, trainer.cfg.checkpoint.keep_optimizer
-        ckpts = list_checkpoints(trainer.run_dir)
-        if keep > 0:
-            for old in ckpts[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        if keep_opt > 0:
-            for old in ckpts[:-keep_opt]:
-                (old / self.TRAINER_DIR / "optimizer.pt").unlink(missing_ok=True)
-                (old / "optimizer.pt").unlink(missing_ok=True)  # checkpoints written before trainer/

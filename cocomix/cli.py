@@ -40,11 +40,11 @@ def _load(args: argparse.Namespace, extra: list[str] | None = None):
     return load_config(args.config, list(extra or []) + list(args.overrides))
 
 
-def _check_method(cfg) -> None:
-    """The method name is the method registry's to check (config.py does not know the list)."""
+def _check_method(cfg):
+    """The run's method: its name is the method registry's to check (config.py does not know the list)."""
     from cocomix.methods import get_method  # lazy: torch after the config is valid
 
-    get_method(cfg.method)
+    return get_method(cfg.method)
 
 
 def _no_hf_bars() -> None:
@@ -76,11 +76,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         extra.append(f"seed={args.seed}")
     cfg = _load(args, extra)
-    _check_method(cfg)
+    method = _check_method(cfg)
     from cocomix.trainer import train  # lazy: torch after the config is valid
 
     _no_hf_bars()
-    final = train(cfg, progress=not args.no_progress)
+    final = train(cfg, method, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(
@@ -146,13 +146,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_track_sync(args: argparse.Namespace) -> int:
-    from cocomix.tracking import replay  # lazy: mlflow only for this command
+    from cocomix.tracking import sync_run  # lazy: the tracking backend only for this command
 
     for run_dir in args.runs:
-        sent = replay(Path(run_dir), uri=args.uri)
-        if sent is None:
+        said = sync_run(Path(run_dir), uri=args.uri)
+        if said is None:
             return 1  # still unreachable: the warning line said so, the run stays pending
-        print(f"{run_dir}: {sent} metric point(s) sent to MLflow")
+        print(f"{run_dir}: {said}")
     return 0
 
 
@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
 # (tests/test_cli.py checks every entry resolves).
 USER_ERRORS = (("cocomix.config", "ConfigError"), ("cocomix.data.errors", "DataError"),
                ("cocomix.callbacks", "TrainingError"), ("cocomix.sweep", "SweepError"),
-               ("cocomix.tracking", "TrackingError"))
+               ("cocomix.tracking", "TrackingError"), ("cocomix.records", "RecordError"))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -481,16 +481,25 @@ class InterpretConfig(Section):
 
 @dataclass
 class TrackingConfig(Section):
-    """MLflow logging of each run's parameters, metrics and artifacts (`cocomix/tracking.py`)."""
+    """Where each run's parameters, metrics and artifacts are logged besides its own folder
+    (`cocomix/tracking.py`): MLflow, Weights & Biases, or nothing."""
 
+    backend: Literal["mlflow", "wandb", "none"] = "mlflow"
+    """mlflow: an MLflow run (`uri`); wandb: a W&B run (the `wandb` extra; WANDB_MODE=offline keeps it
+    under the run folder for `wandb sync`); none: only the run folder's own files."""
     uri: str | None = None
     """MLflow tracking URI; default MLFLOW_TRACKING_URI or sqlite under results_dir."""
     enabled: bool = True
-    """Log to MLflow; false: only the run folder's own files (config.yaml, metrics.jsonl, checkpoints)."""
+    """Log to the backend; false: as backend none (only the run folder's own files: config.yaml,
+    metrics.jsonl, checkpoints)."""
+    project: str | None = None
+    """W&B project; default the experiment's name (`experiment`)."""
+    entity: str | None = None
+    """W&B entity (user or team); default the logged-in user's."""
     parent_run_id: str | None = None
-    """Nest this run under an MLflow run (`cocomix sweep` sets it for each trial)."""
+    """Nest this run under another tracked run (`cocomix sweep` sets it for each trial; MLflow only)."""
     tags: dict[str, str] = field(default_factory=dict)
-    """Extra MLflow tags on the run (e.g. the sweep trial number)."""
+    """Extra tags on the run (e.g. the sweep trial number)."""
     required: bool = False
     """An unreachable tracking server stops the command with one line; false: one warning line, the run
     goes on with metrics.jsonl as its record and reaches MLflow later (`cocomix track-sync`)."""

@@ -32,15 +32,17 @@ from typing import Any
 
 import yaml
 
-from cocomix.callbacks import Checkpointer
+from cocomix.checkpoints import TRAINER_DIR, TRAINER_FILES, find_checkpoints, read_meta, weights_damage
 from cocomix.data.errors import DataError
 from cocomix.data.tokenizer import set_model_max_length
+from cocomix.config import ConfigError
 from cocomix.files import follow_umask, read_sealed_json, sha256_file, sha256_text
+from cocomix.methods import Method, get_method
 from cocomix.model import CocomixForCausalLM
 from cocomix.params import count_params
 from evals.harness import expand_tasks
 from evals.offline_tasks import OFFLINE_SUFFIX, PAPER_TASKS
-from evals.run import find_checkpoints, load_eval_config
+from evals.run import load_eval_config
 from evals.synthetic_tasks import SYNTHETIC_TASKS
 
 README = "README.md"
@@ -48,21 +50,6 @@ TASKS_DIR = "eval_tasks"
 # What a tokenizer folder may hold (copied as they are; model_max_length is then set to the context).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "chat_template.jinja")
-# What the exported folder must never hold (checked after writing it).
-TRAINER_FILES = ("trainer_state.pt", "optimizer.pt")
-
-METHODS = {
-    "ntp": "next-token prediction (the baseline: the backbone and its cross-entropy loss, nothing else)",
-    "ntp_zloss": "next-token prediction with a z-loss on the log-partition function",
-    "kd": "next-token prediction plus knowledge distillation from a frozen teacher LM (KL to its next-token "
-          "distribution)",
-    "pause": "pause tokens: a learned vector interleaved after every token, giving the upper blocks extra positions",
-    "kd_pause": "knowledge distillation and pause tokens together",
-    "cocomix": "CoCoMix (Continuous Concept Mixing, Tack et al., 2025): after `insert_layer` blocks a concept head "
-               "predicts the sparse-autoencoder concepts a frozen teacher's residual stream attributes the next "
-               "token to (cross-entropy on the top `k_attr` labels), compresses its TopK prediction into one "
-               "continuous vector, and interleaves that vector with the token's hidden state for the upper blocks",
-}
 
 
 class ExportError(DataError):
@@ -242,8 +229,16 @@ def _data_lines(cfg) -> list[str]:
             f"{d.split_seed})", f"- tokenizer: {tokenizer}"]
 
 
+def describe(method: str) -> str:
+    """The method's own description (its class's `description`), or a pointer to the harness."""
+    try:
+        return get_method(method).description
+    except ConfigError:  # a method this installation does not have
+        return Method.description
+
+
 def _method_lines(cfg, config: dict, method: str, ablation: str | None) -> list[str]:
-    lines = [f"- method: `{method}`: {METHODS.get(method, 'see the cocomix harness')}"]
+    lines = [f"- method: `{method}`: {describe(method)}"]
     if ablation:
         changes = (cfg.dag.ablations.get(ablation) if cfg is not None else None) or {}
         detail = ", ".join(f"`{k}={v}`" for k, v in changes.items())
@@ -371,10 +366,10 @@ def export(source: str | Path, out: str | Path) -> Path:
     out = Path(out)
     _check_out(out)  # before any work
     run_dir, ckpt = resolve_checkpoint(source)
-    problem = Checkpointer.damage(ckpt, only=("model.safetensors",))
+    problem = weights_damage(ckpt)
     if problem:
         raise ExportError(f"checkpoint {ckpt} is damaged: {problem}; it cannot be exported")
-    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    meta = read_meta(ckpt)
     record, raw = _eval_record(ckpt)
     cfg = _run_config(run_dir)
     tree = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}) if run_dir is not None else {}
@@ -407,7 +402,7 @@ def export(source: str | Path, out: str | Path) -> Path:
             record=record, command=command, weights_sha256=sha256_file(tmp / "model.safetensors"))
         del model
         (tmp / README).write_text(card, encoding="utf-8")
-        left = [p for p in tmp.rglob("*") if p.name in TRAINER_FILES or p.name == Checkpointer.TRAINER_DIR]
+        left = [p for p in tmp.rglob("*") if p.name in TRAINER_FILES or p.name == TRAINER_DIR]
         if left:  # never ship what only resuming reads
             raise ExportError(f"export of {ckpt}: trainer state in the output ({left[0].name})")
         follow_umask(tmp)  # safetensors writes 0600: 0644 under umask 022, like every other file

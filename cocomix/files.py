@@ -21,7 +21,6 @@ from typing import Any
 from cocomix.faults import point
 
 CHUNK = 1 << 23  # 8 MiB: hashing reads bounded memory whatever the file size
-CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -201,15 +200,3 @@ def read_sealed_json(path: str | Path) -> dict[str, Any] | None:
         return obj if obj.get("sha256") == sha256_json(body) else None
     except (ValueError, AttributeError):
         return None
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (`checkpoints/step_<N>/` with trainer state: `trainer/trainer_state.pt`,
-    or `trainer_state.pt` in checkpoints written before the trainer/ folder) of a run, oldest first;
-    temporary folders of an interrupted save are ignored."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    if not ckpt_dir.is_dir():
-        return []
-    found = [p for p in ckpt_dir.iterdir() if CHECKPOINT_RE.match(p.name)
-             and ((p / "trainer" / "trainer_state.pt").exists() or (p / "trainer_state.pt").exists())]
-    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))

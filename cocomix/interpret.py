@@ -31,7 +31,8 @@ from cocomix.data import DataError, TokenBlocks, load_concepts, load_tokenizer
 from cocomix.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from cocomix.sae import block_activations, concept_auroc, load_sae, sae_hash, sae_path
 from cocomix.teacher import load_teacher, teacher_hash
-from evals.run import find_checkpoints, load_eval_config
+from cocomix.checkpoints import find_checkpoints
+from evals.run import load_eval_config
 
 DESCRIPTIONS = "descriptions.json"
 FORMAT_VERSION = 1

@@ -1,6 +1,6 @@
 """Which runs an experiment consists of: every (method, scale, seed) of `dag`, its ablations, and the
 teacher run. A pure function of the config file, shared by the Snakemake DAG (`cocomix/dag.py`) and
-the reports (`evals/report.py`), which read exactly the runs planned here.
+the reports (`evals/report/`), which read exactly the runs planned here.
 
 Method names are the registry's (`cocomix.methods`): the config layer does not know them, so the
 plan checks `dag.methods` and the keys of `method_overrides` before anything runs.

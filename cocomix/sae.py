@@ -36,7 +36,8 @@ from cocomix.files import atomic_write_json, follow_umask, sha256_file
 from cocomix.model import token_nll
 from cocomix.progress import Reporter, si
 from cocomix.teacher import load_teacher, run_teacher, teacher_hash
-from cocomix.tracking import RunTracker, environment_info
+from cocomix.records import environment_info
+from cocomix.tracking import open_tracker
 
 WEIGHTS = "sae.safetensors"
 SAE_CONFIG = "sae_config.json"
@@ -334,7 +335,7 @@ def train_sae(cfg: Config, progress: bool = True) -> dict[str, float]:
     env = environment_info()
     tags = {"experiment": cfg.experiment, "method": "sae", "seed": str(cfg.seed),
             "git_commit": env["git_commit"], "device": env["device"]}
-    tracker = RunTracker(dataclasses.replace(cfg, run_name="sae"), tmp, tags)
+    tracker = open_tracker(dataclasses.replace(cfg, run_name="sae"), tmp, tags, source="cocomix train-sae")
     status = "FAILED"
     try:
         sae, n_steps = _fit_sae(cfg, teacher, train_blocks, tracker, device, progress)
@@ -420,12 +421,12 @@ def _final_metrics(cfg: Config, sae: TopKSAE, teacher, val_blocks, n_steps: int,
 
 
 def _write_sae(cfg: Config, sae: TopKSAE, tmp: Path, metrics: dict, tracker, env: dict) -> None:
-    """Weights and sae_config.json, then metrics.json (with the MLflow run id), into `tmp`; both
+    """Weights and sae_config.json, then metrics.json (with the tracked run's id), into `tmp`; both
     JSON files are logged as artifacts."""
     s = cfg.sae
     save_sae(sae, tmp, {"layer": s.layer, "teacher_path": str(cfg.teacher.path), "teacher_sha256": teacher_hash(cfg),
                         "data_dir": str(cfg.data_dir), "sae_config": dataclasses.asdict(s), "environment": env})
-    metrics["mlflow_run_id"] = tracker.run_id
+    metrics.update(tracker.ids())
     atomic_write_json(tmp / METRICS, metrics, indent=1)
     tracker.log_artifact(tmp / METRICS)
     tracker.log_artifact(tmp / SAE_CONFIG)

@@ -16,8 +16,8 @@ FAIL and queued again with the same parameters and run folder, so it resumes fro
 Rerunning the sweep therefore continues the same study. A study remembers the config it was created
 with: resuming it under a different base config or search space is refused.
 
-Tracking: the sweep is an MLflow run; every trial is a child run (tag `mlflow.parentRunId`) with
-its parameters and held-out curve, tagged with its Optuna state.
+Tracking (`tracking.backend`): the sweep is a tracked run; every trial is a run nested under it
+(`tracking.parent_run_id`) with its parameters and held-out curve, tagged with its Optuna state.
 
 Outputs in <experiment>/sweeps/<study>/: trials.{csv,md}, best_config.yaml (a config that
 `cocomix train --config` accepts as it is: the base config with the best parameters and the
@@ -45,7 +45,7 @@ import yaml
 from cocomix.config import RUN_SECTIONS, Config, ConfigError, SweepParam, _set_dotted, config_from_dict, fingerprint
 from cocomix.data import DataError
 from cocomix.files import RunInUse, atomic_write_bytes, atomic_write_json, atomic_write_text, lock_run
-from cocomix.tracking import RunTracker, TrackingError, connect, degrade, tracking_uri
+from cocomix.tracking import open_tracker, run_id_of
 
 # Keys every sweep searches (the issue's two design choices); the rest of `sweep.space` is optional.
 REQUIRED_KEYS = ("concept.insert_layer", "concept.k")
@@ -243,7 +243,7 @@ def _storage_lock(cfg: Config):
 
 def create_study(cfg: Config):
     """Create the study (once) or check that the existing one was made with this config. Also
-    creates the sweep's parent MLflow run; its id is kept in the study for every worker."""
+    creates the sweep's parent tracked run; its id is kept in the study for every worker."""
     optuna = _quiet_optuna()
     space = search_space(cfg)
     key = study_key(cfg, space)
@@ -265,55 +265,42 @@ def create_study(cfg: Config):
                 f"study '{study.study_name}' in {storage_url(cfg)} was created with another base config, budget or "
                 f"search space (key {existing}, now {key}); set sweep.study to a new name to start a new study"
             )
-        if cfg.tracking.enabled and "mlflow_parent_run_id" not in study.user_attrs:
+        if PARENT not in study.user_attrs:
             parent = _create_parent_run(cfg, space)
-            if parent is not None:  # None: the tracking store is unreachable (warned); trials still run
-                study.set_user_attr("mlflow_parent_run_id", parent)
+            if parent is not None:  # None: no tracking, or its store is unreachable (warned); trials still run
+                study.set_user_attr(PARENT, parent)
     return study
 
 
 # ---------------------------------------------------------------------------------------------
-# MLflow
+# Tracking
 # ---------------------------------------------------------------------------------------------
 
-
-def _client(cfg: Config):
-    """An MlflowClient, or None when the store is unreachable (one warning line per process)."""
-    return connect(cfg)
+PARENT = "parent_run_id"  # the study's user attribute: the sweep's own tracked run
 
 
-def _guarded(cfg: Config, fn) -> None:
-    """Run MLflow calls; a store that fails mid-way warns once (or stops, if tracking.required)."""
-    client = _client(cfg)
-    if client is None:
-        return
-    try:
-        fn(client)
-    except TrackingError:
-        raise
-    except Exception as e:
-        degrade(cfg, tracking_uri(cfg), e)
-
-
-def _create_parent_run(cfg: Config, space: dict[str, SweepParam]) -> str | None:
-    # RunTracker creates (or finds) the experiment and logs the config as params, like any run.
+def _parent_tracker(cfg: Config, **kw):
+    """The sweep's own tracked run, kept in the sweep folder."""
     folder = sweep_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     tree = _flat_tree(cfg)
     tree.update(run_name=f"sweep-{study_name(cfg)}", runs_dir=str(folder.parent))
-    tracker = RunTracker(config_from_dict(tree), folder, {"sweep": study_name(cfg), "method": "cocomix"},
-                         params={f"sweep.space.{k}": json.dumps(vars(v)) for k, v in space.items()})
-    return tracker.run_id if tracker.client is not None else None
+    return open_tracker(config_from_dict(tree), folder, source="cocomix sweep", **kw)
+
+
+def _create_parent_run(cfg: Config, space: dict[str, SweepParam]) -> str | None:
+    # Created (or found) like any run, with the config as params.
+    tracker = _parent_tracker(cfg, tags={"sweep": study_name(cfg), "method": "cocomix"},
+                              params={f"sweep.space.{k}": json.dumps(vars(v)) for k, v in space.items()})
+    return tracker.run_id if tracker.active else None
 
 
 def _record_trial_run(cfg: Config, trial, run_dir: Path, state: str) -> None:
-    """Tag the trial's MLflow run with its Optuna state, and keep the run id in the trial."""
-    id_file = run_dir / "mlflow_run_id"
-    if cfg.tracking.enabled and id_file.is_file():
-        run_id = id_file.read_text().strip()
-        trial.set_user_attr("mlflow_run_id", run_id)
-        _guarded(cfg, lambda client: [client.set_tag(run_id, k, v) for k, v in
-                                      {"optuna.state": state, "optuna.trial": str(trial.number)}.items()])
+    """Tag the trial's tracked run with its Optuna state, and keep the run id in the trial."""
+    tracker = open_tracker(cfg, run_dir, create=False, resume_status=False)
+    if tracker.run_id is not None:
+        trial.set_user_attr(tracker.id_key, tracker.run_id)
+        tracker.set_tags({"optuna.state": state, "optuna.trial": str(trial.number)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,7 +439,7 @@ def run_worker(cfg: Config, worker_index: int = 0) -> None:
         if _remaining(cfg, study) <= 0 and _counts(study)["waiting"] == 0:
             study.stop()
 
-    objective = objective_for(cfg, space, study.user_attrs.get("mlflow_parent_run_id"))
+    objective = objective_for(cfg, space, study.user_attrs.get(PARENT))
     while _remaining(cfg, study) > 0 or _counts(study)["waiting"] > 0:
         try:
             study.optimize(objective, callbacks=[stop_when_full], catch=(TrialFailed,), gc_after_trial=True)
@@ -490,7 +477,7 @@ def launch_workers(cfg: Config, config_path: Path, n: int) -> None:
 def trials_table(study) -> tuple[list[str], list[list[str]]]:
     space_keys = sorted({k for t in study.trials for k in t.params})
     header = ["trial", "state", "held-out loss", "last reported at (tokens)", *space_keys, "retry of",
-              "mlflow run", "note"]
+              "tracked run", "note"]
     rows = []
     for t in study.trials:
         steps = sorted(t.intermediate_values)
@@ -500,7 +487,7 @@ def trials_table(study) -> tuple[list[str], list[list[str]]]:
         rows.append([
             str(t.number), t.state.name, "" if value is None or not math.isfinite(value) else f"{value:.4f}",
             str(steps[-1]) if steps else "", *[str(t.params.get(k, "")) for k in space_keys],
-            "" if retry is None else str(retry), str(t.user_attrs.get("mlflow_run_id") or ""), note,
+            "" if retry is None else str(retry), str(run_id_of(t.user_attrs) or ""), note,
         ])
     return header, rows
 
@@ -539,7 +526,7 @@ def _plots(study, out: Path) -> list[Path]:
 
 
 def write_outputs(cfg: Config, study) -> dict[str, Any]:
-    """Trials table, best config and plots; logged to the sweep's MLflow run, which ends FINISHED."""
+    """Trials table, best config and plots; logged to the sweep's tracked run, which ends FINISHED."""
     out = sweep_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     header, rows = trials_table(study)
@@ -562,21 +549,16 @@ def write_outputs(cfg: Config, study) -> dict[str, Any]:
         files.append(out / "best_config.yaml")
     files += _plots(study, out)
     atomic_write_json(out / "summary.json", summary, indent=2, default=str)
-    parent = study.user_attrs.get("mlflow_parent_run_id")
-    if cfg.tracking.enabled and parent:
-        from mlflow.entities import Metric
-
-        def log(client):
-            metrics = [Metric(f"sweep/{k}", float(v), 0, 0) for k, v in counts.items()]
-            if counts["complete"]:
-                metrics.append(Metric("sweep/best_value", float(summary["best_value"]), 0, 0))
-                client.set_tag(parent, "best_trial", str(summary["best_trial"]))
-            client.log_batch(parent, metrics=metrics)
-            for f in files:
-                client.log_artifact(parent, str(f))
-            client.set_terminated(parent, status="FINISHED")
-
-        _guarded(cfg, log)
+    if study.user_attrs.get(PARENT):
+        tracker = _parent_tracker(cfg, create=False, resume_status=False)
+        metrics = {f"sweep/{k}": float(v) for k, v in counts.items()}
+        if counts["complete"]:
+            metrics["sweep/best_value"] = float(summary["best_value"])
+            tracker.set_tags({"best_trial": str(summary["best_trial"])})
+        tracker.log_metrics(metrics, step=0)
+        for f in files:
+            tracker.log_artifact(f)
+        tracker.finish("FINISHED")
     return summary
 
 
@@ -584,9 +566,8 @@ def sweep(cfg: Config, config_path: Path | None, workers: int) -> dict[str, Any]
     """Create (or continue) the study, run `workers` local workers, write the outputs."""
     study = create_study(cfg)
     sweep_dir(cfg).mkdir(parents=True, exist_ok=True)
-    parent = study.user_attrs.get("mlflow_parent_run_id")
-    if cfg.tracking.enabled and parent:
-        _guarded(cfg, lambda client: client.update_run(parent, status="RUNNING"))
+    if study.user_attrs.get(PARENT):
+        _parent_tracker(cfg, create=False, resume_status=True)  # the sweep's run is running again
     if workers > 0:
         # Workers read the resolved config (identical to this one whatever file and overrides made it).
         resolved = sweep_dir(cfg) / "sweep_config.yaml"

@@ -22,7 +22,8 @@ import torch
 
 from cocomix.config import Config, ConfigError
 from cocomix.data import DataError
-from cocomix.files import list_checkpoints, update_sha256
+from cocomix.checkpoints import list_checkpoints
+from cocomix.files import update_sha256
 from cocomix.model import CocomixForCausalLM
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

@@ -1,38 +1,51 @@
-"""Run tracking: MLflow (sqlite under results/ by default) plus a metrics.jsonl per run.
+"""Run tracking: one interface, `Tracker`, that every writer of a run record uses (training, the
+SAE, evaluation, sweeps), and the backends behind it (`tracking.backend`):
 
-The jsonl file is the source of truth for tables (it needs no server); MLflow is where people
-compare runs in a UI. Metrics are logged with MLflow `step = tokens seen`, so curves of runs with
-different batch sizes line up, and evaluation curves (logged later by `cocomix eval`) sit on the
-same axis.
+    mlflow  an MLflow run (sqlite under results/ by default, or any tracking server)
+    wandb   a Weights & Biases run (`pip install cocomix[wandb]`; WANDB_MODE=offline keeps it on
+            disk under the run folder, `wandb sync` sends it later)
+    none    nothing but the run folder's own files
+
+Whatever the backend, the run folder's metrics.jsonl (cocomix/records.py) is the record the tables
+read; a backend is where people compare runs in a UI. Every point is logged at step = tokens seen,
+so curves of runs with different batch sizes line up, and evaluation curves (logged later by
+`cocomix eval`) sit on the same axis. `open_tracker(cfg, run_dir, ...)` picks the backend; nothing
+outside this module imports mlflow or wandb or names their tags.
+
+    tracker.log(record)                 a step record {"step", "tokens_seen", metric: value, ...}
+    tracker.log_eval(tokens, metrics)   evaluation metrics, as eval/<name>, at a token count
+    tracker.log_metrics(metrics, step)  any metrics at a step (a sweep's summary at step 0)
+    tracker.log_params / set_tags / log_artifact
+    tracker.finish(status)              FINISHED, KILLED or FAILED
+    tracker.sync()                      send the backend what it lacks of the record
+    tracker.ids()                       {"<backend>_run_id": id} for final_metrics.json and eval.json
 
 Tracking degrades, it never blocks a run: an unreachable server is found by a probe with a short
-timeout, MLflow's own HTTP retries are bounded, and any failure of an MLflow call turns tracking off
+timeout, MLflow's own HTTP retries are bounded, and any failure of a backend call turns tracking off
 for the rest of the run with one warning line. The run goes on with metrics.jsonl as its record and
-leaves `mlflow_pending.json` in its folder; `replay` (on the run's next start, before `cocomix eval`
-logs to it, or `cocomix track-sync RUN_DIR`) sends what MLflow lacks, point by point, so nothing is
-logged twice. `tracking.required: true` makes an unreachable server a one-line error instead.
+(MLflow) leaves `mlflow_pending.json` in its folder; `replay` (on the run's next start, before
+`cocomix eval` logs to it, or `cocomix track-sync RUN_DIR`) sends what MLflow lacks, point by point,
+so nothing is logged twice. `tracking.required: true` makes an unreachable server a one-line error.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import importlib.metadata
+import getpass
 import json
 import logging
 import os
-import platform
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from cocomix.config import Config, config_from_dict
-from cocomix.faults import point
-from cocomix.files import atomic_write_bytes, atomic_write_json, atomic_write_text, list_checkpoints
+from cocomix.checkpoints import checkpoint_files
+from cocomix.files import atomic_write_json, atomic_write_text
+from cocomix.records import MetricsLog, flatten
 
 PENDING = "mlflow_pending.json"  # in a run folder: MLflow lacks some of this run's record
 PROBE_TIMEOUT_S = 3.0
@@ -127,12 +140,14 @@ def degrade(cfg: Config, uri: str, err: BaseException | str, run_dir: Path | Non
               file=sys.stderr, flush=True)
 
 
-def mark_pending(run_dir: Path, uri: str, reason: str, tags: dict | None = None, params: dict | None = None):
+def mark_pending(run_dir: Path, uri: str, reason: str, tags: dict | None = None, params: dict | None = None,
+                 source: str | None = None):
     path = Path(run_dir) / PENDING
     old = json.loads(path.read_text()) if path.is_file() else {}
     atomic_write_json(path, {"uri": uri, "reason": reason, "since": old.get("since", time.strftime("%Y-%m-%d %H:%M:%S")),
                              "tags": tags if tags is not None else old.get("tags", {}),
-                             "params": params if params is not None else old.get("params", {})})
+                             "params": params if params is not None else old.get("params", {}),
+                             "source": source or old.get("source", "cocomix")})
 
 
 def connect(cfg: Config, run_dir: Path | None = None, uri: str | None = None):
@@ -157,147 +172,156 @@ def connect(cfg: Config, run_dir: Path | None = None, uri: str | None = None):
         return None
 
 
-def git_commit() -> str:
+BACKENDS = ("mlflow", "wandb", "none")
+RUN_ID_KEYS = ("mlflow_run_id", "wandb_run_id")  # what each backend's `ids()` writes
+
+
+def backend_of(cfg: Config) -> str:
+    """The backend a config asks for: `tracking.backend`, or none when `tracking.enabled` is false."""
+    return cfg.tracking.backend if cfg.tracking.enabled else "none"
+
+
+def runs_heading(cfg: Config) -> str | None:
+    """Whose run ids a report's run-id columns hold, when not MLflow's (their default heading)."""
+    return "wandb" if backend_of(cfg) == "wandb" else None
+
+
+def run_id_of(record: dict[str, Any]) -> str | None:
+    """The tracked run id a final_metrics.json, metrics.json or eval.json records (any backend)."""
+    return next((record[k] for k in RUN_ID_KEYS if record.get(k)), None)
+
+
+def _user() -> str:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-        )
-        commit = out.stdout.strip() or "unknown"
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent,
-        ).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return getpass.getuser()
+    except (KeyError, OSError):  # a uid without a passwd entry (some containers)
+        return str(os.getuid())
 
 
-# Besides torch and transformers, the packages that shape a result (tokenisation, data loading,
-# evaluation, tracking, sweeps, the DAG, the weights' file format).
-RESULT_PACKAGES = ("tokenizers", "datasets", "lm_eval", "mlflow", "optuna", "snakemake", "safetensors", "numpy")
+class Tracker:
+    """A run's record: metrics.jsonl in the run folder, always, and a backend's run. This base class is
+    backend `none`: it keeps the record in the run folder and sends nothing.
+
+    `tags` are the run's labels (experiment, method, scale, seed, git_commit, device, ...; the
+    config's `tracking.tags` are added), `params` extra parameters beside the config's own, `source`
+    the command that writes the run. `create=False` only continues a run the folder already has (an
+    evaluation or a sweep's bookkeeping): without one, nothing is sent. `resume_status` marks a
+    continued run as running again."""
+
+    backend: ClassVar[str] = "none"
+    id_key: ClassVar[str | None] = None  # the key of the run id in final_metrics.json / eval.json
+
+    def __init__(self, cfg: Config, run_dir: Path, tags: dict[str, str] | None = None,
+                 params: dict[str, Any] | None = None, *, source: str = "cocomix", create: bool = True,
+                 resume_status: bool = True):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.tags = {**(tags or {}), **cfg.tracking.tags}
+        self.params = dict(params or {})
+        self.source = source
+        self.run_id: str | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the backend takes records now (false for none, and after a failure)."""
+        return False
+
+    def log(self, record: dict[str, Any]) -> None:
+        """A step record ({"step", "tokens_seen", metric: value}): metrics.jsonl, then the backend."""
+        self.metrics.write(record)
+        if self.active:
+            self.log_metrics(step_metrics(record), int(record["tokens_seen"]))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Metric values at `step` (tokens seen, or 0 for a summary)."""
+
+    def log_eval(self, tokens_seen: int, metrics: dict[str, float]) -> str | None:
+        """Evaluation metrics as `eval/<name>` at `tokens_seen`; returns the run id, or None when
+        nothing reached a backend."""
+        if not self.active:
+            return None
+        self.log_metrics({f"eval/{k}": float(v) for k, v in metrics.items()}, int(tokens_seen))
+        return self.run_id if self.active else None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.params.update(params)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.tags.update(tags)
+
+    def log_artifact(self, path: Path) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run: FINISHED, KILLED (stopped early on purpose) or FAILED."""
+
+    def sync(self) -> int | None:
+        """Send the backend what it lacks of the record; the number of points sent (None: failed)."""
+        return 0
+
+    def catch_up(self) -> None:
+        """On a run's start: `sync` if an earlier start left part of the record unsent."""
+
+    def ids(self) -> dict[str, str | None]:
+        """{"<backend>_run_id": id} for the run's records ({} for none)."""
+        return {self.id_key: self.run_id} if self.id_key else {}
 
 
-def environment_info() -> dict[str, str]:
-    """Versions and hardware, recorded with every run so a log is a reproducible artifact."""
-    import torch
-    import transformers
-
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "platform": platform.platform(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
-        "git_commit": git_commit(),
-    }
-    for name in RESULT_PACKAGES:  # read from package metadata: importing them would cost seconds
-        try:
-            info[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            info[name] = "not installed"
-    return info
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
+def step_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """A metrics.jsonl record's metrics for a backend: its numbers, plus train/step."""
+    out = {k: float(v) for k, v in record.items()
+           if k not in ("step", "tokens_seen") and isinstance(v, (int, float)) and v is not None}
+    out["train/step"] = float(record["step"])
     return out
 
 
-class MetricsLog:
-    """Append-only metrics.jsonl; on resume, records past the checkpoint are dropped.
-
-    A checkpoint records the log's size and sha256 at its step (`prefix`); resuming from it keeps
-    exactly those bytes, so a line torn by a kill, or anything written after the checkpoint, goes,
-    and a log changed or damaged before the checkpoint is a one-line error, not a silent gap."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def prefix(self) -> dict[str, Any]:
-        """{"bytes", "sha256"} of the log as it is now (what a checkpoint records)."""
-        data = self.path.read_bytes() if self.path.exists() else b""
-        return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-    def truncate_to(self, prefix: dict[str, Any], checkpoint: Path) -> None:
-        """Keep the first prefix["bytes"] bytes, after checking their sha256 against the checkpoint's record."""
-        data = self.path.read_bytes() if self.path.exists() else b""
-        head = data[: prefix["bytes"]]
-        if len(head) != prefix["bytes"] or hashlib.sha256(head).hexdigest() != prefix["sha256"]:
-            raise TrackingError(f"{self.path}: its first {prefix['bytes']} bytes differ from what checkpoint "
-                                f"{checkpoint} recorded (changed or damaged); restore the file, or move the run "
-                                "folder away to start over")
-        if len(data) != len(head):
-            atomic_write_bytes(self.path, head)
-
-    def truncate_after(self, tokens_seen: int) -> None:
-        """Keep the lines up to `tokens_seen` (checkpoints from before `prefix` was recorded)."""
-        if not self.path.exists():
-            return
-        kept = [json.dumps(r) for r in self.read() if r["tokens_seen"] <= tokens_seen]
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record) + "\n"
-        with open(self.path, "a") as fh:
-            fh.write(line[: len(line) // 2])
-            fh.flush()
-            point("metrics.line")  # a kill here leaves a torn last line
-            fh.write(line[len(line) // 2 :])
-
-    def read(self) -> list[dict[str, Any]]:
-        """The records; a last line torn by a kill (no newline) is left out, any other line that is
-        not a JSON record is a one-line error naming the file and line."""
-        if not self.path.exists():
-            return []
-        data = self.path.read_bytes()
-        lines = data.split(b"\n")
-        records = []
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict) or "tokens_seen" not in record:
-                    raise ValueError("not a metrics record")
-                records.append(record)
-            except ValueError:
-                if i == len(lines):  # the last line and no newline after it: torn by a kill
-                    break
-                raise TrackingError(f"{self.path} line {i}: not a JSON metrics record (damaged); restore the file, "
-                                    "or move the run folder away to start over") from None
-        return records
-
-
-class RunTracker:
-    """One MLflow run per training run; its id is kept in the run folder so a resume reuses it.
+class MLflowTracker(Tracker):
+    """One MLflow run per run folder; its id is kept in the folder (`mlflow_run_id`) so a resume
+    continues it.
 
     Every MLflow call is guarded: the first failure turns MLflow off for this run (`client` None),
     warns once and marks the run pending; metrics.jsonl is written whatever happens."""
 
-    def __init__(self, cfg: Config, run_dir: Path, tags: dict[str, str], params: dict[str, Any] | None = None,
-                 uri: str | None = None, resume_status: bool = True):
-        self.cfg = cfg
-        self.run_dir = run_dir
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+    backend = "mlflow"
+    id_key = "mlflow_run_id"
+    ID_FILE = "mlflow_run_id"
+
+    def __init__(self, cfg: Config, run_dir: Path, tags: dict[str, str] | None = None,
+                 params: dict[str, Any] | None = None, uri: str | None = None, resume_status: bool = True, *,
+                 source: str = "cocomix", create: bool = True):
+        super().__init__(cfg, run_dir, tags, params, source=source, create=create, resume_status=resume_status)
         self.enabled = cfg.tracking.enabled
         self.client = None
-        self.run_id: str | None = None
         self.uri = uri or tracking_uri(cfg)
-        self.tags = {**tags, **cfg.tracking.tags}
-        self.params = dict(params or {})
         if not self.enabled:
             return
-        self.client = connect(cfg, run_dir, self.uri)
+        if not create:
+            self._continue(resume_status)
+            return
+        self.client = connect(cfg, self.run_dir, self.uri)
         if self.client is not None:
             self._guard(self._open_run, resume_status)
         if self.client is None:  # keep what a replay needs to create the run with its tags and params
-            mark_pending(run_dir, self.uri, _down.get(self.uri, ("unknown",))[0], self.tags, self.params)
+            mark_pending(self.run_dir, self.uri, _down.get(self.uri, ("unknown",))[0], self.tags, self.params,
+                         self.source)
+
+    def _continue(self, resume_status: bool) -> None:
+        """The folder's MLflow run, if it has one; a run that trained (partly) without MLflow is
+        replayed first (an unreachable store warns once and leaves the run pending)."""
+        if (self.run_dir / PENDING).is_file() and replay(self.run_dir, self.cfg) is None:
+            return
+        id_file = self.run_dir / self.ID_FILE
+        if not id_file.is_file():
+            return
+        self.client = connect(self.cfg, self.run_dir, self.uri)
+        self.run_id = id_file.read_text().strip()
+        if self.client is not None and resume_status:
+            self._guard(self.client.update_run, self.run_id, "RUNNING")
+
+    @property
+    def active(self) -> bool:
+        return self.client is not None
 
     def _guard(self, fn, *args):
         """Run one MLflow call; on any failure degrade (warn once, mark pending) and return None."""
@@ -330,10 +354,14 @@ class RunTracker:
             exp_id = exp.experiment_id
         if cfg.tracking.parent_run_id:  # shown nested under its parent in the MLflow UI
             tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
+        # MLflow's own tags: its UI's User and Source columns, and its filters
+        tags = {"mlflow.user": _user(), "mlflow.source.name": self.source, **tags}
+        if "git_commit" in tags:
+            tags.setdefault("mlflow.source.git.commit", tags["git_commit"].removesuffix("-dirty"))
         params = flatten({k: v for k, v in cfg.to_dict().items() if k != "scales"})
         params.update(self.params)
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        id_file = self.run_dir / "mlflow_run_id"
+        id_file = self.run_dir / self.ID_FILE
         if id_file.exists():  # a resumed run continues its MLflow run
             self.run_id = id_file.read_text().strip()
             if resume_status:
@@ -351,22 +379,35 @@ class RunTracker:
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param  # lazy: mlflow only when tracking is on
-
         self.params.update(params)
         if self.client is None:
             if self.enabled:
-                mark_pending(self.run_dir, self.uri, _down.get(self.uri, ("unknown",))[0], self.tags, self.params)
+                mark_pending(self.run_dir, self.uri, _down.get(self.uri, ("unknown",))[0], self.tags, self.params,
+                         self.source)
             return
+        from mlflow.entities import Param  # lazy: mlflow only when tracking is on
+
         items = [Param(k, str(v)) for k, v in params.items()]
         self._guard(lambda: self.client.log_batch(self.run_id, params=items))
 
-    def log(self, record: dict[str, Any]) -> None:
-        """`record` holds step, tokens_seen and metric values (floats)."""
-        self.metrics.write(record)
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.client is None:
             return
-        self._guard(self.client.log_batch, self.run_id, _metrics(record, int(time.time() * 1000)))
+        from mlflow.entities import Metric  # lazy: mlflow only when tracking is on
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        for i in range(0, len(batch), 1000):  # log_batch takes at most 1000 metrics
+            self._guard(self.client.log_batch, self.run_id, batch[i : i + 1000])
+            if self.client is None:
+                return  # the store went away mid-way: sync sends the rest, without duplicates
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.tags.update(tags)
+        if self.client is not None:
+            from mlflow.entities import RunTag  # lazy: mlflow only when tracking is on
+
+            self._guard(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
 
     def log_artifact(self, path: Path) -> None:
         if self.client is not None:
@@ -375,6 +416,10 @@ class RunTracker:
     def finish(self, status: str = "FINISHED") -> None:
         if self.client is not None:
             self._guard(self.client.set_terminated, self.run_id, status)
+
+    def catch_up(self) -> None:
+        if (self.run_dir / PENDING).is_file():
+            self.sync()
 
     def sync(self) -> int:
         """Send MLflow what it lacks of this run's record (metrics.jsonl, the eval.json of each
@@ -393,12 +438,10 @@ class RunTracker:
 
         now = int(time.time() * 1000)
         wanted: list[Metric] = [m for record in self.metrics.read() for m in _metrics(record, now)]
-        for ckpt in list_checkpoints(self.run_dir):
-            result = ckpt / "eval.json"
-            if result.is_file():
-                done = json.loads(result.read_text())
-                wanted += [Metric(f"eval/{k}", float(v), now, int(done["tokens_seen"]))
-                           for k, v in done["metrics"].items() if isinstance(v, (int, float))]
+        for result in checkpoint_files(self.run_dir, "eval.json"):
+            done = json.loads(result.read_text())
+            wanted += [Metric(f"eval/{k}", float(v), now, int(done["tokens_seen"]))
+                       for k, v in done["metrics"].items() if isinstance(v, (int, float))]
         have: dict[str, set[int]] = {}
         for key in {m.key for m in wanted}:
             have[key] = {m.step for m in self.client.get_metric_history(self.run_id, key)}
@@ -421,10 +464,7 @@ def _metrics(record: dict[str, Any], now: int) -> list:
     from mlflow.entities import Metric
 
     step = int(record["tokens_seen"])
-    metrics = [Metric(k, float(v), now, step) for k, v in record.items()
-               if k not in ("step", "tokens_seen") and isinstance(v, (int, float)) and v is not None]
-    metrics.append(Metric("train/step", float(record["step"]), now, step))
-    return metrics
+    return [Metric(k, v, now, step) for k, v in step_metrics(record).items()]
 
 
 def run_config(run_dir: Path) -> Config:
@@ -447,8 +487,159 @@ def replay(run_dir: Path, cfg: Config | None = None, uri: str | None = None) -> 
     mark = json.loads(pending.read_text()) if pending.is_file() else {}
     uri = uri or mark.get("uri") or tracking_uri(cfg)
     _down.pop(uri, None)  # asked to send now: try the store again, however recently it failed
-    tracker = RunTracker(cfg, run_dir, mark.get("tags", {}), mark.get("params", {}), uri=uri, resume_status=False)
+    tracker = MLflowTracker(cfg, run_dir, mark.get("tags", {}), mark.get("params", {}), uri=uri, resume_status=False,
+                            source=mark.get("source", "cocomix"))
     sent = tracker.sync()
     if sent is not None and (run_dir / "final_metrics.json").is_file():
         tracker.finish("FINISHED")
     return sent if tracker.client is not None else None
+
+
+RunTracker = MLflowTracker  # the name callers and tests used before the W&B backend
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights & Biases
+# ---------------------------------------------------------------------------------------------
+
+WANDB_MISSING = "tracking.backend is wandb but the wandb package is not installed (pip install 'cocomix[wandb]')"
+
+
+def _wandb_down(cfg: Config, why: str) -> None:
+    """W&B failed (`why`): TrackingError if tracking is required, else one warning line a process."""
+    what = why if why == WANDB_MISSING else f"W&B failed ({why})"
+    if cfg.tracking.required:
+        raise TrackingError(what if why == WANDB_MISSING else f"{what} and tracking.required is true")
+    if "wandb" not in _warned:
+        _warned.add("wandb")
+        print(f"cocomix: warning: {what}; going on without W&B, metrics.jsonl is the record", file=sys.stderr,
+              flush=True)
+
+
+class WandbTracker(Tracker):
+    """One W&B run per run folder; its id is kept in the folder (`wandb_run_id`) so a resume, or a later
+    `cocomix eval` (`create=False`), continues it (`resume="allow"`). Under WANDB_MODE=offline the run
+    stays in `<run_dir>/wandb/offline-run-*` for `wandb sync` (`sync_hint`).
+
+    Step = tokens: W&B's own `_step` must only increase, and evaluation points come later, from another
+    process, at lower token counts, so no `step=` is passed: every point is logged with `tokens_seen`
+    as its x axis (`define_metric("*", step_metric="tokens_seen")`) under the MLflow metric keys.
+
+    Every wandb call is guarded: the first failure ends W&B for this run (`run` None) with one warning
+    line (TrackingError when `tracking.required`); metrics.jsonl is written whatever happens. `sync`
+    sends nothing (the base's 0): W&B sends an offline run itself, `wandb sync` (`sync_hint`)."""
+
+    backend = "wandb"
+    id_key = "wandb_run_id"
+    ID_FILE = "wandb_run_id"
+
+    def __init__(self, cfg: Config, run_dir: Path, tags: dict[str, str] | None = None,
+                 params: dict[str, Any] | None = None, *, source: str = "cocomix", create: bool = True,
+                 resume_status: bool = True):
+        super().__init__(cfg, run_dir, tags, params, source=source, create=create, resume_status=resume_status)
+        self.run = None
+        if not cfg.tracking.enabled or (not create and not (self.run_dir / self.ID_FILE).is_file()):
+            return  # nothing to continue: send nothing
+        try:
+            import wandb  # lazy: an optional extra; importing cocomix.tracking must not import wandb
+        except ImportError:
+            return _wandb_down(cfg, WANDB_MISSING)
+        try:
+            self._open(wandb, create)
+        except Exception as e:
+            self.run = None
+            _wandb_down(cfg, _reason(e))
+
+    def _open(self, wandb, create: bool) -> None:
+        cfg, id_file = self.cfg, self.run_dir / self.ID_FILE
+        self.run_id = id_file.read_text().strip() if id_file.is_file() else os.urandom(4).hex()
+        atomic_write_text(id_file, self.run_id)  # before the run starts: a kill from here on cannot orphan it
+        config = {}  # a continued run (an evaluation) keeps the config its training gave it
+        if create:
+            config = {**flatten({k: v for k, v in cfg.to_dict().items() if k != "scales"}), **self.params,
+                      **{f"tags.{k}": str(v) for k, v in self.tags.items()}}
+        if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun"):  # offline: no network at all,
+            os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # not even wandb-core's crash reports
+        self.run = wandb.init(project=cfg.tracking.project or cfg.experiment, entity=cfg.tracking.entity,
+                              name=cfg.resolved_run_name, id=self.run_id, resume="allow", dir=str(self.run_dir),
+                              group=cfg.tracking.parent_run_id, job_type=self.source if create else None,
+                              config=config, tags=_wandb_tags(self.tags) if create else None, reinit="create_new",
+                              # silent: nothing on stdout; console off: stdout and stderr stay unwrapped
+                              settings=wandb.Settings(silent=True, console="off"))
+        self.run.define_metric("tokens_seen")
+        self.run.define_metric("*", step_metric="tokens_seen")
+
+    @property
+    def active(self) -> bool:
+        return self.run is not None
+
+    def _guard(self, fn) -> None:
+        """Run one wandb call; on any failure end W&B for this run (warn once)."""
+        if self.run is None:
+            return
+        try:
+            fn()
+        except Exception as e:  # TrackingError comes from _wandb_down only, after this
+            self.run = None
+            _wandb_down(self.cfg, _reason(e))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._guard(lambda: self.run.log({"tokens_seen": int(step), **{k: float(v) for k, v in metrics.items()}}))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.params.update(params)
+        self._guard(lambda: self.run.config.update(params, allow_val_change=True))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.tags.update(tags)
+        self._guard(lambda: self.run.config.update({f"tags.{k}": str(v) for k, v in tags.items()},
+                                                   allow_val_change=True))
+        self._guard(lambda: setattr(self.run, "tags", tuple(dict.fromkeys([*self.run.tags, *_wandb_tags(tags)]))))
+
+    def log_artifact(self, path: Path) -> None:
+        """A run file, as `<folder>/<name>` (W&B keeps config.yaml and wandb-* at the top for its own)."""
+        path = Path(path).resolve()
+        self._guard(lambda: self.run.save(str(path), base_path=str(path.parent.parent), policy="now"))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._guard(lambda: self.run.summary.update({"status": status}))
+        self._guard(lambda: self.run.finish(exit_code=0 if status == "FINISHED" else 1))
+        self.run = None
+
+    @staticmethod
+    def sync_hint(run_dir: Path) -> str:
+        """The line `cocomix track-sync` prints for a W&B run folder: the `wandb sync` command to run."""
+        if not any((Path(run_dir) / "wandb").glob("offline-run-*")):
+            return "no offline W&B run in the folder (an online run was sent as it ran): nothing to send"
+        return f"W&B sends its offline runs itself: run `wandb sync {run_dir}/wandb/offline-run-*`"
+
+
+def _wandb_tags(tags: dict[str, str]) -> list[str]:
+    return [f"{k}:{v}"[:64] for k, v in tags.items()]  # W&B's run tags: at most 64 characters each
+
+
+# ---------------------------------------------------------------------------------------------
+# The one entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def open_tracker(cfg: Config, run_dir: Path, tags: dict[str, str] | None = None, params: dict[str, Any] | None = None,
+                 *, source: str = "cocomix", create: bool = True, resume_status: bool = True) -> Tracker:
+    """The tracker of `run_dir` for the config's backend (see `Tracker` for the arguments)."""
+    backend = backend_of(cfg)
+    kind = MLflowTracker if backend == "mlflow" else WandbTracker if backend == "wandb" else Tracker
+    return kind(cfg, Path(run_dir), tags, params, source=source, create=create, resume_status=resume_status)
+
+
+def sync_run(run_dir: Path, uri: str | None = None) -> str | None:
+    """`cocomix track-sync`: send a run folder's record to its backend. Returns a line saying what went,
+    or None when the store is still unreachable (the warning line said so; the run stays pending)."""
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    backend = backend_of(cfg)
+    if backend == "wandb":
+        return WandbTracker.sync_hint(run_dir)
+    if backend == "none":
+        return "tracking.backend is none (or tracking.enabled false) for this run: nothing to send"
+    sent = replay(run_dir, cfg, uri=uri)
+    return None if sent is None else f"{sent} metric point(s) sent to MLflow"

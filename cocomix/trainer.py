@@ -33,7 +33,8 @@ from cocomix.data.shards import BlockOrder, TokenBlocks, check_tokenizer_matches
 from cocomix.device import Dist, autocast, peak_flops, setup_distributed, sync
 from cocomix.diagnostics import readout_diagnostics
 from cocomix.faults import point
-from cocomix.files import RunInUse, atomic_write_json, list_checkpoints, lock_run
+from cocomix.checkpoints import list_checkpoints
+from cocomix.files import RunInUse, atomic_write_json, lock_run
 from cocomix.methods import Batch, Method, get_method, run_fingerprint
 from cocomix.model import token_nll
 from cocomix.params import count_params
@@ -101,8 +102,10 @@ class Trainer:
         the default components."""
         self.cfg = cfg
         self.method = method or get_method(cfg.method)
+        # What the run reads of its config's derived values, read once (the config is not re-entered).
+        self.fingerprint = run_fingerprint(cfg, self.method)
+        self.run_dir, self.data_dir = cfg.run_dir, cfg.data_dir
         self.dist, self.device = setup_distributed()
-        self.run_dir = cfg.run_dir
         self._build_data()
         self._build_model()
         self.method.setup(self)
@@ -117,7 +120,7 @@ class Trainer:
                 self.run_lock = lock_run(self.run_dir)
             except RunInUse as e:
                 raise TrainingError(str(e)) from None
-        self.checkpointer = Checkpointer(run_fingerprint(cfg))
+        self.checkpointer = Checkpointer(self.fingerprint)
         self.resumed_from = self.checkpointer.resume(self)
         self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
         if self.dist.world_size > 1:
@@ -137,7 +140,7 @@ class Trainer:
         return self.cfg.train.data_seed if self.cfg.train.data_seed is not None else self.cfg.seed
 
     def _build_data(self) -> None:
-        t, data_dir = self.cfg.train, self.cfg.data_dir
+        t, data_dir = self.cfg.train, self.data_dir
         # sha256 of every shard on the main process; sizes only elsewhere (same files).
         self.manifest = load_manifest(data_dir, verify=True if self.dist.is_main else "size")
         self.train_blocks = TokenBlocks(data_dir, "train", t.block_size, verify=False)  # verified just above
@@ -161,7 +164,7 @@ class Trainer:
         self.model = self.method.build_model(cfg, self.manifest["vocab_size"], self.manifest["eos_id"]).to(self.device)
         # The configured tokenizer (if any) must be the one the shards were made with, and every
         # token id in the shards must fit the model's embedding table.
-        check_tokenizer_matches(cfg.data_dir, cfg.tokenizer.path or cfg.data_dir / "tokenizer",
+        check_tokenizer_matches(self.data_dir, cfg.tokenizer.path or self.data_dir / "tokenizer",
                                 self.model.config.real_vocab_size)  # padding rows are never a token
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),  # one group: decay on all parameters, as the official code

@@ -34,11 +34,10 @@ import yaml
 # (importing the cocomix package registers the "cocomix" architecture with the Auto classes)
 from cocomix.config import Config, config_from_dict, load_config, parse_overrides, _set_dotted
 from cocomix.data import DataError
-from cocomix.callbacks import Checkpointer
+from cocomix.checkpoints import find_checkpoints, read_meta, weights_damage
 from cocomix.progress import use_bar
-from cocomix.files import (atomic_write_json, atomic_write_text, clear_stale_tmp, list_checkpoints,
-                          read_sealed_json, sha256_text, write_sealed_json)
-from cocomix.tracking import PENDING, connect, degrade, replay, tracking_uri
+from cocomix.files import (atomic_write_json, atomic_write_text, clear_stale_tmp, read_sealed_json, sha256_text, write_sealed_json)
+from cocomix.tracking import open_tracker
 
 from .harness import make_lm, paper_summary, prepare_harness, set_quiet
 from .offline_tasks import PAPER_METRICS
@@ -51,28 +50,6 @@ LM_EVAL_PARTS = ("results", "versions", "n-shot", "n-samples", "config", "config
                  "group_subtasks", "lm_eval_version")
 # 2: standard errors in "metrics" and lm_eval_results.json beside eval.json (older records are redone).
 RECORD_VERSION = 2
-
-
-def _is_checkpoint(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "checkpoint.json").is_file()
-
-
-def find_checkpoints(path: str | Path) -> tuple[Path | None, list[Path]]:
-    """(run folder or None, checkpoints oldest first) for a run folder or one checkpoint folder."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: not found (expected a run folder or a checkpoint folder)")
-    if _is_checkpoint(path):
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-        if run_dir is not None and not (run_dir / "config.yaml").is_file():
-            run_dir = None
-        return run_dir, [path]
-    if (path / "config.yaml").is_file():
-        ckpts = [c for c in list_checkpoints(path) if _is_checkpoint(c)]
-        if not ckpts:
-            raise DataError(f"{path}: run folder has no complete checkpoint under checkpoints/")
-        return path, ckpts
-    raise DataError(f"{path}: neither a run folder (config.yaml) nor a checkpoint folder (config.json + checkpoint.json)")
 
 
 def load_eval_config(run_dir: Path | None, config_path: str | None, overrides: list[str]) -> Config:
@@ -101,31 +78,14 @@ def _settings(cfg: Config, tasks: list[str]) -> dict[str, Any]:
     }
 
 
-def _log_mlflow(cfg: Config, run_dir: Path | None, tokens_seen: int, metrics: dict[str, float]) -> str | None:
-    """Log on the training run (step = tokens seen); returns its id, or None when there is none. A run
-    that trained without MLflow is replayed first; an unreachable store warns once and leaves the run
-    pending (eval.json is the record; `cocomix track-sync` or the next eval sends it)."""
-    if run_dir is None or not cfg.tracking.enabled:
-        return None
-    if (run_dir / PENDING).is_file() and replay(run_dir, cfg) is None:
-        return None
-    if not (run_dir / "mlflow_run_id").is_file():
-        return None
-    from mlflow.entities import Metric
-
-    client = connect(cfg, run_dir)
-    if client is None:
-        return None
-    run_id = (run_dir / "mlflow_run_id").read_text().strip()
-    now = int(time.time() * 1000)
-    batch = [Metric(f"eval/{k}", float(v), now, int(tokens_seen)) for k, v in metrics.items()]
-    try:
-        for i in range(0, len(batch), 1000):  # log_batch takes at most 1000 metrics
-            client.log_batch(run_id, metrics=batch[i : i + 1000])
-    except Exception as e:  # the store went away mid-way: sync sends the rest, without duplicates
-        degrade(cfg, tracking_uri(cfg), e, run_dir)
-        return None
-    return run_id
+def _log_tracked(cfg: Config, run_dir: Path | None, tokens_seen: int, metrics: dict[str, float]) -> dict:
+    """Log on the training run's tracked run (step = tokens seen); returns its id as the record's
+    `<backend>_run_id` ({} without tracking). A run that trained without its backend is sent first;
+    an unreachable store warns once and leaves the run pending (eval.json is the record)."""
+    if run_dir is None:
+        return {}
+    tracker = open_tracker(cfg, run_dir, create=False, resume_status=False)
+    return {tracker.id_key: tracker.log_eval(tokens_seen, metrics)} if tracker.id_key else {}
 
 
 @dataclass
@@ -170,10 +130,10 @@ def evaluate(
 
     results = []
     for i, ckpt in enumerate(checkpoints, 1):
-        problem = Checkpointer.damage(ckpt, only=("model.safetensors",))
+        problem = weights_damage(ckpt)
         if problem:
             raise DataError(f"checkpoint {ckpt} is damaged: {problem}; it cannot be evaluated")
-        meta = json.loads((ckpt / "checkpoint.json").read_text())
+        meta = read_meta(ckpt)
         clear_stale_tmp(ckpt)  # an eval.json a killed evaluation did not finish
         out_path = ckpt / RESULTS_FILE
         settings = _settings(cfg, tasks)
@@ -250,7 +210,7 @@ def _evaluate_checkpoint(run: _Evaluation, ckpt: Path, meta: dict, settings: dic
         "harness_batch_size": cfg.eval.harness_batch_size,  # the lm_eval command of a model card repeats it
         "versions": dict(run.versions),
     }
-    record["mlflow_run_id"] = _log_mlflow(cfg, run.run_dir, meta["tokens_seen"], metrics)
+    record.update(_log_tracked(cfg, run.run_dir, meta["tokens_seen"], metrics))
     if raw is not None:  # its sha256 in the sealed record: a reader can tell it belongs to this eval.json
         record["lm_eval_results"] = {"file": LM_EVAL_FILE, "sha256": write_lm_eval_results(ckpt / LM_EVAL_FILE, raw)}
     else:

@@ -20,10 +20,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, tiny_overrides
-from cocomix.callbacks import Checkpointer
+from cocomix import checkpoints
 from cocomix.config import dump_config, load_config
 from cocomix.faults import ENV as FAULTS_ENV
-from cocomix.files import list_checkpoints, read_sealed_json
+from cocomix.checkpoints import list_checkpoints
+from cocomix.files import read_sealed_json
 
 SEED = int(os.environ.get("COCOMIX_FAULT_SEED", "0"))
 TIMING = ("tokens_per_s", "mfu")  # the only fields of a record that may differ between runs
@@ -102,7 +103,7 @@ def _records(run_dir: Path) -> list[dict]:
 def _no_complete_looking_damage(run_dir: Path) -> None:
     """After a kill: every checkpoint that looks complete is intact; records that exist parse."""
     for ckpt in list_checkpoints(run_dir):
-        assert (ckpt / "checkpoint.json").is_file() and Checkpointer.damage(ckpt) is None, ckpt
+        assert (ckpt / "checkpoint.json").is_file() and checkpoints.damage(ckpt) is None, ckpt
     if (run_dir / "final_metrics.json").exists():
         json.loads((run_dir / "final_metrics.json").read_text())
 

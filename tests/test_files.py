@@ -6,8 +6,8 @@ import os
 import subprocess
 import sys
 
-from cocomix.files import (atomic_write_json, lock_run, atomic_write_text, list_checkpoints, sha256_file, sha256_json,
-                           update_sha256)
+from cocomix.checkpoints import list_checkpoints
+from cocomix.files import (atomic_write_json, lock_run, atomic_write_text, sha256_file, sha256_json, update_sha256)
 
 
 def test_sha256_of_a_file_equals_hashlib_across_chunk_boundaries(tmp_path):

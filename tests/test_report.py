@@ -129,6 +129,20 @@ def _se(values, stderrs):
 
 # ---------------------------------------------------------------- tables
 
+GOLDEN = ROOT / "tests" / "golden" / "report"  # the tables of build_experiment's experiment, recorded
+
+
+def test_tables_are_byte_identical_to_the_recorded_ones(experiment):
+    """Every table file (.md, .tex, .csv) the report writes for the fabricated experiment, byte for byte as
+    recorded in tests/golden/report/ (written by evals/report.py before it became a package), and no
+    other. A change meant to alter a table re-records them: run `report(build_experiment(dir))` and copy
+    `<experiment_dir>/tables/*.{md,tex,csv}` there. Nothing in them depends on the temporary folder."""
+    tables = experiment[1] / "tables"
+    written = sorted(p.name for p in tables.iterdir() if p.suffix in (".md", ".tex", ".csv"))
+    assert written == sorted(p.name for p in GOLDEN.iterdir())
+    differ = [name for name in written if (tables / name).read_bytes() != (GOLDEN / name).read_bytes()]
+    assert not differ, f"tables differ from tests/golden/report/: {differ}"
+
 
 def test_main_table_has_a_pm_on_every_downstream_cell_equal_to_an_independent_computation(experiment):
     _, exp_dir = experiment

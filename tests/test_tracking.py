@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, cli, tiny_overrides
-from cocomix import tracking
+from cocomix import records, tracking
 from cocomix.config import load_config
-from cocomix.files import list_checkpoints
+from cocomix.checkpoints import list_checkpoints
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -237,7 +237,7 @@ def test_a_run_killed_while_mlflow_was_down_sends_its_metrics_on_its_next_start(
 def test_environment_records_every_package_that_shapes_a_result():
     import importlib.metadata
 
-    env = tracking.environment_info()
+    env = records.environment_info()
     for name in ("tokenizers", "datasets", "lm_eval", "mlflow", "optuna", "snakemake", "safetensors", "numpy"):
         assert env[name] == importlib.metadata.version(name), name
     assert env["torch"] and env["transformers"] and env["git_commit"]

@@ -137,7 +137,7 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(tmp_path, tiny_data):
 
 
 def test_cuda_rng_state_is_this_devices_even_from_a_checkpoint_of_eight_visible_gpus():
-    from cocomix.callbacks import cuda_rng_for_this_device
+    from cocomix.checkpoints import cuda_rng_for_this_device
 
     # Old checkpoints stored every visible device's state (torch.cuda.get_rng_state_all); restoring
     # all eight where one is visible failed. Now: this device's entry, or none.
@@ -420,7 +420,7 @@ def test_checkpoints_resume_exactly_from_the_trainer_folder_and_from_the_old_lay
     """A checkpoint keeps its trainer state in step_<N>/trainer/ (the step folder itself is a plain HF
     model folder); one resumed from it, or from a checkpoint of the old layout (trainer_state.pt and
     optimizer.pt beside the weights), ends with the uninterrupted run's weights (dropout on)."""
-    from cocomix.callbacks import Checkpointer
+    from cocomix import checkpoints
 
     extra = ("train.tokens=12288", "checkpoint.every_tokens=4096", "checkpoint.keep_last=0", "model.dropout=0.1")
     reference = _cfg(tmp_path / "ref", tiny_data, *extra, "checkpoint.keep_optimizer=0")  # every one resumable
@@ -429,7 +429,7 @@ def test_checkpoints_resume_exactly_from_the_trainer_folder_and_from_the_old_lay
     assert [p.name for p in ckpts] == ["step_0000004", "step_0000008", "step_0000012"]
     for ckpt in ckpts:
         assert {p.name for p in (ckpt / "trainer").iterdir()} <= {"trainer_state.pt", "optimizer.pt"}
-        assert set(json.loads((ckpt / "checkpoint.json").read_text())["files"]) == set(Checkpointer.VERIFIED)
+        assert set(json.loads((ckpt / "checkpoint.json").read_text())["files"]) == set(checkpoints.VERIFIED)
     want = load_file(str(ckpts[-1] / "model.safetensors"))
 
     def rerun(name, prepare, *more):
@@ -453,7 +453,7 @@ def test_checkpoints_resume_exactly_from_the_trainer_folder_and_from_the_old_lay
     def old(done):
         shutil.rmtree(done[1]), shutil.rmtree(done[2])
         _to_old_layout(done[0])
-        assert Checkpointer.damage(done[0]) is None and Checkpointer.trainer_folder(done[0]) == done[0]
+        assert checkpoints.damage(done[0]) is None and checkpoints.trainer_folder(done[0]) == done[0]
 
     cfg, resumed = rerun("old", old, "checkpoint.keep_optimizer=2")
     assert resumed.name == "step_0000004"

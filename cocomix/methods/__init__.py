@@ -51,10 +51,11 @@ def get_method(name: str) -> Method:
     return REGISTRY[name]()
 
 
-def run_fingerprint(cfg: Config) -> str:
-    """What a run's result depends on: the common sections plus those its method reads. Checkpoints
-    carry it, so a run folder made with another config is superseded rather than resumed."""
-    return fingerprint(cfg, RUN_SECTIONS + tuple(get_method(cfg.method).reads))
+def run_fingerprint(cfg: Config, method: Method | None = None) -> str:
+    """What a run's result depends on: the common sections plus those its method (`cfg.method`'s, or
+    `method` when the caller has it) reads. Checkpoints carry it, so a run folder made with another
+    config is superseded rather than resumed."""
+    return fingerprint(cfg, RUN_SECTIONS + tuple((method or get_method(cfg.method)).reads))
 
 
 __all__ = ["ARTIFACTS", "Batch", "Method", "get_method", "method_names", "register", "run_fingerprint"]

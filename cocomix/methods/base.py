@@ -55,6 +55,8 @@ class Method:
     """Base class: next-token prediction on the plain backbone. Subclasses override what they change."""
 
     name: ClassVar[str] = "base"
+    description: ClassVar[str] = "see the cocomix harness"
+    """One sentence for a reader of the model card (`cocomix export`): what the method trains."""
     reads: ClassVar[tuple[str, ...]] = ()
     """Config sections or keys (dotted) this method reads beyond the common ones (data, model, train,
     ...); its runs' fingerprint covers exactly these, so the DAG reruns them only when they change."""

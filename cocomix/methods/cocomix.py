@@ -60,6 +60,11 @@ def hidden_regression_loss(prediction: torch.Tensor, target: torch.Tensor, kind:
 @register
 class CoCoMix(Method):
     name = "cocomix"
+    description = ("CoCoMix (Continuous Concept Mixing, Tack et al., 2025): after `insert_layer` blocks a concept "
+                   "head predicts the sparse-autoencoder concepts a frozen teacher's residual stream attributes the "
+                   "next token to (cross-entropy on the top `k_attr` labels), compresses its TopK prediction into "
+                   "one continuous vector, and interleaves that vector with the token's hidden state for the upper "
+                   "blocks")
     reads = ("teacher", "sae", "concept")  # the labels depend on all three
     slot = "concept"
 
