@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import make_train_step, write_result  # noqa: E402
 from cocomix.config import load_config  # noqa: E402
 from cocomix.device import autocast, peak_flops, sync  # noqa: E402
-from cocomix.files import list_checkpoints  # noqa: E402
+from cocomix.checkpoints import list_checkpoints  # noqa: E402
 from cocomix.methods import Batch, get_method  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

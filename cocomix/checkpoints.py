@@ -112,6 +112,18 @@ def find_checkpoints(path: str | Path) -> tuple[Path | None, list[Path]]:
     raise DataError(f"{path}: neither a run folder (config.yaml) nor a checkpoint folder (config.json + {META})")
 
 
+def run_config(run_dir: Path):
+    """The resolved config a run folder was trained with (its config.yaml)."""
+    import yaml
+
+    from cocomix.config import config_from_dict  # lazy: only a reader of a run folder's config needs it
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir}: no config.yaml, not a run folder")
+    return config_from_dict(yaml.safe_load(path.read_text()))
+
+
 def belongs_to(path: Path, run_dir: Path) -> bool:
     """Whether checkpoint `path` is one of `run_dir`'s own (not a checkpoint of another run)."""
     return Path(path).resolve().parent.parent == Path(run_dir).resolve()

@@ -312,7 +312,7 @@ def _add_results_parsers(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("track-sync", help="send what MLflow lacks of runs that trained without it (metrics.jsonl, "
-                                          "eval.json), without duplicates")
+                                          "eval.json), without duplicates; W&B runs: the `wandb sync` command")
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--uri", default=None, help="tracking URI (default: the one the run could not reach)")
     p.set_defaults(func=cmd_track_sync)
@@ -406,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
 # (tests/test_cli.py checks every entry resolves).
 USER_ERRORS = (("cocomix.config", "ConfigError"), ("cocomix.data.errors", "DataError"),
                ("cocomix.callbacks", "TrainingError"), ("cocomix.sweep", "SweepError"),
-               ("cocomix.tracking", "TrackingError"), ("cocomix.records", "RecordError"))
+               ("cocomix.tracking", "TrackingError"), ("cocomix.records", "RecordError"),
+               ("cocomix.checkpoints", "CheckpointError"))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -62,6 +62,17 @@ def environment_info() -> dict[str, str]:
     return info
 
 
+def user_name() -> str:
+    """Who runs this process (a uid without a passwd entry, as in some containers: its number)."""
+    import getpass
+    import os
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in tree.items():

@@ -292,15 +292,19 @@ def _create_parent_run(cfg: Config, space: dict[str, SweepParam]) -> str | None:
     # Created (or found) like any run, with the config as params.
     tracker = _parent_tracker(cfg, tags={"sweep": study_name(cfg), "method": "cocomix"},
                               params={f"sweep.space.{k}": json.dumps(vars(v)) for k, v in space.items()})
-    return tracker.run_id if tracker.active else None
+    run_id = tracker.run_id if tracker.active else None
+    tracker.close()
+    return run_id
 
 
-def _record_trial_run(cfg: Config, trial, run_dir: Path, state: str) -> None:
-    """Tag the trial's tracked run with its Optuna state, and keep the run id in the trial."""
-    tracker = open_tracker(cfg, run_dir, create=False, resume_status=False)
+def _record_trial_run(tcfg: Config, trial, state: str) -> None:
+    """Tag the trial's tracked run with its Optuna state, and keep the run id in the trial (`tcfg`:
+    the trial's own config, with which a run that trained without its store is sent first)."""
+    tracker = open_tracker(tcfg, tcfg.run_dir, create=False, resume_status=False)
     if tracker.run_id is not None:
         trial.set_user_attr(tracker.id_key, tracker.run_id)
         tracker.set_tags({"optuna.state": state, "optuna.trial": str(trial.number)})
+    tracker.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,13 +398,13 @@ def objective_for(cfg: Config, space: dict[str, SweepParam], parent_run_id: str 
             _ensure_labels(tcfg)
             final = train(tcfg, progress=False, on_eval=on_eval)
         except EarlyStop:
-            _record_trial_run(cfg, trial, tcfg.run_dir, "PRUNED")
+            _record_trial_run(tcfg, trial, "PRUNED")
             raise optuna.TrialPruned() from None
         except (TrainingError, DataError, ConfigError, torch.OutOfMemoryError, MemoryError) as e:
             message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             trial.set_user_attr("failure", message[:500])
             if tcfg is not None:  # else the trial's config itself was impossible: no run was started
-                _record_trial_run(cfg, trial, tcfg.run_dir, "FAIL")
+                _record_trial_run(tcfg, trial, "FAIL")
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             print(f"trial {trial.number} failed: {message}", flush=True)
@@ -409,7 +413,7 @@ def objective_for(cfg: Config, space: dict[str, SweepParam], parent_run_id: str 
             if held is not None:
                 held.close()
         trial.set_user_attr("tokens", final["tokens_seen"])
-        _record_trial_run(cfg, trial, tcfg.run_dir, "COMPLETE")
+        _record_trial_run(tcfg, trial, "COMPLETE")
         print(f"trial {trial.number} {params}: val/loss {final['val/loss']:.4f}", flush=True)
         return final["val/loss"]
 
@@ -567,7 +571,7 @@ def sweep(cfg: Config, config_path: Path | None, workers: int) -> dict[str, Any]
     study = create_study(cfg)
     sweep_dir(cfg).mkdir(parents=True, exist_ok=True)
     if study.user_attrs.get(PARENT):
-        _parent_tracker(cfg, create=False, resume_status=True)  # the sweep's run is running again
+        _parent_tracker(cfg, create=False, resume_status=True).close()  # the sweep's run is running again
     if workers > 0:
         # Workers read the resolved config (identical to this one whatever file and overrides made it).
         resolved = sweep_dir(cfg) / "sweep_config.yaml"

@@ -9,16 +9,8 @@ SAE, evaluation, sweeps), and the backends behind it (`tracking.backend`):
 Whatever the backend, the run folder's metrics.jsonl (cocomix/records.py) is the record the tables
 read; a backend is where people compare runs in a UI. Every point is logged at step = tokens seen,
 so curves of runs with different batch sizes line up, and evaluation curves (logged later by
-`cocomix eval`) sit on the same axis. `open_tracker(cfg, run_dir, ...)` picks the backend; nothing
-outside this module imports mlflow or wandb or names their tags.
-
-    tracker.log(record)                 a step record {"step", "tokens_seen", metric: value, ...}
-    tracker.log_eval(tokens, metrics)   evaluation metrics, as eval/<name>, at a token count
-    tracker.log_metrics(metrics, step)  any metrics at a step (a sweep's summary at step 0)
-    tracker.log_params / set_tags / log_artifact
-    tracker.finish(status)              FINISHED, KILLED or FAILED
-    tracker.sync()                      send the backend what it lacks of the record
-    tracker.ids()                       {"<backend>_run_id": id} for final_metrics.json and eval.json
+`cocomix eval`) sit on the same axis. `open_tracker(cfg, run_dir, ...)` picks the backend (the
+interface: `Tracker`'s methods); nothing outside this module imports mlflow or wandb or names their tags.
 
 Tracking degrades, it never blocks a run: an unreachable server is found by a probe with a short
 timeout, MLflow's own HTTP retries are bounded, and any failure of a backend call turns tracking off
@@ -31,10 +23,10 @@ so nothing is logged twice. `tracking.required: true` makes an unreachable serve
 from __future__ import annotations
 
 import fcntl
-import getpass
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import urllib.error
@@ -42,10 +34,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any, ClassVar
 
-from cocomix.config import Config, config_from_dict
-from cocomix.checkpoints import checkpoint_files
+from cocomix.config import Config
+from cocomix.checkpoints import checkpoint_files, run_config
 from cocomix.files import atomic_write_json, atomic_write_text
-from cocomix.records import MetricsLog, flatten
+from cocomix.records import MetricsLog, RecordError, flatten, user_name
 
 PENDING = "mlflow_pending.json"  # in a run folder: MLflow lacks some of this run's record
 PROBE_TIMEOUT_S = 3.0
@@ -141,13 +133,13 @@ def degrade(cfg: Config, uri: str, err: BaseException | str, run_dir: Path | Non
 
 
 def mark_pending(run_dir: Path, uri: str, reason: str, tags: dict | None = None, params: dict | None = None,
-                 source: str | None = None):
+                 standard: dict | None = None):
     path = Path(run_dir) / PENDING
     old = json.loads(path.read_text()) if path.is_file() else {}
     atomic_write_json(path, {"uri": uri, "reason": reason, "since": old.get("since", time.strftime("%Y-%m-%d %H:%M:%S")),
                              "tags": tags if tags is not None else old.get("tags", {}),
                              "params": params if params is not None else old.get("params", {}),
-                             "source": source or old.get("source", "cocomix")})
+                             "standard": standard if standard is not None else old.get("standard", {})})
 
 
 def connect(cfg: Config, run_dir: Path | None = None, uri: str | None = None):
@@ -189,13 +181,6 @@ def runs_heading(cfg: Config) -> str | None:
 def run_id_of(record: dict[str, Any]) -> str | None:
     """The tracked run id a final_metrics.json, metrics.json or eval.json records (any backend)."""
     return next((record[k] for k in RUN_ID_KEYS if record.get(k)), None)
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # a uid without a passwd entry (some containers)
-        return str(os.getuid())
 
 
 class Tracker:
@@ -256,6 +241,9 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         """End the run: FINISHED, KILLED (stopped early on purpose) or FAILED."""
 
+    def close(self) -> None:
+        """Let go of a continued run (`create=False`) without changing its recorded status."""
+
     def sync(self) -> int | None:
         """Send the backend what it lacks of the record; the number of points sent (None: failed)."""
         return 0
@@ -289,11 +277,16 @@ class MLflowTracker(Tracker):
 
     def __init__(self, cfg: Config, run_dir: Path, tags: dict[str, str] | None = None,
                  params: dict[str, Any] | None = None, uri: str | None = None, resume_status: bool = True, *,
-                 source: str = "cocomix", create: bool = True):
+                 source: str = "cocomix", create: bool = True, standard: dict[str, str] | None = None):
         super().__init__(cfg, run_dir, tags, params, source=source, create=create, resume_status=resume_status)
         self.enabled = cfg.tracking.enabled
         self.client = None
         self.uri = uri or tracking_uri(cfg)
+        # MLflow's own tags, set when the run is created: its UI's User and Source columns, and filters
+        # (a replay creates the run with those of the process that trained it, kept in the pending mark)
+        self.standard = standard or {"mlflow.user": user_name(), "mlflow.source.name": source}
+        if not standard and "git_commit" in self.tags:
+            self.standard["mlflow.source.git.commit"] = self.tags["git_commit"].removesuffix("-dirty")
         if not self.enabled:
             return
         if not create:
@@ -304,18 +297,20 @@ class MLflowTracker(Tracker):
             self._guard(self._open_run, resume_status)
         if self.client is None:  # keep what a replay needs to create the run with its tags and params
             mark_pending(self.run_dir, self.uri, _down.get(self.uri, ("unknown",))[0], self.tags, self.params,
-                         self.source)
+                         self.standard)
 
     def _continue(self, resume_status: bool) -> None:
         """The folder's MLflow run, if it has one; a run that trained (partly) without MLflow is
         replayed first (an unreachable store warns once and leaves the run pending)."""
-        if (self.run_dir / PENDING).is_file() and replay(self.run_dir, self.cfg) is None:
-            return
         id_file = self.run_dir / self.ID_FILE
-        if not id_file.is_file():
+        self.run_id = id_file.read_text().strip() if id_file.is_file() else None
+        if (self.run_dir / PENDING).is_file():
+            if replay(self.run_dir, self.cfg) is None:
+                return
+            self.run_id = id_file.read_text().strip()  # the replay created the run if it had none
+        if self.run_id is None:
             return
         self.client = connect(self.cfg, self.run_dir, self.uri)
-        self.run_id = id_file.read_text().strip()
         if self.client is not None and resume_status:
             self._guard(self.client.update_run, self.run_id, "RUNNING")
 
@@ -329,7 +324,7 @@ class MLflowTracker(Tracker):
             return None
         try:
             return fn(*args)
-        except TrackingError:
+        except (TrackingError, RecordError):  # required-and-down, or a damaged metrics.jsonl: not an outage
             raise
         except Exception as e:
             self.client = None
@@ -354,10 +349,6 @@ class MLflowTracker(Tracker):
             exp_id = exp.experiment_id
         if cfg.tracking.parent_run_id:  # shown nested under its parent in the MLflow UI
             tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-        # MLflow's own tags: its UI's User and Source columns, and its filters
-        tags = {"mlflow.user": _user(), "mlflow.source.name": self.source, **tags}
-        if "git_commit" in tags:
-            tags.setdefault("mlflow.source.git.commit", tags["git_commit"].removesuffix("-dirty"))
         params = flatten({k: v for k, v in cfg.to_dict().items() if k != "scales"})
         params.update(self.params)
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
@@ -369,7 +360,7 @@ class MLflowTracker(Tracker):
             logged = self.client.get_run(self.run_id).data.params
             items = [p for p in items if p.key not in logged]  # a kill while params were logged
         else:
-            run = self.client.create_run(exp_id, run_name=cfg.resolved_run_name, tags=tags)
+            run = self.client.create_run(exp_id, run_name=cfg.resolved_run_name, tags={**self.standard, **tags})
             self.run_id = run.info.run_id
             # Record the id before anything else, so a kill from here on cannot orphan the run: the
             # resumed run finds it and continues it.
@@ -383,7 +374,7 @@ class MLflowTracker(Tracker):
         if self.client is None:
             if self.enabled:
                 mark_pending(self.run_dir, self.uri, _down.get(self.uri, ("unknown",))[0], self.tags, self.params,
-                         self.source)
+                         self.standard)
             return
         from mlflow.entities import Param  # lazy: mlflow only when tracking is on
 
@@ -467,16 +458,6 @@ def _metrics(record: dict[str, Any], now: int) -> list:
     return [Metric(k, v, now, step) for k, v in step_metrics(record).items()]
 
 
-def run_config(run_dir: Path) -> Config:
-    """The resolved config a run folder was trained with (its config.yaml)."""
-    import yaml
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise TrackingError(f"{run_dir}: no config.yaml, not a run folder")
-    return config_from_dict(yaml.safe_load(path.read_text()))
-
-
 def replay(run_dir: Path, cfg: Config | None = None, uri: str | None = None) -> int | None:
     """Send a run that trained (partly) without MLflow to MLflow: create or continue its MLflow run
     with its params and tags, then `sync`. A finished run (final_metrics.json) ends FINISHED. Returns
@@ -488,7 +469,7 @@ def replay(run_dir: Path, cfg: Config | None = None, uri: str | None = None) -> 
     uri = uri or mark.get("uri") or tracking_uri(cfg)
     _down.pop(uri, None)  # asked to send now: try the store again, however recently it failed
     tracker = MLflowTracker(cfg, run_dir, mark.get("tags", {}), mark.get("params", {}), uri=uri, resume_status=False,
-                            source=mark.get("source", "cocomix"))
+                            standard=mark.get("standard") or None)
     sent = tracker.sync()
     if sent is not None and (run_dir / "final_metrics.json").is_file():
         tracker.finish("FINISHED")
@@ -502,11 +483,14 @@ RunTracker = MLflowTracker  # the name callers and tests used before the W&B bac
 # Weights & Biases
 # ---------------------------------------------------------------------------------------------
 
+INIT_TIMEOUT_S = 20.0  # W&B's default waits 90 s for a server that does not answer
 WANDB_MISSING = "tracking.backend is wandb but the wandb package is not installed (pip install 'cocomix[wandb]')"
 
 
 def _wandb_down(cfg: Config, why: str) -> None:
-    """W&B failed (`why`): TrackingError if tracking is required, else one warning line a process."""
+    """W&B failed (`why`): TrackingError if tracking is required, else one warning line a process; W&B
+    is not tried again in this process for RETRY_AFTER_S (each try of a dead server costs its timeout)."""
+    _down.setdefault("wandb", (why, time.monotonic()))
     what = why if why == WANDB_MISSING else f"W&B failed ({why})"
     if cfg.tracking.required:
         raise TrackingError(what if why == WANDB_MISSING else f"{what} and tracking.required is true")
@@ -540,6 +524,9 @@ class WandbTracker(Tracker):
         self.run = None
         if not cfg.tracking.enabled or (not create and not (self.run_dir / self.ID_FILE).is_file()):
             return  # nothing to continue: send nothing
+        if "wandb" in _down and time.monotonic() - _down["wandb"][1] < RETRY_AFTER_S:
+            return _wandb_down(cfg, _down["wandb"][0])  # failed a moment ago: not again
+        had_id = (self.run_dir / self.ID_FILE).is_file()
         try:
             import wandb  # lazy: an optional extra; importing cocomix.tracking must not import wandb
         except ImportError:
@@ -548,6 +535,9 @@ class WandbTracker(Tracker):
             self._open(wandb, create)
         except Exception as e:
             self.run = None
+            if not had_id:  # an id W&B never saw is no run's: final_metrics.json must not name it
+                (self.run_dir / self.ID_FILE).unlink(missing_ok=True)
+                self.run_id = None
             _wandb_down(cfg, _reason(e))
 
     def _open(self, wandb, create: bool) -> None:
@@ -565,7 +555,7 @@ class WandbTracker(Tracker):
                               group=cfg.tracking.parent_run_id, job_type=self.source if create else None,
                               config=config, tags=_wandb_tags(self.tags) if create else None, reinit="create_new",
                               # silent: nothing on stdout; console off: stdout and stderr stay unwrapped
-                              settings=wandb.Settings(silent=True, console="off"))
+                              settings=wandb.Settings(silent=True, console="off", init_timeout=INIT_TIMEOUT_S))
         self.run.define_metric("tokens_seen")
         self.run.define_metric("*", step_metric="tokens_seen")
 
@@ -573,12 +563,12 @@ class WandbTracker(Tracker):
     def active(self) -> bool:
         return self.run is not None
 
-    def _guard(self, fn) -> None:
-        """Run one wandb call; on any failure end W&B for this run (warn once)."""
+    def _guard(self, fn):
+        """Run one wandb call (returns its result); on any failure end W&B for this run (warn once)."""
         if self.run is None:
-            return
+            return None
         try:
-            fn()
+            return fn()
         except Exception as e:  # TrackingError comes from _wandb_down only, after this
             self.run = None
             _wandb_down(self.cfg, _reason(e))
@@ -597,13 +587,29 @@ class WandbTracker(Tracker):
         self._guard(lambda: setattr(self.run, "tags", tuple(dict.fromkeys([*self.run.tags, *_wandb_tags(tags)]))))
 
     def log_artifact(self, path: Path) -> None:
-        """A run file, as `<folder>/<name>` (W&B keeps config.yaml and wandb-* at the top for its own)."""
+        """A run file, as `<folder>/<name>` (W&B keeps config.yaml and wandb-* at the top for its own),
+        copied into the run's own files first: W&B links a file outside them by its path, which a
+        folder renamed into place (the SAE's) would break."""
         path = Path(path).resolve()
-        self._guard(lambda: self.run.save(str(path), base_path=str(path.parent.parent), policy="now"))
+
+        def save():
+            copy = Path(self.run.dir) / path.parent.name / path.name
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, copy)
+            self.run.save(str(copy), base_path=self.run.dir, policy="now")
+        self._guard(save)
 
     def finish(self, status: str = "FINISHED") -> None:
         self._guard(lambda: self.run.summary.update({"status": status}))
         self._guard(lambda: self.run.finish(exit_code=0 if status == "FINISHED" else 1))
+        self.run = None
+
+    def close(self) -> None:
+        """W&B has no detach: a run open in this process ends with `finish`, which records an exit code.
+        A continued run (an evaluation) therefore ends with the code of the status its training recorded,
+        as far as this process knows it (offline: unknown, so 0)."""
+        status = self._guard(lambda: self.run.summary.get("status"))
+        self._guard(lambda: self.run.finish(exit_code=0 if status in (None, "FINISHED") else 1))
         self.run = None
 
     @staticmethod
@@ -618,10 +624,6 @@ def _wandb_tags(tags: dict[str, str]) -> list[str]:
     return [f"{k}:{v}"[:64] for k, v in tags.items()]  # W&B's run tags: at most 64 characters each
 
 
-# ---------------------------------------------------------------------------------------------
-# The one entry point
-# ---------------------------------------------------------------------------------------------
-
 
 def open_tracker(cfg: Config, run_dir: Path, tags: dict[str, str] | None = None, params: dict[str, Any] | None = None,
                  *, source: str = "cocomix", create: bool = True, resume_status: bool = True) -> Tracker:
@@ -634,12 +636,10 @@ def open_tracker(cfg: Config, run_dir: Path, tags: dict[str, str] | None = None,
 def sync_run(run_dir: Path, uri: str | None = None) -> str | None:
     """`cocomix track-sync`: send a run folder's record to its backend. Returns a line saying what went,
     or None when the store is still unreachable (the warning line said so; the run stays pending)."""
-    run_dir = Path(run_dir)
-    cfg = run_config(run_dir)
-    backend = backend_of(cfg)
-    if backend == "wandb":
+    cfg = run_config(Path(run_dir))
+    if backend_of(cfg) == "wandb":
         return WandbTracker.sync_hint(run_dir)
-    if backend == "none":
+    if backend_of(cfg) == "none":
         return "tracking.backend is none (or tracking.enabled false) for this run: nothing to send"
     sent = replay(run_dir, cfg, uri=uri)
     return None if sent is None else f"{sent} metric point(s) sent to MLflow"

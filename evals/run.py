@@ -85,7 +85,10 @@ def _log_tracked(cfg: Config, run_dir: Path | None, tokens_seen: int, metrics: d
     if run_dir is None:
         return {}
     tracker = open_tracker(cfg, run_dir, create=False, resume_status=False)
-    return {tracker.id_key: tracker.log_eval(tokens_seen, metrics)} if tracker.id_key else {}
+    try:
+        return {tracker.id_key: tracker.log_eval(tokens_seen, metrics)} if tracker.id_key else {}
+    finally:
+        tracker.close()
 
 
 @dataclass

@@ -28,6 +28,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # models write mostly non-words after their short training and an SAE detects concepts no better than an
 # untrained one, so a steering effect there would be noise.
 EASY = ["data.synthetic.n_tokens=150000", "data.synthetic.n_topics=4", "data.synthetic.words_per_topic=8",
+        "data.synthetic.parts_of_speech=true", "data.synthetic.max_topics_per_doc=2",
         "data.synthetic.n_professions=2", "tokenizer.vocab_size=512", "model.n_embd=64", "model.n_layer=2",
         "model.n_head=4", "train.block_size=64", "train.global_batch_size=16", "train.micro_batch_size=16",
         "train.tokens=655360", "train.lr=3e-3", "train.warmup_steps=10", "eval.every_tokens=655360",

@@ -27,6 +27,22 @@ def test_every_method_is_registered_once_under_its_name():
         register(type("Impostor", (Method,), {"name": "ntp"}))
 
 
+def test_every_method_describes_itself_and_the_model_card_says_it():
+    from cocomix.export import describe
+
+    descriptions = {name: get_method(name).description for name in method_names()}
+    assert all(d and d != Method.description for d in descriptions.values()), descriptions
+    assert len(set(descriptions.values())) == len(descriptions)  # each says what it alone trains
+    assert describe("kd") == REGISTRY["kd"].description and describe("magic") == Method.description
+    # A method defined elsewhere reaches the card through its class, with no table to edit.
+    toy = type("Toy", (Method,), {"name": "toy_card", "description": "a toy that predicts nothing"})
+    register(toy)
+    try:
+        assert describe("toy_card") == "a toy that predicts nothing"
+    finally:
+        del REGISTRY["toy_card"]
+
+
 def test_unknown_method_is_one_line_naming_the_key():
     with pytest.raises(ConfigError, match=r"^config key 'method': unknown method 'magic' \(expected one of \["):
         get_method("magic")

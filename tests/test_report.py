@@ -72,7 +72,7 @@ def build_experiment(root: Path) -> Path:
     from cocomix.config import dump_config, load_config
     from cocomix.files import atomic_write_json, write_sealed_json
     from cocomix.plan import plan_runs
-    from cocomix.tracking import MetricsLog
+    from cocomix.records import MetricsLog
 
     config = root / "experiment.yaml"
     dump_config(load_config(ROOT / "config/tiny.yaml", [f"results_dir={root / 'results'}", "tracking.enabled=false",

@@ -109,6 +109,52 @@ def test_a_store_that_goes_away_mid_run_loses_nothing_and_replay_sends_each_poin
     assert len(client.get_metric_history(run_id, "train/loss")) == 5
 
 
+def test_replay_keeps_the_trainers_source_and_user_and_a_damaged_log_is_not_an_outage(tmp_path, capsys):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    down = f"http://127.0.0.1:{_free_port()}"  # nothing listens: the run starts without MLflow
+    cfg, run_dir = _cfg(tmp_path, uri), tmp_path / "run"
+    tracker = tracking.MLflowTracker(cfg, run_dir, {"method": "ntp", "git_commit": "abc123-dirty"}, uri=down,
+                                     source="cocomix train")
+    tracker.log({"step": 1, "tokens_seen": 64, "train/loss": 2.5})
+    # A later process (`cocomix track-sync`, another user) sends it: MLflow's own tags are the trainer's.
+    standard = json.loads((run_dir / tracking.PENDING).read_text())["standard"]
+    standard["mlflow.user"] = "trainer"  # as if another user had trained it
+    mark = json.loads((run_dir / tracking.PENDING).read_text())
+    (run_dir / tracking.PENDING).write_text(json.dumps({**mark, "standard": standard}))
+    assert tracking.replay(run_dir, cfg, uri=uri) == 2
+    tags = mlflow.MlflowClient(uri).get_run((run_dir / "mlflow_run_id").read_text()).data.tags
+    assert (tags["mlflow.source.name"], tags["mlflow.user"], tags["mlflow.source.git.commit"]) == (
+        "cocomix train", "trainer", "abc123")
+    # A damaged metrics.jsonl stops the sync with its own one line: the store is not marked down.
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "tokens_seen": 64}\nnot json\n')
+    capsys.readouterr()
+    with pytest.raises(records.RecordError, match=r"metrics.jsonl line 2: not a JSON metrics record"):
+        tracking.replay(run_dir, cfg, uri=uri)
+    assert uri not in tracking._down and "unreachable" not in capsys.readouterr().err
+
+
+def test_a_trials_bookkeeping_sends_a_trial_that_trained_without_mlflow_under_its_own_config(tmp_path):
+    import mlflow
+    import optuna
+
+    from cocomix.sweep import _record_trial_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trial_cfg = _cfg(tmp_path, uri, "run_name=trial-3", "concept.k=7", "tracking.parent_run_id=parent-id")
+    run_dir = trial_cfg.run_dir
+    tracking.MLflowTracker(trial_cfg, run_dir, {"method": "cocomix"}, uri=f"http://127.0.0.1:{_free_port()}")
+    assert (run_dir / tracking.PENDING).is_file() and not (run_dir / "mlflow_run_id").exists()
+    (run_dir / tracking.PENDING).write_text(json.dumps({**json.loads((run_dir / tracking.PENDING).read_text()),
+                                                        "uri": uri}))  # the store is back
+    trial = optuna.create_study().ask()
+    _record_trial_run(trial_cfg, trial, "PRUNED")
+    run = mlflow.MlflowClient(uri).get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.run_name == "trial-3" and run.data.params["concept.k"] == "7"
+    assert run.data.tags["mlflow.parentRunId"] == "parent-id" and run.data.tags["optuna.state"] == "PRUNED"
+
+
 def _train(results, data, uri, *extra, env=ENV):
     args = tiny_overrides(results, data, "tracking.enabled=true", f"tracking.uri={uri}", "train.tokens=40960",
                           "eval.every_tokens=10240", *extra)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -32,6 +33,7 @@ def wandb_env(tmp_path, monkeypatch):
         monkeypatch.setenv(name, str(tmp_path / name.lower()))
     monkeypatch.delenv("WANDB_ERROR_REPORTING", raising=False)  # the tracker sets it offline; restored after
     monkeypatch.setattr(tracking, "_warned", set())
+    monkeypatch.setattr(tracking, "_down", {})  # a failure another test provoked is not this one's
     yield tmp_path
     wandb.teardown()
 
@@ -142,5 +144,30 @@ def test_a_wandb_run_that_cannot_start_degrades_to_one_warning_or_one_error(wand
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cocomix: warning: W&B failed (") and "going on without W&B" in err[0]
     assert (run_dir / "metrics.jsonl").read_text().strip() == json.dumps(RECORDS[0])
+    assert tracker.ids() == {"wandb_run_id": None} and not (run_dir / "wandb_run_id").exists()  # no id W&B never saw
+    start = time.monotonic()  # a failed W&B is not tried again at once (each try costs its timeout)
+    again = tracking.open_tracker(config(wandb_env), wandb_env / "run1")
+    assert not again.active and time.monotonic() - start < 1 and not capsys.readouterr().err  # warned once
     with pytest.raises(tracking.TrackingError, match=r"^W&B failed \(.*\) and tracking.required is true$"):
         tracking.open_tracker(config(wandb_env, "tracking.required=true"), wandb_env / "run2")
+
+
+def test_cocomix_eval_of_two_checkpoints_closes_each_wandb_run_it_continues(wandb_env):
+    # evals/run.py logs each checkpoint's numbers through a continued tracker, then closes it: W&B keeps
+    # one open run per tracker in a process, so an unclosed one per checkpoint would pile up.
+    from evals.run import _log_tracked
+
+    cfg = config(wandb_env)
+    run_dir = wandb_env / "run"
+    run_dir.mkdir()
+    training = tracking.open_tracker(cfg, run_dir, {"method": "ntp"})
+    training.log(RECORDS[0])
+    training.finish()
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert _log_tracked(cfg, run_dir, 512, EVAL) == {"wandb_run_id": run_id}
+    assert _log_tracked(cfg, run_dir, 1536, {"val_loss": 2.9}) == {"wandb_run_id": run_id}
+    assert _log_tracked(cfg, None, 1536, EVAL) == {}  # a checkpoint outside a run folder: no run to log to
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    logs = [transaction_log(f) for f in files]
+    assert len(files) == 3 and all(of_type(log, "exit") for log in logs)  # every process-side run ended
+    assert [[h["item"]["tokens_seen"] for h in of_type(log, "history")] for log in logs] == [[512], [512], [1536]]
