@@ -171,3 +171,32 @@ def test_cocomix_eval_of_two_checkpoints_closes_each_wandb_run_it_continues(wand
     logs = [transaction_log(f) for f in files]
     assert len(files) == 3 and all(of_type(log, "exit") for log in logs)  # every process-side run ended
     assert [[h["item"]["tokens_seen"] for h in of_type(log, "history")] for log in logs] == [[512], [512], [1536]]
+
+
+def test_wandb_and_mlflow_hold_the_same_metric_keys_at_the_same_token_steps(wandb_env):
+    # The same training record and evaluation through both backends; read each back from its own store.
+    import mlflow
+
+    records = {}
+    for backend in ("mlflow", "wandb"):
+        cfg = config(wandb_env, f"tracking.backend={backend}", f"tracking.uri=sqlite:///{wandb_env / 'mlflow.db'}")
+        run_dir = wandb_env / backend
+        run_dir.mkdir()
+        tracker = tracking.open_tracker(cfg, run_dir, {"method": "ntp"})
+        for record in RECORDS:
+            tracker.log(record)
+        tracker.finish()
+        later = tracking.open_tracker(cfg, run_dir, create=False, resume_status=False)
+        later.log_eval(1024, EVAL)
+        later.close()
+        records[backend] = run_dir
+    client = mlflow.MlflowClient(f"sqlite:///{wandb_env / 'mlflow.db'}")
+    run = client.get_run((records["mlflow"] / "mlflow_run_id").read_text())
+    in_mlflow = {(key, m.step): m.value for key in run.data.metrics
+                 for m in client.get_metric_history(run.info.run_id, key)}
+    in_wandb = {(k, row["tokens_seen"]): v
+                for f in sorted((records["wandb"] / "wandb").glob("offline-run-*/run-*.wandb"))
+                for h in of_type(transaction_log(f), "history") for row in [h["item"]]
+                for k, v in row.items() if not k.startswith("_") and k != "tokens_seen"}
+    assert len(in_mlflow) == 3 * 3 + 2 and set(in_wandb) == set(in_mlflow)  # train/loss, lr, step; 2 evals
+    assert in_wandb == pytest.approx(in_mlflow)
