@@ -331,6 +331,13 @@ class Checkpointer(Callback):
                 f"{trainer.tokens_per_step}; resume with the same batch settings or start a new run folder"
             )
         weights = ckpt.load_weights(path, trainer.device)
+        own = trainer.model.state_dict()
+        differ = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights.items()
+                  if k in own and v.shape != own[k].shape]
+        if differ:  # load_state_dict would raise one "size mismatch" line per tensor
+            raise TrainingError(f"checkpoint {path}: a model of another shape ({len(differ)} tensors differ, first: "
+                                f"{'; '.join(differ[:2])}; checkpoint vs this config); resume with the config it "
+                                "was trained with, or start a new run folder")
         missing, unexpected = trainer.model.load_state_dict(weights, strict=False)
         # Tied weights are stored once; anything else missing means the checkpoint does not fit.
         missing = [k for k in missing if k != "lm_head.weight"]

@@ -9,7 +9,8 @@ at import time (the Snakefile imports the sweep, which imports tracking, which l
                                   slots.py (remote code), generation_config.json, the tokenizer (its
                                   model_max_length = the model's context, n_positions)
         checkpoint.json           step, tokens, method, config fingerprint, metrics.jsonl prefix, and
-                                  the size and sha256 of every VERIFIED file
+                                  the size and sha256 of every file written with it (the seal: what a
+                                  loader reads, config.json and the tokenizer included)
         trainer/                  what only resuming reads: trainer_state.pt (step, tokens seen, data
                                   position, tokens per step, every process's RNG states) and
                                   optimizer.pt
@@ -44,8 +45,14 @@ TRAINER_DIR = "trainer"  # the folder of a checkpoint that holds the trainer sta
 TRAINER_STATE = "trainer_state.pt"
 OPTIMIZER = "optimizer.pt"
 TRAINER_FILES = (TRAINER_STATE, OPTIMIZER)  # what an exported model folder must never hold
-# What checkpoint.json records (size and sha256) and resume verifies before loading anything.
+# What every checkpoint.json records (size and sha256) and resume verifies before loading anything;
+# checkpoints since 2026-12-07 record every file written with them (`sealed_files`).
 VERIFIED = (WEIGHTS, f"{TRAINER_DIR}/{TRAINER_STATE}", f"{TRAINER_DIR}/{OPTIMIZER}")
+
+
+def sealed_files(folder: Path) -> list[str]:
+    """Every file of a checkpoint being written (relative names), its record excepted: the seal."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != META)
 
 
 class CheckpointError(RuntimeError):
@@ -160,9 +167,14 @@ def damage(path: Path, only: tuple[str, ...] | None = None) -> str | None:
     return None
 
 
-def weights_damage(path: Path) -> str | None:
-    """`damage` of the model weights only (what evaluation and export read)."""
-    return damage(path, only=(WEIGHTS,))
+def model_damage(path: Path) -> str | None:
+    """`damage` of what loading the model reads (evaluation, export): every sealed file but the
+    trainer state (older checkpoints, which sealed only the weights and the trainer state: the weights)."""
+    try:
+        names = tuple(n for n in read_meta(path).get("files", {}) if not n.startswith(f"{TRAINER_DIR}/"))
+    except (OSError, ValueError) as e:
+        return f"{META} unreadable ({type(e).__name__})"
+    return damage(path, only=names)
 
 
 def newest_intact(run_dir: Path) -> Path | None:
@@ -278,7 +290,8 @@ def write(final: Path, model, tokenizer_dir: Path, trainer_state: dict[str, Any]
     point("checkpoint.trainer_state.pt")
     torch.save(optimizer, state_dir / OPTIMIZER)
     point("checkpoint.optimizer.pt")
-    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in VERIFIED}
+    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+             for name in sealed_files(tmp)}
     (tmp / META).write_text(json.dumps({**meta, "files": files}))
     point("checkpoint.checkpoint.json")
     follow_umask(tmp)  # safetensors writes 0600: colleagues could not read the weights

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from cocomix.checkpoints import TRAINER_DIR, TRAINER_FILES, find_checkpoints, read_meta, weights_damage
+from cocomix.checkpoints import TRAINER_DIR, TRAINER_FILES, find_checkpoints, read_meta, model_damage
 from cocomix.data.errors import DataError
 from cocomix.data.tokenizer import set_model_max_length
 from cocomix.config import ConfigError
@@ -366,7 +366,7 @@ def export(source: str | Path, out: str | Path) -> Path:
     out = Path(out)
     _check_out(out)  # before any work
     run_dir, ckpt = resolve_checkpoint(source)
-    problem = weights_damage(ckpt)
+    problem = model_damage(ckpt)
     if problem:
         raise ExportError(f"checkpoint {ckpt} is damaged: {problem}; it cannot be exported")
     meta = read_meta(ckpt)

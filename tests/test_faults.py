@@ -9,6 +9,7 @@ Set COCOMIX_FAULT_SEED to try other kill points and byte positions (the default 
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, tiny_overrides
 from cocomix import checkpoints
-from cocomix.config import dump_config, load_config
+from cocomix.config import _set_dotted, config_from_dict, dump_config, load_config
 from cocomix.faults import ENV as FAULTS_ENV
 from cocomix.checkpoints import list_checkpoints
 from cocomix.files import read_sealed_json
@@ -348,3 +349,33 @@ def test_random_bytes_in_data_labels_and_sae_end_in_one_line(tmp_path, tiny_data
         _one_line(e, name)
         cases += 1
     assert cases == 6
+
+
+@pytest.mark.slow
+def test_a_checkpoint_edited_after_its_seal_or_of_another_shape_is_one_line(tmp_path, small_run, tiny_data):
+    # 13. config.json edited (one layer fewer): evaluation and export would load another model than the
+    # one trained; the seal covers every file a loader reads, so both refuse in one line, evaluate nothing.
+    from cocomix.export import export
+    from cocomix.trainer import Trainer
+    from evals.run import evaluate
+
+    cfg = _copy_run(small_run, tmp_path / "config-json")
+    ckpt = list_checkpoints(cfg.run_dir)[0]
+    (ckpt / "eval.json").unlink()
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "n_layer": config["n_layer"] - 1}))
+    for command in (lambda: evaluate(ckpt, ["eval.tasks=[]", "eval.ppl_max_blocks=8"], progress=False),
+                    lambda: export(ckpt, tmp_path / "exported")):
+        with pytest.raises(Exception) as e:
+            command()
+        _one_line(e, "config.json")
+    assert not (ckpt / "eval.json").exists() and not (tmp_path / "exported").exists()
+    # 14. Resuming from a checkpoint of another width: one line naming the first differing tensors.
+    tree = cfg.to_dict()
+    _set_dotted(tree, "model.n_embd", 32)
+    _set_dotted(tree, "run_name", "narrow")
+    _set_dotted(tree, "train.resume", str(list_checkpoints(cfg.run_dir)[-1]))
+    with pytest.raises(Exception) as e:
+        Trainer(config_from_dict(tree), progress=False)
+    _one_line(e, "another shape")
+    assert re.search(r"tensors differ, first: \S+ \(192,\) vs \(96,\); \S+ \(192, 64\) vs \(96, 32\);", str(e.value))

@@ -429,7 +429,8 @@ def test_checkpoints_resume_exactly_from_the_trainer_folder_and_from_the_old_lay
     assert [p.name for p in ckpts] == ["step_0000004", "step_0000008", "step_0000012"]
     for ckpt in ckpts:
         assert {p.name for p in (ckpt / "trainer").iterdir()} <= {"trainer_state.pt", "optimizer.pt"}
-        assert set(json.loads((ckpt / "checkpoint.json").read_text())["files"]) == set(checkpoints.VERIFIED)
+        sealed = set(json.loads((ckpt / "checkpoint.json").read_text())["files"])  # every file written with it
+        assert sealed == set(checkpoints.sealed_files(ckpt)) >= set(checkpoints.VERIFIED) | {"config.json", "model.py"}
     want = load_file(str(ckpts[-1] / "model.safetensors"))
 
     def rerun(name, prepare, *more):
