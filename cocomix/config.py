@@ -208,7 +208,11 @@ class TrainConfig(Section):
     """Optimisation and the token budget. Batch sizes count sequences of `block_size`."""
 
     tokens: int = 2_000_000
-    """Training budget in tokens; steps = tokens // (global_batch_size * block_size)."""
+    """Training budget in tokens; steps = tokens // (global_batch_size * block_size). More than
+    MAX_EPOCHS (16) passes over the training split is refused unless `allow_repeat`."""
+    allow_repeat: bool = False
+    """Allow a budget of more than MAX_EPOCHS passes over the training split (past about 16 epochs
+    repeated data adds almost nothing: Muennighoff et al. 2023, so a larger budget is usually a typo)."""
     block_size: int = 128
     """Tokens per training sequence, the context length (the paper: 1024, spec section 2); held-out
     evaluation uses non-overlapping blocks of the same length."""
@@ -745,6 +749,10 @@ def _coerce_union(value: Any, args: tuple, key: str) -> Any:
     raise ConfigError(f"config key '{key}': expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
 
 
+MAX_INT = 10**15  # no integer setting (a budget, a size, a seed) is larger: above it, a typo (1e30)
+MAX_EPOCHS = 16  # passes over the training split a budget may take without train.allow_repeat
+
+
 def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
     """`value` checked against bool, int, float or str (numbers may come as YAML strings like `1e6`)."""
     if tp is bool:
@@ -760,10 +768,13 @@ def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"config key '{key}': expected int, got {value!r}")
-        if isinstance(value, int):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)  # allow 2e6 in YAML
+            value = int(value)  # allow 2e6 in YAML
+        if isinstance(value, int):
+            if abs(value) > MAX_INT:
+                raise ConfigError(f"config key '{key}': {value:.3g} is beyond {MAX_INT:.0e}, the largest integer any "
+                                  "setting takes (10^15 tokens is about 50x the largest public pretraining runs)")
+            return value
         raise ConfigError(f"config key '{key}': expected int, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -923,7 +934,7 @@ def describe_config(cfg: Config) -> str:
 # Sections every run depends on, whatever its method (a method adds the sections it reads)...
 RUN_SECTIONS = ("experiment", "method", "seed", "data", "tokenizer", "model", "train", "eval")
 # ...less the keys that change how a run is executed or stored, not what it computes.
-EXECUTION_KEYS = ("train.resume", "train.compile", "train.log_every_steps", "data.dir")
+EXECUTION_KEYS = ("train.resume", "train.compile", "train.log_every_steps", "train.allow_repeat", "data.dir")
 
 
 def fingerprint(cfg: Config, keys: tuple[str, ...] | list[str], drop: tuple[str, ...] = (),

@@ -186,21 +186,50 @@ def _quiet_optuna():
     return optuna
 
 
+LOCK_WAIT_S = 30.0  # how long a sqlite storage waits for another process's write before it gives up
+
+
+@contextmanager
+def storage_errors(cfg: Config):
+    """The storage's failures as one line naming it: a file that is not a database, one locked past
+    LOCK_WAIT_S, a URL whose driver is not installed, any other error of the database."""
+    import sqlalchemy.exc  # lazy: optuna's own dependency, only for a sweep
+
+    url = storage_url(cfg)
+    try:
+        yield
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        cause = str(getattr(e, "orig", None) or e).splitlines()[0][:200]
+        if "locked" in cause:
+            raise SweepError(f"sweep.storage '{url}': database is locked by another process after {LOCK_WAIT_S:g} s; "
+                             "let it finish or stop it (a killed worker's lock goes with it)") from None
+        if "not a database" in cause:
+            raise SweepError(f"sweep.storage '{url}': file is not a database (damaged, or not Optuna's); move it "
+                             "away to start a new study, or point sweep.storage at the right one") from None
+        raise SweepError(f"sweep.storage '{url}': {type(e).__name__}: {cause}") from None
+
+
 def open_storage(cfg: Config):
     """RDB storage with heartbeats: a trial whose worker died is failed and queued again."""
     optuna = _quiet_optuna()
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     url = storage_url(cfg)
-    if url.startswith("sqlite:///"):
+    sqlite = url.startswith("sqlite:///")
+    if sqlite:
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     try:
-        return RDBStorage(
-            url,
-            heartbeat_interval=cfg.sweep.heartbeat_s,
-            grace_period=cfg.sweep.grace_s,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3, inherit_intermediate_values=True),
-        )
+        with storage_errors(cfg):
+            return RDBStorage(
+                url,
+                engine_kwargs={"connect_args": {"timeout": LOCK_WAIT_S}} if sqlite else None,
+                heartbeat_interval=cfg.sweep.heartbeat_s,
+                grace_period=cfg.sweep.grace_s,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3, inherit_intermediate_values=True),
+            )
+    except ImportError as e:  # optuna: "Failed to import DB access module for the specified storage URL"
+        raise SweepError(f"sweep.storage '{url}': the database driver for it is not installed (e.g. pip install "
+                         f"psycopg2-binary for postgresql://, pymysql for mysql+pymysql://): {e}") from None
     except (optuna.exceptions.StorageInternalError, ValueError) as e:
         raise SweepError(f"sweep.storage '{url}': cannot open ({str(e).splitlines()[0]})") from None
 
@@ -427,6 +456,11 @@ def run_worker(cfg: Config, worker_index: int = 0) -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SweepError("a sweep worker trains single-process trials; start more workers instead of torchrun")
+    with storage_errors(cfg):
+        _run_worker(cfg, worker_index, optuna, fail_stale_trials)
+
+
+def _run_worker(cfg: Config, worker_index: int, optuna, fail_stale_trials) -> None:
     space = search_space(cfg)
     storage = open_storage(cfg)
     try:
@@ -568,6 +602,11 @@ def write_outputs(cfg: Config, study) -> dict[str, Any]:
 
 def sweep(cfg: Config, config_path: Path | None, workers: int) -> dict[str, Any]:
     """Create (or continue) the study, run `workers` local workers, write the outputs."""
+    with storage_errors(cfg):
+        return _sweep(cfg, workers)
+
+
+def _sweep(cfg: Config, workers: int) -> dict[str, Any]:
     study = create_study(cfg)
     sweep_dir(cfg).mkdir(parents=True, exist_ok=True)
     if study.user_attrs.get(PARENT):

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from cocomix.callbacks import (Callback, Checkpointer, EarlyStop, Evaluator, NaNGuard, OnEval, Progress,
                                Tracking, TrainingError, TrainMetrics)
-from cocomix.config import Config, split_batch
+from cocomix.config import MAX_EPOCHS, Config, ConfigError, split_batch
 from cocomix.data import DataError
 from cocomix.data.shards import BlockOrder, TokenBlocks, check_tokenizer_matches, load_manifest
 from cocomix.device import Dist, autocast, peak_flops, setup_distributed, sync
@@ -153,6 +153,11 @@ class Trainer:
                                                               self.dist.world_size)
         self.tokens_per_step = t.global_batch_size * t.block_size
         self.total_steps = t.tokens // self.tokens_per_step
+        split = len(self.train_blocks) * t.block_size
+        if self.total_steps * self.tokens_per_step > MAX_EPOCHS * split and not t.allow_repeat:
+            raise ConfigError(f"config key 'train.tokens': {t.tokens:,} tokens are "
+                              f"{self.total_steps * self.tokens_per_step / split:,.0f} passes over the training split "
+                              f"({split:,} tokens in {data_dir}); more than {MAX_EPOCHS} needs train.allow_repeat=true")
         self.warmup_steps = t.warmup_steps if t.warmup_steps is not None else max(1, self.total_steps // 300)
         self.step = self.tokens_seen = self.data_position = 0
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="cocomix-data")

@@ -57,6 +57,8 @@ def test_paper_scales_match_the_spec():
         (["concept.readout=token", "concept.mix=add"], "concept.readout"),
         (["concept.readout=pause"], "concept.readout"),
         (["train.data_seed=first"], "train.data_seed"),
+        (["train.tokens=1e30"], "train.tokens"),  # accepted before: "step 2383/1953125000000000038837157888"
+        (["sae.tokens=-1e16"], "sae.tokens"),
     ],
 )
 def test_bad_values_name_the_key(overrides, key):
@@ -64,6 +66,12 @@ def test_bad_values_name_the_key(overrides, key):
         load_config(ROOT / "config/tiny.yaml", overrides)
     msg = str(err.value)
     assert f"'{key}'" in msg and "\n" not in msg
+
+
+def test_an_absurd_integer_is_refused_with_the_largest_allowed_and_the_largest_is_taken():
+    with pytest.raises(ConfigError, match=r"^config key 'train.tokens': 1e\+30 is beyond 1e\+15, the largest integer"):
+        load_config(ROOT / "config/tiny.yaml", ["train.tokens=1e30"])
+    assert load_config(ROOT / "config/tiny.yaml", ["train.tokens=1e15"]).train.tokens == 10**15
 
 
 def test_cli_exits_nonzero_with_one_line(tmp_path):

@@ -237,3 +237,38 @@ def test_a_trial_another_worker_already_runs_is_left_to_it_untold(concept_cache,
         holder.wait()
     assert study.trials[0].state == optuna.trial.TrialState.RUNNING  # nothing told: the other worker's to tell
     assert "failure" not in study.trials[0].user_attrs and not (lock.parent / "checkpoints").exists()
+
+
+def test_a_storage_that_is_damaged_locked_or_lacks_its_driver_is_one_line(tmp_path, monkeypatch):
+    # Each ended in a traceback before: sqlalchemy's DatabaseError, OperationalError after sqlite's 5 s,
+    # optuna's ImportError.
+    import sqlite3
+
+    from cocomix import sweep as sweep_module
+    from cocomix.sweep import SweepError, create_study, run_worker
+
+    def cfg(url):
+        return load_config(ROOT / "config/tiny.yaml", [f"results_dir={tmp_path}", "tracking.enabled=false",
+                                                       "method=cocomix", f"sweep.storage={url}"])
+
+    damaged = tmp_path / "damaged.db"
+    damaged.write_bytes(b"not sqlite " * 100)
+    with pytest.raises(SweepError, match=rf"^sweep.storage 'sqlite:///{damaged}': file is not a database \(damaged"):
+        create_study(cfg(f"sqlite:///{damaged}"))
+    with pytest.raises(SweepError, match=r"^sweep.storage 'postgresql://u@127.0.0.1/x': the database driver for it "
+                                         r"is not installed \(e.g. pip install psycopg2-binary"):
+        create_study(cfg("postgresql://u@127.0.0.1/x"))
+    locked = f"sqlite:///{tmp_path / 'locked.db'}"
+    create_study(cfg(locked))
+    monkeypatch.setattr(sweep_module, "LOCK_WAIT_S", 0.5)
+    holder = sqlite3.connect(tmp_path / "locked.db")
+    holder.execute("BEGIN EXCLUSIVE")  # another process mid-write
+    try:
+        start = time.monotonic()
+        with pytest.raises(SweepError, match=rf"^sweep.storage '{locked}': database is locked by another process "
+                                             r"after 0.5 s; let it finish or stop it"):
+            run_worker(cfg(locked))
+        assert time.monotonic() - start < 5  # the stated wait, not sqlite's default
+    finally:
+        holder.rollback()
+        holder.close()

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, cli, tiny_overrides
-from cocomix.config import load_config
+from cocomix.config import ConfigError, load_config
 from cocomix.data.shards import TokenBlocks
 from cocomix.files import sha256_file
 from cocomix.trainer import TrainingError, Trainer, list_checkpoints, lr_at, train
@@ -544,7 +544,7 @@ def test_resume_refuses_a_trainer_state_that_would_run_code(tmp_path, tiny_data)
 
 DDP_EVERY_METHOD = """
 import json, sys
-from cocomix.config import load_config
+from cocomix.config import ConfigError, load_config
 from cocomix.trainer import Trainer
 config, common, variants = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 losses = {}
@@ -579,3 +579,18 @@ def test_ddp_trains_every_method_and_every_ablation_of_the_paper_dag(tmp_path, t
     assert set(losses) == set(variants) == {"ntp", "kd", "pause", "kd_pause", "cocomix", "act_labels", "pred_only",
                                             "mix_only", "add"}
     assert all(math.isfinite(v) for v in losses.values()), losses
+
+
+def test_a_budget_of_more_than_16_passes_over_the_data_needs_allow_repeat(tmp_path, tiny_data):
+    # Refused before any model is built; one line naming the key, the passes and the consent key.
+    block = _cfg(tmp_path, tiny_data).train.block_size
+    split = json.loads((tiny_data / "manifest.json").read_text())["splits"]["train"]["n_tokens"] // block * block
+    tokens = 17 * split
+    with pytest.raises(ConfigError, match=r"^config key 'train.tokens': [\d,]+ tokens are 17 passes over the "
+                                          r"training split \([\d,]+ tokens in .*\); more than 16 needs "
+                                          r"train.allow_repeat=true$"):
+        Trainer(_cfg(tmp_path / "a", tiny_data, f"train.tokens={tokens}"), progress=False)
+    assert not (tmp_path / "a").exists()  # nothing written
+    trainer = Trainer(_cfg(tmp_path / "b", tiny_data, f"train.tokens={tokens}", "train.allow_repeat=true"),
+                      progress=False)
+    assert trainer.total_steps * trainer.tokens_per_step > 16 * split
