@@ -35,6 +35,14 @@ class TrainingError(RuntimeError):
     """A run that cannot continue (diverged, incompatible checkpoint); one-line message."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached a training process (a scheduler's or a user's stop): raised in the loop so that
+    the run ends as an interrupt does, its tracked run marked KILLED. Exit status 128 + 15."""
+
+    exit_code = 143
+    message = "cocomix: terminated (SIGTERM); the run is marked KILLED and resumes from its newest checkpoint"
+
+
 class EarlyStop(Exception):
     """Raised by an `on_eval` callback to end a run early (a pruned sweep trial). The MLflow run is
     marked KILLED and no final_metrics.json is written."""

@@ -446,9 +446,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"cocomix: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
-    except KeyboardInterrupt:
-        print("cocomix: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM during training (cocomix.callbacks.Terminated)
+        print(getattr(e, "message", "cocomix: interrupted"), file=sys.stderr)
+        return getattr(e, "exit_code", 130)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ do not depend on the number of processes.
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cocomix.callbacks import (Callback, Checkpointer, EarlyStop, Evaluator, NaNGuard, OnEval, Progress,
+from cocomix.callbacks import (Callback, Checkpointer, EarlyStop, Evaluator, NaNGuard, OnEval, Progress, Terminated,
                                Tracking, TrainingError, TrainMetrics)
 from cocomix.config import MAX_EPOCHS, Config, ConfigError, split_batch
 from cocomix.data import DataError
@@ -283,11 +285,14 @@ class Trainer:
     # ---------------- the loop ----------------
 
     def train(self) -> dict[str, float]:
-        """Steps until the token budget is spent; returns (and writes) final_metrics.json."""
+        """Steps until the token budget is spent; returns (and writes) final_metrics.json. An interrupt
+        (SIGINT) or SIGTERM ends the run KILLED, an error FAILED: the tracked status never says RUNNING
+        for a process that is gone (SIGKILL aside: the next start of the folder continues its run)."""
         for cb in self.callbacks:
             cb.on_start(self)
         self.model.train()
         status = "FAILED"
+        previous = _raise_on_sigterm()
         try:
             while not self.finished:
                 result = self.train_step(self.next_micro_batches())
@@ -305,15 +310,28 @@ class Trainer:
                 atomic_write_json(self.run_dir / "final_metrics.json", final)
             status = "FINISHED"
             return final
-        except EarlyStop:
+        except (EarlyStop, KeyboardInterrupt):  # Terminated is a KeyboardInterrupt
             status = "KILLED"
             raise
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             self._loader.shutdown(wait=True, cancel_futures=True)
             for cb in self.callbacks:
                 cb.on_finish(self, status)
             if self.run_lock is not None:
                 self.run_lock.close()  # the next writer may start
+
+
+def _raise_on_sigterm():
+    """SIGTERM raises `Terminated` in this (main) thread; returns the handler it replaced (None off
+    the main thread, where Python cannot take signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Terminated()
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def train(cfg: Config, method: Method | None = None, progress: bool = True,

@@ -280,6 +280,32 @@ def test_a_run_killed_while_mlflow_was_down_sends_its_metrics_on_its_next_start(
     _assert_mlflow_equals_the_log(uri, run_dir)
 
 
+@pytest.mark.slow
+def test_a_sigtermed_run_is_killed_in_mlflow_not_left_running_and_resumes(tmp_path, tiny_data):
+    # Before: SIGTERM ended the process where it stood; its MLflow run said RUNNING forever.
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = tiny_overrides(tmp_path, tiny_data, "tracking.enabled=true", f"tracking.uri={uri}", "train.tokens=40960",
+                          "checkpoint.every_tokens=10240", "eval.every_tokens=10240")
+    run_dir = load_config(ROOT / "config/tiny.yaml", args).run_dir
+    command = cli("train", "--config", str(ROOT / "config/tiny.yaml"), "--no-progress", *args)
+    first = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list_checkpoints(run_dir) and first.poll() is None:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 143 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("cocomix: terminated (SIGTERM); the run is marked KILLED")
+    client = mlflow.MlflowClient(uri)
+    run_id = (run_dir / "mlflow_run_id").read_text()
+    assert client.get_run(run_id).info.status == "KILLED"
+    second = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-2000:]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
 def test_environment_records_every_package_that_shapes_a_result():
     import importlib.metadata
 
