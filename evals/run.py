@@ -34,7 +34,7 @@ import yaml
 # (importing the cocomix package registers the "cocomix" architecture with the Auto classes)
 from cocomix.config import Config, config_from_dict, load_config, parse_overrides, _set_dotted
 from cocomix.data import DataError
-from cocomix.checkpoints import find_checkpoints, read_meta, weights_damage
+from cocomix.checkpoints import find_checkpoints, read_meta, model_damage
 from cocomix.progress import use_bar
 from cocomix.files import (atomic_write_json, atomic_write_text, clear_stale_tmp, read_sealed_json, sha256_text, write_sealed_json)
 from cocomix.tracking import open_tracker
@@ -133,7 +133,7 @@ def evaluate(
 
     results = []
     for i, ckpt in enumerate(checkpoints, 1):
-        problem = weights_damage(ckpt)
+        problem = model_damage(ckpt)
         if problem:
             raise DataError(f"checkpoint {ckpt} is damaged: {problem}; it cannot be evaluated")
         meta = read_meta(ckpt)
