@@ -144,16 +144,16 @@ def read_meta(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / META).read_text())
 
 
-def damage(path: Path, only: tuple[str, ...] | None = None) -> str | None:
+def damage(path: Path, model_only: bool = False) -> str | None:
     """What is wrong with a checkpoint, in a few words, or None: every file checkpoint.json lists
-    (or those of `only`) must have its recorded size and sha256 (checkpoints from before these
-    records: sizes unknown, only their presence is checked)."""
+    (`model_only`: but the trainer state) must have its recorded size and sha256 (checkpoints from
+    before these records: sizes unknown, only their presence is checked)."""
     try:
         meta = read_meta(path)
     except (OSError, ValueError) as e:
         return f"{META} unreadable ({type(e).__name__})"
     for name, want in meta.get("files", {}).items():
-        if only is not None and name not in only:
+        if model_only and name.startswith(f"{TRAINER_DIR}/"):
             continue
         f = path / name
         if not f.exists():
@@ -170,11 +170,7 @@ def damage(path: Path, only: tuple[str, ...] | None = None) -> str | None:
 def model_damage(path: Path) -> str | None:
     """`damage` of what loading the model reads (evaluation, export): every sealed file but the
     trainer state (older checkpoints, which sealed only the weights and the trainer state: the weights)."""
-    try:
-        names = tuple(n for n in read_meta(path).get("files", {}) if not n.startswith(f"{TRAINER_DIR}/"))
-    except (OSError, ValueError) as e:
-        return f"{META} unreadable ({type(e).__name__})"
-    return damage(path, only=names)
+    return damage(path, model_only=True)
 
 
 def newest_intact(run_dir: Path) -> Path | None:

@@ -165,7 +165,6 @@ def connect(cfg: Config, run_dir: Path | None = None, uri: str | None = None):
 
 
 BACKENDS = ("mlflow", "wandb", "none")
-RUN_ID_KEYS = ("mlflow_run_id", "wandb_run_id")  # what each backend's `ids()` writes
 
 
 def backend_of(cfg: Config) -> str:
@@ -180,7 +179,7 @@ def runs_heading(cfg: Config) -> str | None:
 
 def run_id_of(record: dict[str, Any]) -> str | None:
     """The tracked run id a final_metrics.json, metrics.json or eval.json records (any backend)."""
-    return next((record[k] for k in RUN_ID_KEYS if record.get(k)), None)
+    return next((record[k] for k in (MLflowTracker.id_key, WandbTracker.id_key) if record.get(k)), None)
 
 
 class Tracker:
@@ -272,8 +271,7 @@ class MLflowTracker(Tracker):
     warns once and marks the run pending; metrics.jsonl is written whatever happens."""
 
     backend = "mlflow"
-    id_key = "mlflow_run_id"
-    ID_FILE = "mlflow_run_id"
+    id_key = "mlflow_run_id"  # also the name of the run folder's file that holds it
 
     def __init__(self, cfg: Config, run_dir: Path, tags: dict[str, str] | None = None,
                  params: dict[str, Any] | None = None, uri: str | None = None, resume_status: bool = True, *,
@@ -302,7 +300,7 @@ class MLflowTracker(Tracker):
     def _continue(self, resume_status: bool) -> None:
         """The folder's MLflow run, if it has one; a run that trained (partly) without MLflow is
         replayed first (an unreachable store warns once and leaves the run pending)."""
-        id_file = self.run_dir / self.ID_FILE
+        id_file = self.run_dir / self.id_key
         self.run_id = id_file.read_text().strip() if id_file.is_file() else None
         if (self.run_dir / PENDING).is_file():
             if replay(self.run_dir, self.cfg) is None:
@@ -352,7 +350,7 @@ class MLflowTracker(Tracker):
         params = flatten({k: v for k, v in cfg.to_dict().items() if k != "scales"})
         params.update(self.params)
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        id_file = self.run_dir / self.ID_FILE
+        id_file = self.run_dir / self.id_key
         if id_file.exists():  # a resumed run continues its MLflow run
             self.run_id = id_file.read_text().strip()
             if resume_status:
@@ -514,19 +512,18 @@ class WandbTracker(Tracker):
     sends nothing (the base's 0): W&B sends an offline run itself, `wandb sync` (`sync_hint`)."""
 
     backend = "wandb"
-    id_key = "wandb_run_id"
-    ID_FILE = "wandb_run_id"
+    id_key = "wandb_run_id"  # also the name of the run folder's file that holds it
 
     def __init__(self, cfg: Config, run_dir: Path, tags: dict[str, str] | None = None,
                  params: dict[str, Any] | None = None, *, source: str = "cocomix", create: bool = True,
                  resume_status: bool = True):
         super().__init__(cfg, run_dir, tags, params, source=source, create=create, resume_status=resume_status)
         self.run = None
-        if not cfg.tracking.enabled or (not create and not (self.run_dir / self.ID_FILE).is_file()):
+        if not cfg.tracking.enabled or (not create and not (self.run_dir / self.id_key).is_file()):
             return  # nothing to continue: send nothing
         if "wandb" in _down and time.monotonic() - _down["wandb"][1] < RETRY_AFTER_S:
             return _wandb_down(cfg, _down["wandb"][0])  # failed a moment ago: not again
-        had_id = (self.run_dir / self.ID_FILE).is_file()
+        had_id = (self.run_dir / self.id_key).is_file()
         try:
             import wandb  # lazy: an optional extra; importing cocomix.tracking must not import wandb
         except ImportError:
@@ -536,12 +533,12 @@ class WandbTracker(Tracker):
         except Exception as e:
             self.run = None
             if not had_id:  # an id W&B never saw is no run's: final_metrics.json must not name it
-                (self.run_dir / self.ID_FILE).unlink(missing_ok=True)
+                (self.run_dir / self.id_key).unlink(missing_ok=True)
                 self.run_id = None
             _wandb_down(cfg, _reason(e))
 
     def _open(self, wandb, create: bool) -> None:
-        cfg, id_file = self.cfg, self.run_dir / self.ID_FILE
+        cfg, id_file = self.cfg, self.run_dir / self.id_key
         self.run_id = id_file.read_text().strip() if id_file.is_file() else os.urandom(4).hex()
         atomic_write_text(id_file, self.run_id)  # before the run starts: a kill from here on cannot orphan it
         config = {}  # a continued run (an evaluation) keeps the config its training gave it
