@@ -209,6 +209,22 @@ def storage_errors(cfg: Config):
         raise SweepError(f"sweep.storage '{url}': {type(e).__name__}: {cause}") from None
 
 
+class RetryOnce:
+    """Queue a stale trial again once, however many workers fail it. On SQLite two workers that fail the
+    same stale trial at the same moment both succeed (the storage reads the trial's state before either
+    writes; server databases lock the row), so Optuna's callback would queue one retry per worker: two
+    trials training in one run folder. Under the storage's file lock, a trial already retried is skipped."""
+
+    def __init__(self, cfg: Config, retry) -> None:
+        self.cfg, self.retry = cfg, retry
+
+    def __call__(self, study, trial) -> None:
+        with _storage_lock(self.cfg):
+            if any(trial.number in t.system_attrs.get("retry_history", ()) for t in study.get_trials(deepcopy=False)):
+                return
+            self.retry(study, trial)
+
+
 def open_storage(cfg: Config):
     """RDB storage with heartbeats: a trial whose worker died is failed and queued again."""
     optuna = _quiet_optuna()
@@ -225,7 +241,7 @@ def open_storage(cfg: Config):
                 engine_kwargs={"connect_args": {"timeout": LOCK_WAIT_S}} if sqlite else None,
                 heartbeat_interval=cfg.sweep.heartbeat_s,
                 grace_period=cfg.sweep.grace_s,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3, inherit_intermediate_values=True),
+                heartbeat_stale_trial_callback=RetryOnce(cfg, RetryHeartbeatStaleTrialCallback(max_retry=3, inherit_intermediate_values=True)),
             )
     except ImportError as e:  # optuna: "Failed to import DB access module for the specified storage URL"
         raise SweepError(f"sweep.storage '{url}': the database driver for it is not installed (e.g. pip install "

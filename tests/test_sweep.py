@@ -272,3 +272,65 @@ def test_a_storage_that_is_damaged_locked_or_lacks_its_driver_is_one_line(tmp_pa
     finally:
         holder.rollback()
         holder.close()
+
+
+def test_workers_that_fail_the_same_stale_trials_at_once_queue_each_once(tmp_path):
+    """CI, after a killed sweep: the two restarted workers both failed the killed trial (SQLite reads its
+    state before either writes), so Optuna's callback queued two retries of it, two trials for one run
+    folder. Here four processes fail three stale trials at the same moment: each is queued again once.
+    Before the fix the callback check below always failed and the four processes queued 5-7 retries of
+    the three trials in most runs."""
+    import sys
+
+    import optuna
+    from optuna.distributions import IntDistribution
+    from optuna.trial import TrialState
+
+    from cocomix.sweep import open_storage
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cfg = load_config(ROOT / "config/tiny.yaml", [f"results_dir={tmp_path}", "tracking.enabled=false", "method=cocomix",
+                                                  f"sweep.storage={url}", "sweep.heartbeat_s=1", "sweep.grace_s=1"])
+    storage = open_storage(cfg)
+    study = optuna.create_study(study_name="stale", storage=storage)
+    for _ in range(3):  # three trials whose workers died after one heartbeat
+        storage.record_heartbeat(study.ask({"x": IntDistribution(0, 9)})._trial_id)
+    time.sleep(2)
+    # The callback itself, given the same failed trial twice (as two workers would), queues it once.
+    twice = optuna.create_study(study_name="twice", storage=storage)
+    trial = twice.ask({"x": IntDistribution(0, 9)})
+    twice.tell(trial, state=TrialState.FAIL)
+    for _ in range(2):
+        storage.get_heartbeat_stale_trial_callback()(twice, twice.trials[0])
+    assert [t.system_attrs.get("failed_trial") for t in twice.trials] == [None, 0]
+    go = tmp_path / "go"
+    script = (
+        "import sys, time, warnings; warnings.simplefilter('ignore')\n"
+        "from pathlib import Path\n"
+        "import optuna\n"
+        "from optuna.storages import fail_stale_trials\n"
+        "from cocomix.config import load_config\n"
+        "from cocomix.sweep import open_storage\n"
+        "cfg = load_config(Path(sys.argv[1]), sys.argv[3:])\n"
+        "study = optuna.load_study(study_name='stale', storage=open_storage(cfg))\n"
+        "print('ready', flush=True)\n"
+        "while not Path(sys.argv[2]).exists(): time.sleep(0.001)\n"
+        "start = float(Path(sys.argv[2]).read_text())\n"
+        "while time.time() < start: pass\n"
+        "fail_stale_trials(study)\n"
+    )
+    args = [f"results_dir={tmp_path}", "tracking.enabled=false", "method=cocomix", f"sweep.storage={url}",
+            "sweep.heartbeat_s=1", "sweep.grace_s=1"]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(ROOT / "config/tiny.yaml"), str(go), *args],
+                              stdout=subprocess.PIPE, text=True, env=ENV) for _ in range(4)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    go.write_text(str(time.time() + 0.5))  # all four start failing together
+    for p in procs:
+        assert p.wait(timeout=60) == 0
+    ts = optuna.load_study(study_name="stale", storage=url).get_trials(deepcopy=False)
+    assert [t.state for t in ts[:3]] == [TrialState.FAIL] * 3
+    queued = sorted(t.system_attrs["failed_trial"] for t in ts if t.state == TrialState.WAITING)
+    assert queued == [0, 1, 2], queued
+    for t in ts[3:]:  # each retry keeps its trial's parameters
+        assert t.params == ts[t.system_attrs["failed_trial"]].params
