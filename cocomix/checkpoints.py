@@ -35,7 +35,7 @@ from typing import Any
 
 from cocomix.data.errors import DataError
 from cocomix.faults import point
-from cocomix.files import clear_stale_tmp, follow_umask, sha256_file
+from cocomix.files import clear_stale_tmp, follow_umask, read_json, sha256_file
 
 CHECKPOINTS = "checkpoints"  # the folder of a run's checkpoints
 STEP_RE = re.compile(r"^step_(\d+)$")
@@ -121,14 +121,12 @@ def find_checkpoints(path: str | Path) -> tuple[Path | None, list[Path]]:
 
 def run_config(run_dir: Path):
     """The resolved config a run folder was trained with (its config.yaml)."""
-    import yaml
-
-    from cocomix.config import config_from_dict  # lazy: only a reader of a run folder's config needs it
+    from cocomix.config import config_from_dict, read_yaml  # lazy: only a reader of a run folder's config needs it
 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: no config.yaml, not a run folder")
-    return config_from_dict(yaml.safe_load(path.read_text()))
+    return config_from_dict(read_yaml(path))
 
 
 def belongs_to(path: Path, run_dir: Path) -> bool:
@@ -141,7 +139,7 @@ def belongs_to(path: Path, run_dir: Path) -> bool:
 
 def read_meta(path: Path) -> dict[str, Any]:
     """A checkpoint's checkpoint.json (raises OSError / ValueError when unreadable)."""
-    return json.loads((Path(path) / META).read_text())
+    return read_json(Path(path) / META)
 
 
 def damage(path: Path, model_only: bool = False) -> str | None:

@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = (("cocomix.config", "ConfigError"), ("cocomix.data.errors", "DataError"),
                ("cocomix.callbacks", "TrainingError"), ("cocomix.sweep", "SweepError"),
                ("cocomix.tracking", "TrackingError"), ("cocomix.records", "RecordError"),
-               ("cocomix.checkpoints", "CheckpointError"))
+               ("cocomix.checkpoints", "CheckpointError"), ("cocomix.files", "FileFormatError"))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -37,7 +37,6 @@ them: `label_agreement` measures how many.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from contextlib import contextmanager
@@ -50,7 +49,7 @@ from cocomix.config import Config, ConceptConfig, ConfigError
 from cocomix.data import DataError
 from cocomix.data.shards import TokenBlocks, load_manifest
 from cocomix.faults import point
-from cocomix.files import atomic_write_json, clear_stale_tmp, sha256_file, sha256_matches_once, sha256_text
+from cocomix.files import atomic_write_json, clear_stale_tmp, read_json, sha256_file, sha256_matches_once, sha256_text
 from cocomix.model import token_nll
 from cocomix.progress import Reporter
 from cocomix.sae import load_sae, sae_hash
@@ -225,7 +224,7 @@ class LabelCache:
         if not path.is_file():
             raise DataError(f"concept cache {self.dir}: no {MANIFEST} (run `cocomix extract-concepts` first)")
         try:
-            self.manifest = json.loads(path.read_bytes())
+            self.manifest = read_json(path)
         except ValueError as e:  # not JSON, or bytes that are not UTF-8
             raise DataError(f"{path}: not valid JSON ({e}); re-run `cocomix extract-concepts`") from None
         expected = cache_key(cfg)
@@ -243,7 +242,7 @@ class LabelCache:
         `LabelCache(cfg)`."""
         self = cls.__new__(cls)
         self.dir, self.verify = Path(folder), False
-        self.manifest = json.loads((self.dir / MANIFEST).read_text())
+        self.manifest = read_json(self.dir / MANIFEST)
         self._open()
         return self
 
@@ -361,7 +360,7 @@ def _resume_state(out: Path, run_key: dict) -> dict:
     state = {"key": run_key, "blocks_done": {}}
     if (out / PROGRESS).is_file():
         try:
-            previous = json.loads((out / PROGRESS).read_bytes())
+            previous = read_json(out / PROGRESS)
             assert isinstance(previous, dict) and isinstance(previous.get("blocks_done", {}), dict)
         except (ValueError, AssertionError):
             print(f"warning: {out / PROGRESS} is damaged; extracting from the start", file=sys.stderr, flush=True)

@@ -848,6 +848,17 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def read_yaml(path: str | Path) -> Any:
+    """The project's reader of YAML files (run configs, task definitions): undecodable or unparsable
+    content is one line naming the file (FileFormatError)."""
+    from cocomix.files import FileFormatError, read_text  # lazy: files is below config, but config stays light
+
+    try:
+        return yaml.safe_load(read_text(path))
+    except yaml.YAMLError as e:
+        raise FileFormatError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML file (or the defaults), apply the selected scale and CLI overrides, validate."""
     tree: dict[str, Any] = {}
@@ -855,10 +866,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file '{p}' not found")
+        from cocomix.files import FileFormatError, read_text  # lazy: files is below config, but config stays light
+
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.safe_load(read_text(p)) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        except FileFormatError as e:
+            raise ConfigError(f"config file {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file '{p}': expected a mapping at the top level")
     cli = parse_overrides(overrides or [])

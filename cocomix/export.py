@@ -35,8 +35,8 @@ import yaml
 from cocomix.checkpoints import TRAINER_DIR, TRAINER_FILES, find_checkpoints, read_meta, model_damage
 from cocomix.data.errors import DataError
 from cocomix.data.tokenizer import set_model_max_length
-from cocomix.config import ConfigError
-from cocomix.files import follow_umask, read_sealed_json, sha256_file, sha256_text
+from cocomix.config import ConfigError, read_yaml
+from cocomix.files import follow_umask, read_json, read_sealed_json, sha256_file, sha256_text
 from cocomix.methods import Method, get_method
 from cocomix.model import CocomixForCausalLM
 from cocomix.params import count_params
@@ -148,7 +148,7 @@ def export_tasks(record: dict, raw: dict, out: Path) -> tuple[list[str], bool]:
         if config is None or not source.is_file():
             raise ExportError(f"task {task}: its task file is not where the evaluation left it ({source}); run "
                               "`cocomix eval --force` again before exporting")
-        tree = _localize_data_files(yaml.safe_load(source.read_text(encoding="utf-8")), task, out)
+        tree = _localize_data_files(read_yaml(source), task, out)
         (out / TASKS_DIR).mkdir(exist_ok=True)
         (out / TASKS_DIR / yaml_name).write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
         names.append(Path(yaml_name).stem)
@@ -372,7 +372,7 @@ def export(source: str | Path, out: str | Path) -> Path:
     meta = read_meta(ckpt)
     record, raw = _eval_record(ckpt)
     cfg = _run_config(run_dir)
-    tree = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}) if run_dir is not None else {}
+    tree = (read_yaml(run_dir / "config.yaml") or {}) if run_dir is not None else {}
     name = f"{run_dir.name}-{ckpt.name}" if run_dir is not None else ckpt.name
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -396,7 +396,7 @@ def export(source: str | Path, out: str | Path) -> Path:
         counts = count_params(model)
         card = model_card(
             name=name, ckpt=ckpt, meta=meta,
-            config=json.loads((tmp / "config.json").read_text()), cfg=cfg, tree=tree,
+            config=read_json(tmp / "config.json"), cfg=cfg, tree=tree,
             counts={"total": counts.total, "active": counts.active,
                     "non_embedding": model.num_params(non_embedding=True)},
             record=record, command=command, weights_sha256=sha256_file(tmp / "model.safetensors"))

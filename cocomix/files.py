@@ -23,6 +23,31 @@ from cocomix.faults import point
 CHUNK = 1 << 23  # 8 MiB: hashing reads bounded memory whatever the file size
 
 
+class FileFormatError(ValueError):
+    """A file the project reads is undecodable or unparsable (one line naming it and where)."""
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file the project reads; binary garbage is one line naming the file."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FileFormatError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): damaged, "
+                              "or not the file it should be") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """The one reader of the project's JSON files: undecodable or unparsable content is one line
+    naming the file and where (FileFormatError, a ValueError)."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FileFormatError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}): damaged, "
+                              "or not the file it should be") from None
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
@@ -159,7 +184,7 @@ def sha256_matches_once(path: str | Path, sha256: str, stamp: str | Path) -> boo
     unwritable stamps only cost a re-hash)."""
     path, stamp = Path(path), Path(stamp)
     try:
-        known = json.loads(stamp.read_text())
+        known = read_json(stamp)
         assert isinstance(known, dict)
     except Exception:  # noqa: BLE001 - absent or damaged: hash again
         known = {}
@@ -195,7 +220,7 @@ def read_sealed_json(path: str | Path) -> dict[str, Any] | None:
     """The object `write_sealed_json` wrote, or None when the file is damaged (not JSON, not UTF-8,
     or its content no longer matches its sha256)."""
     try:
-        obj = json.loads(Path(path).read_bytes())
+        obj = read_json(path)
         body = {k: v for k, v in obj.items() if k != "sha256"}
         return obj if obj.get("sha256") == sha256_json(body) else None
     except (ValueError, AttributeError):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from cocomix.concepts import data_fingerprint
 from cocomix.config import Config, ConfigError
 from cocomix.data import DataError, TokenBlocks, load_concepts, load_tokenizer
-from cocomix.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from cocomix.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from cocomix.sae import block_activations, concept_auroc, load_sae, sae_hash, sae_path
 from cocomix.teacher import load_teacher, teacher_hash
 from cocomix.checkpoints import find_checkpoints
@@ -83,7 +82,7 @@ def describe_concepts(cfg: Config, device: torch.device | str | None = None) -> 
     key = description_key(cfg)
     if path.is_file():
         try:
-            saved = json.loads(path.read_bytes())
+            saved = read_json(path)
             assert isinstance(saved, dict)
         except (ValueError, AssertionError):  # damaged: rebuilt
             saved = {}
@@ -270,7 +269,7 @@ def load_cocomix(checkpoint: str | Path, config_path: str | None = None, overrid
 
     run_dir, checkpoints = find_checkpoints(checkpoint)
     ckpt = checkpoints[-1]
-    meta = json.loads((ckpt / "config.json").read_text())
+    meta = read_json(ckpt / "config.json")
     if meta.get("slot") != "concept" or meta.get("concept_target", "concepts") != "concepts":
         raise DataError(f"{ckpt}: not a CoCoMix checkpoint (method {meta.get('method')!r}, slot {meta.get('slot')!r}); "
                         "expected a model trained with --method cocomix that predicts SAE concepts")

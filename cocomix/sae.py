@@ -16,7 +16,6 @@ shuffle buffer.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -32,7 +31,7 @@ from cocomix.config import Config, ConfigError, SAEConfig
 from cocomix.data import DataError
 from cocomix.data.shards import BlockOrder, TokenBlocks
 from cocomix.faults import point
-from cocomix.files import atomic_write_json, follow_umask, sha256_file
+from cocomix.files import atomic_write_json, follow_umask, read_json, sha256_file
 from cocomix.model import token_nll
 from cocomix.progress import Reporter, si
 from cocomix.teacher import load_teacher, run_teacher, teacher_hash
@@ -184,7 +183,7 @@ def load_sae(cfg: Config, device: torch.device | str = "cpu") -> TopKSAE:
         from safetensors.torch import load_file
 
         try:
-            meta = json.loads((p / SAE_CONFIG).read_text())
+            meta = read_json(p / SAE_CONFIG)
             assert isinstance(meta, dict) and {"d_model", "n_latents", "k"} <= meta.keys()
         except (ValueError, AssertionError):
             raise DataError(f"SAE {p / SAE_CONFIG}: not a valid SAE config (damaged; re-run `cocomix train-sae`)") from None

@@ -14,7 +14,6 @@ forward stays the single source of truth.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +22,7 @@ import torch
 from cocomix.config import Config, ConfigError
 from cocomix.data import DataError
 from cocomix.checkpoints import list_checkpoints
-from cocomix.files import update_sha256
+from cocomix.files import read_json, update_sha256
 from cocomix.model import CocomixForCausalLM
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -47,7 +46,7 @@ def load_teacher(cfg: Config, device: torch.device | str = "cpu") -> CocomixForC
     """The frozen teacher of `cfg.teacher.path`, in eval mode (no dropout) and without gradients
     on its weights (attribution differentiates w.r.t. activations only)."""
     path = teacher_dir(cfg)
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    model_type = read_json(path / "config.json").get("model_type")
     try:
         if model_type == "cocomix":
             model = CocomixForCausalLM.from_pretrained(path)

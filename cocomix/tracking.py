@@ -23,7 +23,6 @@ so nothing is logged twice. `tracking.required: true` makes an unreachable serve
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -36,7 +35,7 @@ from typing import Any, ClassVar
 
 from cocomix.config import Config
 from cocomix.checkpoints import checkpoint_files, run_config
-from cocomix.files import atomic_write_json, atomic_write_text
+from cocomix.files import atomic_write_json, atomic_write_text, read_json
 from cocomix.records import MetricsLog, RecordError, flatten, user_name
 
 PENDING = "mlflow_pending.json"  # in a run folder: MLflow lacks some of this run's record
@@ -135,7 +134,7 @@ def degrade(cfg: Config, uri: str, err: BaseException | str, run_dir: Path | Non
 def mark_pending(run_dir: Path, uri: str, reason: str, tags: dict | None = None, params: dict | None = None,
                  standard: dict | None = None):
     path = Path(run_dir) / PENDING
-    old = json.loads(path.read_text()) if path.is_file() else {}
+    old = read_json(path) if path.is_file() else {}
     atomic_write_json(path, {"uri": uri, "reason": reason, "since": old.get("since", time.strftime("%Y-%m-%d %H:%M:%S")),
                              "tags": tags if tags is not None else old.get("tags", {}),
                              "params": params if params is not None else old.get("params", {}),
@@ -428,7 +427,7 @@ class MLflowTracker(Tracker):
         now = int(time.time() * 1000)
         wanted: list[Metric] = [m for record in self.metrics.read() for m in _metrics(record, now)]
         for result in checkpoint_files(self.run_dir, "eval.json"):
-            done = json.loads(result.read_text())
+            done = read_json(result)
             wanted += [Metric(f"eval/{k}", float(v), now, int(done["tokens_seen"]))
                        for k, v in done["metrics"].items() if isinstance(v, (int, float))]
         have: dict[str, set[int]] = {}
@@ -463,7 +462,7 @@ def replay(run_dir: Path, cfg: Config | None = None, uri: str | None = None) -> 
     run_dir = Path(run_dir)
     cfg = cfg or run_config(run_dir)
     pending = run_dir / PENDING
-    mark = json.loads(pending.read_text()) if pending.is_file() else {}
+    mark = read_json(pending) if pending.is_file() else {}
     uri = uri or mark.get("uri") or tracking_uri(cfg)
     _down.pop(uri, None)  # asked to send now: try the store again, however recently it failed
     tracker = MLflowTracker(cfg, run_dir, mark.get("tags", {}), mark.get("params", {}), uri=uri, resume_status=False,

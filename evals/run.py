@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 # (importing the cocomix package registers the "cocomix" architecture with the Auto classes)
-from cocomix.config import Config, config_from_dict, load_config, parse_overrides, _set_dotted
+from cocomix.config import Config, config_from_dict, load_config, parse_overrides, read_yaml, _set_dotted
 from cocomix.data import DataError
 from cocomix.checkpoints import find_checkpoints, read_meta, model_damage
 from cocomix.progress import use_bar
@@ -56,7 +55,7 @@ def load_eval_config(run_dir: Path | None, config_path: str | None, overrides: l
     """The run's resolved config (or --config / defaults for a lone checkpoint) plus overrides."""
     if run_dir is None:
         return load_config(config_path, overrides)
-    tree = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    tree = read_yaml(run_dir / "config.yaml") or {}
     for key, value in parse_overrides(overrides):
         _set_dotted(tree, key, value)
     return config_from_dict(tree)

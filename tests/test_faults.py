@@ -379,3 +379,26 @@ def test_a_checkpoint_edited_after_its_seal_or_of_another_shape_is_one_line(tmp_
         Trainer(config_from_dict(tree), progress=False)
     _one_line(e, "another shape")
     assert re.search(r"tensors differ, first: \S+ \(192,\) vs \(96,\); \S+ \(192, 64\) vs \(96, 32\);", str(e.value))
+
+
+@pytest.mark.slow
+def test_random_bytes_in_the_tokenizer_or_a_json_record_is_one_line_naming_the_file(tmp_path, tiny_data):
+    # 15. The data's tokenizer.json (a UnicodeDecodeError traceback before, the file unnamed); 16. the
+    # same bytes as text that is not JSON.
+    from cocomix.files import read_json
+    from cocomix.trainer import Trainer
+
+    rng = random.Random(SEED + 5)
+    for i, garbage in enumerate((bytes(rng.randrange(128, 256) for _ in range(512)), b'{"model": {"vocab": [1, 2')):
+        data = tmp_path / f"data{i}"
+        shutil.copytree(tiny_data, data)
+        (data / "tokenizer" / "tokenizer.json").write_bytes(garbage)
+        cfg = load_config(ROOT / "config/tiny.yaml", tiny_overrides(tmp_path / f"r{i}", data, "train.tokens=4096"))
+        with pytest.raises(Exception) as e:
+            Trainer(cfg, progress=False)
+        _one_line(e, "tokenizer.json")
+        assert ("not UTF-8 text" if i == 0 else "not valid JSON") in str(e.value)
+    with pytest.raises(Exception) as e:
+        read_json(data / "tokenizer" / "tokenizer.json")
+    assert str(e.value).endswith("not valid JSON (Expecting ',' delimiter at line 1 column 26): damaged, or not the file "
+                                 "it should be")

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..config import Config, DataConfig
-from ..files import atomic_write_json, file_identity, sha256_file, sha256_json
+from ..files import atomic_write_json, file_identity, read_json, sha256_file, sha256_json
 from ..progress import Reporter, si
 from .errors import DataError
 from .sources import iter_documents
@@ -350,7 +350,7 @@ def _read_stamp(data_dir: Path, manifest_sha: str) -> dict[str, Any]:
     (same sha256 of its bytes); {} otherwise. Whatever is wrong with the file (absent, unreadable,
     half-written, garbage, another version) means "no stamp": the shards are hashed again."""
     try:
-        stamp = json.loads((data_dir / VERIFIED).read_bytes())
+        stamp = read_json(data_dir / VERIFIED)
         body = {k: v for k, v in stamp.items() if k != "checksum"}
         if (stamp["checksum"] == sha256_json(body) and body["stamp_version"] == STAMP_VERSION
                 and body["manifest_sha256"] == manifest_sha and isinstance(body["files"], dict)):
@@ -433,7 +433,7 @@ def load_concepts(data_dir: str | Path) -> dict[str, Any]:
     path = Path(data_dir) / "concepts.json"
     if not path.is_file():
         raise DataError(f"{path}: not found (only the synthetic source has ground-truth concepts)")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def check_tokenizer_matches(data_dir: str | Path, tokenizer_dir_or_hash, model_vocab_size: int | None = None) -> None:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..files import atomic_write_text, sha256_text
+from ..files import atomic_write_text, read_json, sha256_text
 from .errors import DataError
 
 EOS = "<|endoftext|>"
@@ -52,7 +52,13 @@ def load_tokenizer(path: str | Path):
         raise DataError(f"tokenizer folder {p}: not found (expected a folder with tokenizer.json)")
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(p))
+    if (p / "tokenizer.json").is_file():
+        read_json(p / "tokenizer.json")  # a damaged file: one line naming it, not the tokenizers library's error
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p))
+    except Exception as e:  # the tokenizers library raises plain Exception
+        raise DataError(f"tokenizer folder {p}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
+            from None
     if tok.eos_token_id is None:
         raise DataError(f"tokenizer folder {p}: has no eos token (expected e.g. {EOS})")
     return tok
@@ -67,17 +73,15 @@ def set_model_max_length(folder: str | Path, n_positions: int) -> None:
     shards to their tokenizer, is untouched)."""
     path = Path(folder) / "tokenizer_config.json"
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = read_json(path)
     except FileNotFoundError:
         config = {}
-    except ValueError:
-        raise DataError(f"{path}: not valid JSON") from None
     config["model_max_length"] = int(n_positions)
     atomic_write_text(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _canonical_hash(tokenizer_json: str) -> str:
-    spec = json.loads(tokenizer_json)
+    spec = json.loads(tokenizer_json)  # from a tokenizer object, or read_json's output: valid JSON
     # Padding/truncation settings do not change token ids and may be touched on load; ignore them.
     spec.pop("padding", None)
     spec.pop("truncation", None)
@@ -91,6 +95,6 @@ def tokenizer_hash(tok_or_dir) -> str:
         f = Path(tok_or_dir) / "tokenizer.json"
         if not f.is_file():
             raise DataError(f"tokenizer folder {tok_or_dir}: no tokenizer.json")
-        return _canonical_hash(f.read_text(encoding="utf-8"))
+        return _canonical_hash(json.dumps(read_json(f)))  # one line naming the file if it is damaged
     backend = getattr(tok_or_dir, "backend_tokenizer", tok_or_dir)  # HF wrapper or raw tokenizers.Tokenizer
     return _canonical_hash(backend.to_str())

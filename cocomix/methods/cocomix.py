@@ -17,13 +17,12 @@ normalised hidden state at `sae.layer` instead of predicting concepts), and `k`,
 
 from __future__ import annotations
 
-import json
-
 import torch
 import torch.nn.functional as F
 
 from cocomix.concepts import LabelCache, concept_labels, label_precision
 from cocomix.config import Config, ConfigError
+from cocomix.files import read_json
 from cocomix.flops import block_params, concept_label_flops_per_token
 from cocomix.methods.base import Batch, Method, register
 from cocomix.sae import load_sae
@@ -173,4 +172,4 @@ def _teacher_width(cfg: Config) -> int:
     config_file = teacher_dir(cfg) / "config.json"  # a one-line error when there is no teacher
     if not config_file.is_file():
         raise ConfigError(f"config key 'teacher.path': {config_file} not found")
-    return int(json.loads(config_file.read_text())["n_embd"])
+    return int(read_json(config_file)["n_embd"])

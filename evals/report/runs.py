@@ -4,13 +4,12 @@ grouped by scale and method, paired by seed and named by their MLflow run ids.""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cocomix.plan import plan_runs
 from cocomix.data import DataError
-from cocomix.files import read_sealed_json
+from cocomix.files import read_json as read_json_file, read_sealed_json
 from cocomix.checkpoints import checkpoint_files
 from cocomix.records import MetricsLog
 from cocomix.tracking import run_id_of
@@ -101,7 +100,7 @@ def load_runs(config_path: str | Path) -> list[Run]:
         if not final_path.exists():
             continue
         try:
-            final = json.loads(final_path.read_bytes())
+            final = read_json_file(final_path)
         except ValueError:
             raise DataError(f"{final_path}: not valid JSON (damaged); rerun the training, it rewrites it") from None
         history = [rec for rec in MetricsLog(cfg.run_dir / "metrics.jsonl").read() if "val/loss" in rec]
@@ -170,7 +169,7 @@ def read_json(path: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_bytes())
+        return read_json_file(path)
     except ValueError:
         raise DataError(f"{path}: not valid JSON (damaged); rerun the job that writes it") from None
 
