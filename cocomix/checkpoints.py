@@ -35,7 +35,7 @@ from typing import Any
 
 from cocomix.data.errors import DataError
 from cocomix.faults import point
-from cocomix.files import clear_stale_tmp, follow_umask, read_json, sha256_file
+from cocomix.files import clear_stale_tmp, follow_umask, read_json, sha256_file, torch_save, write_failure
 
 CHECKPOINTS = "checkpoints"  # the folder of a run's checkpoints
 STEP_RE = re.compile(r"^step_(\d+)$")
@@ -267,31 +267,50 @@ def write(final: Path, model, tokenizer_dir: Path, trainer_state: dict[str, Any]
           meta: dict[str, Any]) -> Path:
     """Write checkpoint `final` (a `step_path`): the model folder, the tokenizer, trainer/ and then
     checkpoint.json (`meta` plus the VERIFIED files' sizes and sha256), all in a temporary folder
-    renamed into place when complete."""
-    import torch  # lazy: torch only when a checkpoint is written
-
-    from cocomix.data.tokenizer import set_model_max_length  # lazy: only a save needs it
-
+    renamed into place when complete. A write the filesystem refuses (full, quota, size limit,
+    read-only) leaves no temporary folder and is one line naming the file and the checkpoint intact."""
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    doing = ["model.safetensors"]  # the file being written, for the message
+    try:
+        _write(tmp, final, model, tokenizer_dir, trainer_state, optimizer, meta, doing)
+    except BaseException as e:  # the failed write's folder goes; a full disk is one line
+        shutil.rmtree(tmp, ignore_errors=True)
+        earlier = [c.name for c in list_checkpoints(final.parent.parent) if c != final]
+        failure = write_failure(e, tmp, f"the previous checkpoint {earlier[-1]} is intact (a resume continues from "
+                                        "it once the cause is removed)" if earlier else "no earlier checkpoint exists",
+                                what=f"checkpoint {final} ({doing[0]})")
+        if failure is None:
+            raise
+        raise failure from None
+    point("checkpoint.renamed")
+    return final
+
+
+def _write(tmp: Path, final: Path, model, tokenizer_dir: Path, trainer_state: dict, optimizer: dict, meta: dict,
+           doing: list[str]) -> None:
+    from cocomix.data.tokenizer import set_model_max_length  # lazy: only a save needs it
+
     model.save_pretrained(tmp)
     point("checkpoint.model.safetensors")
+    doing[0] = "tokenizer"
     shutil.copytree(tokenizer_dir, tmp, dirs_exist_ok=True)
     set_model_max_length(tmp, model.config.n_positions)  # the data's tokenizer says 1e30
     state_dir = tmp / TRAINER_DIR
     state_dir.mkdir()
-    torch.save(trainer_state, state_dir / TRAINER_STATE)
+    doing[0] = f"{TRAINER_DIR}/{TRAINER_STATE}"
+    torch_save(trainer_state, state_dir / TRAINER_STATE)
     point("checkpoint.trainer_state.pt")
-    torch.save(optimizer, state_dir / OPTIMIZER)
+    doing[0] = f"{TRAINER_DIR}/{OPTIMIZER}"
+    torch_save(optimizer, state_dir / OPTIMIZER)
     point("checkpoint.optimizer.pt")
     files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
              for name in sealed_files(tmp)}
+    doing[0] = META
     (tmp / META).write_text(json.dumps({**meta, "files": files}))
     point("checkpoint.checkpoint.json")
     follow_umask(tmp)  # safetensors writes 0600: colleagues could not read the weights
     os.replace(tmp, final)
-    point("checkpoint.renamed")
-    return final
 
 
 def prune(run_dir: Path, keep: int, keep_optimizer: int) -> None:

@@ -407,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = (("cocomix.config", "ConfigError"), ("cocomix.data.errors", "DataError"),
                ("cocomix.callbacks", "TrainingError"), ("cocomix.sweep", "SweepError"),
                ("cocomix.tracking", "TrackingError"), ("cocomix.records", "RecordError"),
-               ("cocomix.checkpoints", "CheckpointError"), ("cocomix.files", "FileFormatError"))
+               ("cocomix.checkpoints", "CheckpointError"), ("cocomix.files", "FileFormatError"),
+               ("cocomix.files", "StorageError"))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -443,7 +444,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except Exception as e:
         if not isinstance(e, _user_errors()):
-            raise
+            from cocomix.files import write_failure  # lazy: only an error that is not a user error needs it
+
+            # The filesystem refused a write (full, quota, size limit, read-only, permission): one line.
+            # Every write is atomic, so what was written before is complete.
+            e = write_failure(e, getattr(e, "filename", None) or "a file", "what was written before it is complete")
+            if e is None:
+                raise
         print(f"cocomix: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     except KeyboardInterrupt as e:  # SIGINT, or SIGTERM during training (cocomix.callbacks.Terminated)

@@ -8,6 +8,7 @@ old file or the complete new one, never a prefix that looks complete.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -48,15 +49,100 @@ def read_json(path: str | Path) -> Any:
                               "or not the file it should be") from None
 
 
+# ---- Filesystem failures: one line naming the file, the errno in words and what is intact ----
+
+FS_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+             errno.EFBIG: "file larger than the process's file-size limit allows, ulimit -f",
+             errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+             errno.EPERM: "operation not permitted"}
+_OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")  # how Rust libraries (safetensors, tokenizers) report one
+
+
+class StorageError(OSError):
+    """A write failed for a reason of the filesystem (full, quota, size limit, read-only, no permission)."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def fs_errno(e: BaseException) -> int | None:
+    """The filesystem errno (one of FS_ERRORS) behind `e`, also when a library re-raised it as its own
+    error: safetensors' "I/O error: ... (os error 28)", or anything chained from an OSError."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in FS_ERRORS:
+            return e.errno
+        m = _OS_ERROR_RE.search(str(e)) if not isinstance(e, OSError) else None
+        if m and int(m.group(1)) in FS_ERRORS:
+            return int(m.group(1))
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def write_failure(e: BaseException, path: str | Path, intact: str, what: str | None = None) -> StorageError | None:
+    """`e` as one line when the filesystem caused it (None otherwise): `what` was written (default: the
+    file the OS names, else `path`), the errno in words, and `intact`: what the failed write left as it was."""
+    code = fs_errno(e)
+    if code is None:
+        return None
+    name = what or getattr(e, "filename", None) or path
+    return StorageError(code, f"cannot write {name}: {FS_ERRORS[code]} ({errno.errorcode[code]}); {intact}")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` atomically (temporary file in the same folder, then rename)."""
+    """Write `data` to `path` atomically (temporary file in the same folder, then rename). A write the
+    filesystem refuses leaves no temporary file and is one line (StorageError)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)  # open() applies the umask: no chmod needed (unlike safetensors' 0600)
-    point(f"write:{path.name}")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)  # open() applies the umask: no chmod needed (unlike safetensors' 0600)
+        point(f"write:{path.name}")
+        os.replace(tmp, path)
+    except OSError as e:
+        failure = write_failure(e, path, "its previous version is unchanged" if path.exists() else "nothing was written",
+                                what=str(path))
+        if failure is None:
+            raise
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise failure from None
     return path
+
+
+class _Recorder:
+    """A file for torch.save that keeps the OSError of a failed write: torch's serializer replaces it
+    with 'unexpected pos' (no errno, no file name)."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, b) -> int:
+        try:
+            return self.fh.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save, but a filesystem failure surfaces as the OSError (with the file) that caused it."""
+    import torch  # lazy: files is stdlib-only until something is saved with torch
+
+    with open(path, "wb") as fh:
+        rec = _Recorder(fh)
+        try:
+            torch.save(obj, rec)
+        except RuntimeError:
+            if rec.error is None:
+                raise
+            rec.error.filename = str(path)
+            raise rec.error from None
 
 
 TMP_RE = re.compile(r"\.tmp(\d+)$")

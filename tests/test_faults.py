@@ -32,10 +32,11 @@ TIMING = ("tokens_per_s", "mfu")  # the only fields of a record that may differ 
 KILLS: list[str] = []  # every kill point that fired in this session (printed at the end of each chain)
 
 
-def _run(argv: list[str], plan_file: Path | None, log: Path) -> tuple[int, str]:
+def _run(argv: list[str], plan_file: Path | None, log: Path, fsize: int | None = None) -> tuple[int, str]:
     """`cocomix <argv>` in a child forked from this process, so it pays no imports (about 10 s of the
     ~12 s a tiny job takes here): a real process that a fault point really SIGKILLs. One thread, as
-    the uninterrupted references run. Returns (exit code, or -signal; its stderr)."""
+    the uninterrupted references run; `fsize`: the child's file-size limit in bytes (ulimit -f).
+    Returns (exit code, or -signal; its stderr)."""
     import evals.report  # noqa: F401 - imported once here, not in every child
     import evals.run  # noqa: F401
     import cocomix.cli
@@ -49,6 +50,10 @@ def _run(argv: list[str], plan_file: Path | None, log: Path) -> tuple[int, str]:
             if plan_file is not None:
                 os.environ[FAULTS_ENV] = str(plan_file)
             torch.set_num_threads(1)
+            if fsize is not None:
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
             for fd, name in ((1, "out"), (2, "err")):
                 os.dup2(os.open(f"{log}.{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
             sys.stdout, sys.stderr = (open(fd, "w", buffering=1, closefd=False) for fd in (1, 2))
@@ -402,3 +407,123 @@ def test_random_bytes_in_the_tokenizer_or_a_json_record_is_one_line_naming_the_f
         read_json(data / "tokenizer" / "tokenizer.json")
     assert str(e.value).endswith("not valid JSON (Expecting ',' delimiter at line 1 column 26): damaged, or not the file "
                                  "it should be")
+
+
+# ---------------------------------------------------------------------------------------------
+# The filesystem refuses a write: full, a file-size limit, read-only, no permission
+# ---------------------------------------------------------------------------------------------
+
+
+def _tmpfs(folder: Path, size: str) -> bool:
+    """Mount a small tmpfs at `folder` (root only; False where this machine does not allow it)."""
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                                                capture_output=True).returncode == 0
+
+
+def _refused(code: int, err: str, pattern: str) -> None:
+    """One line (no traceback), exit 1, matching `pattern`."""
+    assert code == 1 and "Traceback" not in err, err[-3000:]
+    lines = [x for x in err.strip().splitlines() if x.startswith("cocomix: error:")]
+    assert len(lines) == 1 and re.search(pattern, lines[0]), err[-3000:]
+
+
+def du(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _litter(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if ".tmp" in p.name]
+
+
+def _same_model(run_a: Path, run_b: Path) -> None:
+    a = load_file(str(list_checkpoints(run_a)[-1] / "model.safetensors"))
+    b = load_file(str(list_checkpoints(run_b)[-1] / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fa, fb = (json.loads((r / "final_metrics.json").read_text()) for r in (run_a, run_b))
+    assert fa["val/loss"] == fb["val/loss"] and fa["step"] == fb["step"] == 40
+
+
+@pytest.mark.slow
+def test_a_full_disk_a_size_limit_or_a_refused_folder_is_one_line_and_the_rerun_ends_equal(tmp_path, tiny_data):
+    """17. A checkpoint written past the file-size limit (torch's serializer said only 'unexpected pos');
+    18. a disk that fills between checkpoints (tmpfs, as root); 19. a read-only results folder (a
+    remounted tmpfs) and one the user may not write (chattr +i as root, else chmod): each one line
+    naming the file, the errno in words and what is intact, no temporary file left, and once the cause
+    is gone the same command ends equal to an undisturbed run."""
+    import subprocess
+
+    tiny = ROOT / "config/tiny.yaml"
+    common = ["train.tokens=40960", "eval.every_tokens=10240", "checkpoint.every_tokens=10240"]
+    train = ["train", "--config", str(tiny), "--no-progress"]
+    ref_args = tiny_overrides(tmp_path / "ref", tiny_data, *common)
+    _ok(train + ref_args, tmp_path / "ref")
+    ref_dir = load_config(tiny, ref_args).run_dir
+
+    # 17. Any user: a limit below the first checkpoint's optimizer state.
+    args = tiny_overrides(tmp_path / "fsize", tiny_data, *common)
+    run_dir = load_config(tiny, args).run_dir
+    optimizer = (list_checkpoints(ref_dir)[-1] / "trainer" / "optimizer.pt").stat().st_size
+    code, err = _run(train + args, None, tmp_path / "fsize", fsize=optimizer // 2)
+    _refused(code, err, rf"^cocomix: error: cannot write checkpoint {re.escape(str(run_dir))}/checkpoints/step_0000010 "
+                        r"\(trainer/optimizer.pt\): file larger than the process's file-size limit allows, ulimit -f "
+                        r"\(EFBIG\); no earlier checkpoint exists$")
+    assert not _litter(run_dir) and not list_checkpoints(run_dir)
+    _ok(train + args, tmp_path / "fsize-rerun")
+    _same_model(ref_dir, run_dir)
+
+    # 18. A disk on which the first checkpoint fits and the next does not (one is pruned only after the next).
+    disk = tmp_path / "disk"
+    ckpt = sum(f.stat().st_size for f in list_checkpoints(ref_dir)[-1].rglob("*") if f.is_file())
+    if not _tmpfs(disk, f"{(ckpt * 3 // 2 + (1 << 16)) // 1024}k"):
+        pytest.skip("disk-full and read-only cases need root and tmpfs mounts (the size-limit case above ran)")
+    try:
+        args = tiny_overrides(disk, tiny_data, *common)
+        run_dir = load_config(tiny, args).run_dir
+        code, err = _run(train + args, None, tmp_path / "full")
+        _refused(code, err, rf"cannot write checkpoint {re.escape(str(run_dir))}/checkpoints/step_0000020 \(\S+\): "
+                            r"no space left on device \(ENOSPC\); the previous checkpoint step_0000010 "
+                            r"is intact \(a resume continues from it once the cause is removed\)$")
+        assert not _litter(run_dir) and [c.name for c in list_checkpoints(run_dir)] == ["step_0000010"]
+        subprocess.run(["mount", "-o", "remount,size=200m", str(disk)], check=True)
+        _ok(train + args, tmp_path / "full-rerun")
+        _same_model(ref_dir, run_dir)
+
+        # 19. Read-only: training again (the run's lock) and evaluating it are one line each.
+        evaluate = ["eval", str(run_dir), "--no-progress", "eval.tasks=[]", "eval.ppl_max_blocks=32"]
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        _refused(*_run(train + args, None, tmp_path / "ro-train"),
+                 rf"cannot write {re.escape(str(run_dir))}/.lock: read-only file system \(EROFS\)")
+        _refused(*_run(evaluate, None, tmp_path / "ro-eval"), r"cannot write .*: read-only file system \(EROFS\)")
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+        assert not _litter(run_dir)
+
+        # The shards of a corpus larger than the disk's free space: one line, no temporary folder left.
+        subprocess.run(["mount", "-o", f"remount,size={du(run_dir.parent.parent.parent) // 1024 + 256}k", str(disk)],
+                       check=True)
+        data = disk / "data"
+        _refused(*_run(["prepare-data", "--config", str(tiny), *tiny_overrides(disk, data)], None, tmp_path / "data"),
+                 rf"^cocomix: error: cannot write the shards of {re.escape(str(data))}: no space left on device "
+                 r"\(ENOSPC\); the data folder is as it was before$")
+        assert not _litter(data) and not (data / ".prepare.tmp").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+    # 19. No permission to write the run folder: its evaluation is one line, then runs once allowed.
+    run_dir = load_config(tiny, tiny_overrides(tmp_path / "fsize", tiny_data, *common)).run_dir
+    evaluate = ["eval", str(run_dir), "--no-progress", "eval.tasks=[]", "eval.ppl_max_blocks=32"]
+    immutable = os.geteuid() == 0 and subprocess.run(["chattr", "-R", "+i", str(run_dir)], capture_output=True).returncode == 0
+    if not immutable:
+        subprocess.run(["chmod", "-R", "a-w", str(run_dir)], check=True)
+    try:
+        _refused(*_run(evaluate, None, tmp_path / "perm-eval"),
+                 rf"cannot write {re.escape(str(run_dir))}/\S+: (operation not permitted \(EPERM\)|permission denied "
+                 r"\(EACCES\)); ")
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(run_dir)] if immutable else ["chmod", "-R", "u+w", str(run_dir)],
+                       check=True)
+    assert not _litter(run_dir)
+    _ok(evaluate, tmp_path / "perm-eval-rerun")
+    assert len(list(run_dir.glob("checkpoints/*/eval.json"))) == len(list_checkpoints(run_dir))

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..config import Config, DataConfig
-from ..files import atomic_write_json, file_identity, read_json, sha256_file, sha256_json
+from ..files import atomic_write_json, file_identity, read_json, sha256_file, sha256_json, write_failure
 from ..progress import Reporter, si
 from .errors import DataError
 from .sources import iter_documents
@@ -296,9 +296,12 @@ def prepare_data(cfg: Config, progress: bool = True, force: bool = False) -> Pat
     tmp.mkdir()
     try:
         manifest = _build(cfg, tmp, progress)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # the old folder, if any, is untouched
-        raise
+        failure = write_failure(e, tmp, "the data folder is as it was before", what=f"the shards of {out}")
+        if failure is None:
+            raise
+        raise failure from None
 
     # Swap in: first invalidate the old folder (manifest), then replace outputs, manifest last.
     (out / MANIFEST).unlink(missing_ok=True)
