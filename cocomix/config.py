@@ -213,6 +213,10 @@ class TrainConfig(Section):
     allow_repeat: bool = False
     """Allow a budget of more than MAX_EPOCHS passes over the training split (past about 16 epochs
     repeated data adds almost nothing: Muennighoff et al. 2023, so a larger budget is usually a typo)."""
+    memory_check: bool = True
+    """Before anything is allocated, refuse a model and micro-batch whose training memory (a lower
+    bound: weights, gradients, AdamW state, activations) exceeds the device's free memory, in one line
+    with the estimate and the largest micro-batch that fits. false: try anyway."""
     block_size: int = 128
     """Tokens per training sequence, the context length (the paper: 1024, spec section 2); held-out
     evaluation uses non-overlapping blocks of the same length."""
@@ -949,7 +953,8 @@ def describe_config(cfg: Config) -> str:
 # Sections every run depends on, whatever its method (a method adds the sections it reads)...
 RUN_SECTIONS = ("experiment", "method", "seed", "data", "tokenizer", "model", "train", "eval")
 # ...less the keys that change how a run is executed or stored, not what it computes.
-EXECUTION_KEYS = ("train.resume", "train.compile", "train.log_every_steps", "train.allow_repeat", "data.dir")
+EXECUTION_KEYS = ("train.resume", "train.compile", "train.log_every_steps", "train.allow_repeat", "train.memory_check",
+                  "data.dir")
 
 
 def fingerprint(cfg: Config, keys: tuple[str, ...] | list[str], drop: tuple[str, ...] = (),

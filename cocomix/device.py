@@ -121,3 +121,52 @@ def peak_flops(device: torch.device) -> float | None:
             return PEAK_BF16_FLOPS[key]
     warnings.warn(f"unknown device {name!r}: no peak-FLOPs entry, MFU will not be reported", stacklevel=2)
     return None
+
+
+# ---- Memory pre-flight: refuse a run that cannot fit before anything is allocated ----
+
+
+def available_memory(device: torch.device, processes_here: int = 1) -> int:
+    """Bytes this process may use: free memory of its GPU, or the host's MemAvailable shared by the
+    training processes on this host (CPU ranks share one RAM)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh}
+        free = info.get("MemAvailable", info.get("MemFree", 0))
+    except OSError:  # not Linux: no figure, no check
+        return 0
+    return free // max(1, processes_here)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """A lower bound of training memory: fp32 weights, gradients and AdamW's two moments (16 bytes a
+    parameter), and per sequence of the micro-batch the activations a GPT block keeps for backward
+    (34 d values a token, Korthikanti et al. 2022, without the attention matrix that fused attention
+    never stores) plus fp32 logits and their gradient. What it leaves out (the teacher, allocator
+    slack, buffers) only makes the real need larger, so a refusal is never a false alarm by this count."""
+
+    params: int
+    fixed: int  # bytes independent of the micro-batch
+    per_sequence: int  # bytes per sequence of the micro-batch
+
+    def need(self, micro_batch: int) -> int:
+        return self.fixed + micro_batch * self.per_sequence
+
+    def largest_micro_batch(self, available: int, per_rank_batch: int) -> int:
+        """The largest micro-batch dividing `per_rank_batch` that fits; 0 when none does."""
+        fits = [m for m in range(1, per_rank_batch + 1) if per_rank_batch % m == 0 and self.need(m) <= available]
+        return max(fits, default=0)
+
+
+def estimate_training_memory(params: int, n_embd: int, n_layer: int, vocab_size: int, block_size: int,
+                             bf16: bool) -> MemoryEstimate:
+    act = 2 if bf16 else 4
+    per_sequence = block_size * (34 * n_embd * n_layer * act // 2 + 2 * 4 * vocab_size)
+    return MemoryEstimate(params=params, fixed=16 * params, per_sequence=per_sequence)
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**40:,.1f} TiB" if n >= 2**40 else f"{n / 2**30:,.1f} GiB"

@@ -15,6 +15,7 @@ do not depend on the number of processes.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
@@ -32,14 +33,15 @@ from cocomix.callbacks import (Callback, Checkpointer, EarlyStop, Evaluator, NaN
 from cocomix.config import MAX_EPOCHS, Config, ConfigError, split_batch
 from cocomix.data import DataError
 from cocomix.data.shards import BlockOrder, TokenBlocks, check_tokenizer_matches, load_manifest
-from cocomix.device import Dist, autocast, peak_flops, setup_distributed, sync
+from cocomix.device import (Dist, autocast, available_memory, estimate_training_memory, gib, peak_flops,
+                            setup_distributed, sync, use_bf16)
 from cocomix.diagnostics import readout_diagnostics
 from cocomix.faults import point
 from cocomix.checkpoints import list_checkpoints
 from cocomix.files import RunInUse, atomic_write_json, lock_run
 from cocomix.methods import Batch, Method, get_method, run_fingerprint
 from cocomix.model import token_nll
-from cocomix.params import count_params
+from cocomix.params import count_params, ntp_params
 
 __all__ = ["EarlyStop", "StepResult", "Trainer", "TrainingError", "list_checkpoints", "lr_at", "peak_flops", "train"]
 
@@ -165,8 +167,35 @@ class Trainer:
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="cocomix-data")
         self._prefetch = None  # (data position, future of its micro-batches)
 
+    def _check_memory(self) -> None:
+        """Refuse, before anything is allocated, a model and micro-batch that cannot fit this device's
+        free memory (a lower bound of the need, `MemoryEstimate`); `train.memory_check=false` skips it."""
+        t, m = self.cfg.train, self.cfg.model
+        if not t.memory_check:
+            return
+        vocab = m.vocab_size or self.manifest["vocab_size"]
+        vocab = -(-vocab // m.vocab_multiple) * m.vocab_multiple
+        params = ntp_params(m.n_embd, m.n_layer, vocab, m.n_positions or t.block_size)
+        est = estimate_training_memory(params, m.n_embd, m.n_layer, vocab, t.block_size,
+                                       use_bf16(self.device, t.precision))
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.device.type == "cpu" else 1
+        free = available_memory(self.device, here)
+        if free == 0 or est.need(self.micro_batch_size) <= free:
+            return
+        fits = est.largest_micro_batch(free, t.global_batch_size // self.dist.world_size)
+        advice = (f"the largest micro-batch that fits is {fits} (train.micro_batch_size={fits})" if fits else
+                  "no micro-batch fits: a smaller model (model.n_embd, model.n_layer) or more devices")
+        where = f"{self.device.type} (free memory of this process's GPU)" if self.device.type == "cuda" else \
+            "this host's available RAM" + (f" shared by {here} processes" if here > 1 else "")
+        raise ConfigError(
+            f"config key '{'train.micro_batch_size' if fits else 'model.n_embd'}': training needs at least {gib(est.need(self.micro_batch_size))} "
+            f"({gib(est.fixed)} for the weights, gradients and AdamW state of {params / 1e9:,.2f}B parameters, "
+            f"{gib(self.micro_batch_size * est.per_sequence)} of activations for micro-batch {self.micro_batch_size}) "
+            f"but {where} is {gib(free)}; {advice}; train.memory_check=false to try anyway")
+
     def _build_model(self) -> None:
         cfg, t = self.cfg, self.cfg.train
+        self._check_memory()
         torch.manual_seed(cfg.seed)  # identical initial weights on every process
         self.model = self.method.build_model(cfg, self.manifest["vocab_size"], self.manifest["eos_id"]).to(self.device)
         # The configured tokenizer (if any) must be the one the shards were made with, and every

@@ -594,3 +594,52 @@ def test_a_budget_of_more_than_16_passes_over_the_data_needs_allow_repeat(tmp_pa
     trainer = Trainer(_cfg(tmp_path / "b", tiny_data, f"train.tokens={tokens}", "train.allow_repeat=true"),
                       progress=False)
     assert trainer.total_steps * trainer.tokens_per_step > 16 * split
+
+
+def test_a_model_too_large_for_this_machine_is_refused_before_anything_is_allocated(tmp_path, tiny_data):
+    # model.n_embd=65536 ended in the allocator's 51 GB RuntimeError after start-up. Now one line with
+    # the estimate, before the model is built; train.memory_check=false skips the check.
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^config key 'model.n_embd': training needs at least [\d.,]+ TiB "
+                                          r"\([\d.,]+ TiB for the weights, gradients and AdamW state of 103\.12B "
+                                          r"parameters, [\d.,]+ GiB of activations for micro-batch 8\) but this host's "
+                                          r"available RAM is [\d.,]+ GiB; no micro-batch fits: a smaller model "
+                                          r"\(model.n_embd, model.n_layer\) or more devices; train.memory_check=false "
+                                          r"to try anyway$"):
+        Trainer(_cfg(tmp_path / "a", tiny_data, "model.n_embd=65536"), progress=False)
+    assert time.monotonic() - start < 10
+    assert not list((tmp_path / "a").rglob("checkpoints"))
+
+
+@pytest.mark.slow
+def test_the_memory_estimate_is_a_hand_count_and_a_lower_bound_of_what_training_takes(tmp_path, tiny_data):
+    from cocomix.device import estimate_training_memory
+    from cocomix.params import ntp_params
+
+    # By hand: d=512, 4 layers, vocab 512, 256-token sequences, fp32.
+    params = ntp_params(512, 4, 512, 256)
+    assert params == (512 + 256) * 512 + 4 * (12 * 512**2 + 13 * 512) + 2 * 512
+    est = estimate_training_memory(params, 512, 4, 512, 256, bf16=False)
+    assert est.fixed == 16 * params
+    assert est.per_sequence == 256 * (68 * 512 * 4 + 8 * 512)  # fp32: 68 d bytes a token a layer, logits + grad
+    assert estimate_training_memory(params, 512, 4, 512, 256, bf16=True).per_sequence == 256 * (34 * 512 * 4 + 8 * 512)
+    # The largest micro-batch that fits divides the batch: room for 5 sequences -> 4 of a batch of 8.
+    room = est.fixed + 5 * est.per_sequence
+    assert est.largest_micro_batch(room, 8) == 4 and est.largest_micro_batch(est.fixed, 8) == 0
+    assert est.largest_micro_batch(room, 5) == 5
+
+    # A lower bound: the peak memory a real training step takes above a minimal run's is larger.
+    def peak_rss(tag: str, *extra: str) -> int:
+        args = tiny_overrides(tmp_path / tag, tiny_data, "train.tokens=4096", "checkpoint.every_tokens=1000000",
+                              "eval.every_tokens=1000000", "eval.max_blocks=8", *extra)
+        proc = subprocess.Popen(cli("train", "--config", str(ROOT / "config/tiny.yaml"), "--no-progress", *args),
+                                env={**ENV, "OMP_NUM_THREADS": "2"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read().decode()[-2000:]
+        return usage.ru_maxrss * 1024
+
+    big = ["model.n_embd=512", "model.n_head=8", "model.n_layer=4", "train.block_size=256",
+           "train.micro_batch_size=8", "train.global_batch_size=8"]
+    grew = peak_rss("big", *big) - peak_rss("small", "model.n_embd=32", "model.n_head=2")
+    assert est.need(8) < grew, (est.need(8), grew)
+    print(f"estimate {est.need(8) / 2**20:.0f} MiB, measured growth {grew / 2**20:.0f} MiB")
