@@ -328,7 +328,10 @@ class Checkpointer(Callback):
             return
         barrier(trainer.dist)
         if trainer.dist.is_main:
-            ckpt.supersede(trainer.run_dir)
+            old = ckpt.supersede(trainer.run_dir)
+            # Its tracked run, if its process died (SIGKILL), would stay RUNNING for ever: ended KILLED.
+            if (old / "config.yaml").is_file():
+                open_tracker(ckpt.run_config(old), old, create=False, resume_status=False).end_if_running()
         barrier(trainer.dist)
 
     def load(self, trainer, path: Path) -> None:

@@ -242,6 +242,9 @@ class Tracker:
     def close(self) -> None:
         """Let go of a continued run (`create=False`) without changing its recorded status."""
 
+    def end_if_running(self) -> None:
+        """A continued run still RUNNING although its process is gone (a superseded folder's): KILLED."""
+
     def sync(self) -> int | None:
         """Send the backend what it lacks of the record; the number of points sent (None: failed)."""
         return 0
@@ -404,6 +407,11 @@ class MLflowTracker(Tracker):
     def finish(self, status: str = "FINISHED") -> None:
         if self.client is not None:
             self._guard(self.client.set_terminated, self.run_id, status)
+
+    def end_if_running(self) -> None:
+        run = self._guard(self.client.get_run, self.run_id) if self.client is not None else None
+        if run is not None and run.info.status == "RUNNING":
+            self.finish("KILLED")
 
     def catch_up(self) -> None:
         if (self.run_dir / PENDING).is_file():

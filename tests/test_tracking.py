@@ -313,3 +313,33 @@ def test_environment_records_every_package_that_shapes_a_result():
     for name in ("tokenizers", "datasets", "lm_eval", "mlflow", "optuna", "snakemake", "safetensors", "numpy"):
         assert env[name] == importlib.metadata.version(name), name
     assert env["torch"] and env["transformers"] and env["git_commit"]
+
+
+@pytest.mark.slow
+def test_a_sigkilled_run_whose_folder_is_superseded_is_ended_killed_not_left_running(tmp_path, tiny_data):
+    # A SIGKILL leaves the tracked run RUNNING (no handler runs). Resumed, it continues and ends FINISHED;
+    # but rerun with another config, its folder moves to superseded-1 and a new run starts: the old one
+    # said RUNNING for ever. Now the next start ends it KILLED.
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = tiny_overrides(tmp_path, tiny_data, "tracking.enabled=true", f"tracking.uri={uri}", "train.tokens=40960",
+                          "checkpoint.every_tokens=10240", "eval.every_tokens=10240")
+    run_dir = load_config(ROOT / "config/tiny.yaml", args).run_dir
+    command = cli("train", "--config", str(ROOT / "config/tiny.yaml"), "--no-progress", *args)
+    first = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list_checkpoints(run_dir) and first.poll() is None:
+        time.sleep(0.05)
+    first.kill()
+    first.wait()
+    client = mlflow.MlflowClient(uri)
+    old_id = (run_dir / "mlflow_run_id").read_text()
+    assert client.get_run(old_id).info.status == "RUNNING"
+    second = subprocess.run(command + ["train.lr=1e-3", "train.tokens=10240"], env=ENV, capture_output=True, text=True,
+                            timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert (run_dir / "superseded-1" / "mlflow_run_id").read_text() == old_id
+    new_id = (run_dir / "mlflow_run_id").read_text()
+    assert new_id != old_id
+    assert client.get_run(old_id).info.status == "KILLED" and client.get_run(new_id).info.status == "FINISHED"
