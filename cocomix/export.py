@@ -76,10 +76,14 @@ def _run_config(run_dir: Path | None):
 
 
 def _eval_record(ckpt: Path) -> tuple[dict | None, dict | None]:
-    """(eval.json, lm_eval_results.json beside it) of a checkpoint; (None, None) when not evaluated."""
+    """(eval.json, lm_eval_results.json beside it) of a checkpoint, else its newest evaluation beside it
+    (`--limit`, other tasks: evals/run.py `results_name`); (None, None) when not evaluated."""
     path = ckpt / "eval.json"
     if not path.is_file():
-        return None, None
+        beside = sorted(ckpt.glob("eval-*.json"), key=lambda p: p.stat().st_mtime)
+        if not beside:
+            return None, None
+        path = beside[-1]
     record = read_sealed_json(path)
     if record is None:
         raise ExportError(f"{path} is damaged (not the record `cocomix eval` wrote); run `cocomix eval --force "

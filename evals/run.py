@@ -35,7 +35,8 @@ from cocomix.config import Config, config_from_dict, load_config, parse_override
 from cocomix.data import DataError
 from cocomix.checkpoints import find_checkpoints, read_meta, model_damage
 from cocomix.progress import use_bar
-from cocomix.files import (atomic_write_json, atomic_write_text, clear_stale_tmp, read_sealed_json, sha256_text, write_sealed_json)
+from cocomix.files import (atomic_write_json, atomic_write_text, clear_stale_tmp, read_sealed_json, sha256_json,
+                           sha256_text, write_sealed_json)
 from cocomix.tracking import open_tracker
 
 from .harness import make_lm, paper_summary, prepare_harness, set_quiet
@@ -122,9 +123,9 @@ def evaluate(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # Same precision rule as training (bf16 autocast on CUDA unless fp32 is asked for), for every method.
     use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and dev.type == "cuda")
-    tasks = list(cfg.eval.tasks)
-    if cfg.data.source != "synthetic" and "synthetic" in tasks:
-        tasks.remove("synthetic")  # the alias means "if the corpus has a generator"
+    tasks = _tasks(cfg)
+    # The run's own evaluation (its config's tasks, every document) is eval.json; another goes beside it.
+    own_tasks = _tasks(load_eval_config(run_dir, None, [])) if run_dir is not None else tasks
     bars = use_bar(progress)  # tqdm bars only on a terminal
     set_quiet(bars)
     run = _Evaluation(cfg, run_dir, tasks, dev, torch.bfloat16 if use_bf16 else None, progress,
@@ -137,8 +138,13 @@ def evaluate(
             raise DataError(f"checkpoint {ckpt} is damaged: {problem}; it cannot be evaluated")
         meta = read_meta(ckpt)
         clear_stale_tmp(ckpt)  # an eval.json a killed evaluation did not finish
-        out_path = ckpt / RESULTS_FILE
         settings = _settings(cfg, tasks)
+        out_path = ckpt / results_name(settings, own_tasks)
+        if i == 1 and out_path.name != RESULTS_FILE:
+            why = [f"limited to {settings['limit']} documents a task"] if settings["limit"] is not None else []
+            why += [f"tasks {tasks}, not the run's own {own_tasks}"] if tasks != own_tasks else []
+            print(f"{'; '.join(why)}: written beside the run's evaluation as {out_path.name} (the report and "
+                  "MLflow take eval.json only)", flush=True)
         done = None if force else _previous_result(out_path, settings)
         if done is not None:
             if progress:
@@ -147,8 +153,9 @@ def evaluate(
             continue
         if progress:
             print(f"[{i}/{len(checkpoints)}] {ckpt.name} ({meta['tokens_seen']:,} tokens)", flush=True)
-        results.append(_evaluate_checkpoint(run, ckpt, meta, settings))
-    if run_dir is not None and Path(path).resolve() == run_dir.resolve():
+        results.append(_evaluate_checkpoint(run, ckpt, meta, settings, out_path))
+    own = results_name(_settings(cfg, tasks), own_tasks) == RESULTS_FILE
+    if own and run_dir is not None and Path(path).resolve() == run_dir.resolve():
         # A run-level record (the DAG's output for "every checkpoint of this run is evaluated").
         clear_stale_tmp(run_dir)
         atomic_write_json(run_dir / "eval_summary.json", {
@@ -157,6 +164,23 @@ def evaluate(
             "final": results[-1]["metrics"] if results else {},
         }, indent=1)
     return results
+
+
+def _tasks(cfg: Config) -> list[str]:
+    tasks = list(cfg.eval.tasks)
+    if cfg.data.source != "synthetic" and "synthetic" in tasks:
+        tasks.remove("synthetic")  # the alias means "if the corpus has a generator"
+    return tasks
+
+
+def results_name(settings: dict[str, Any], own_tasks: list[str]) -> str:
+    """eval.json for the run's own evaluation (its config's tasks, every document): what the DAG, the
+    report and MLflow read. One limited to some documents (`--limit`) or with other tasks goes beside
+    it, `eval-limit<N>-<settings sha>.json`, never over it (a smoke test once replaced the DAG's record)."""
+    if settings["limit"] is None and settings["tasks"] == own_tasks:
+        return RESULTS_FILE
+    limit = f"limit{settings['limit']}-" if settings["limit"] is not None else ""
+    return f"eval-{limit}{sha256_json(settings)[:8]}.json"
 
 
 def _previous_result(out_path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -172,11 +196,15 @@ def _previous_result(out_path: Path, settings: dict[str, Any]) -> dict[str, Any]
     return done if done.get("settings") == settings else None
 
 
-def _evaluate_checkpoint(run: _Evaluation, ckpt: Path, meta: dict, settings: dict[str, Any]) -> dict[str, Any]:
-    """Perplexity and tasks of one checkpoint -> its eval.json (written last) and the MLflow run."""
+def _evaluate_checkpoint(run: _Evaluation, ckpt: Path, meta: dict, settings: dict[str, Any],
+                         out_path: Path) -> dict[str, Any]:
+    """Perplexity and tasks of one checkpoint -> its eval.json (written last) and the MLflow run; an
+    evaluation beside it (`results_name`) is not sent to MLflow, whose eval/ metrics are the run's own."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg, ev, out_path = run.cfg, run.cfg.eval, ckpt / RESULTS_FILE
+    cfg, ev = run.cfg, run.cfg.eval
+    own = out_path.name == RESULTS_FILE
+    lm_file = LM_EVAL_FILE if own else "lm_eval_results" + out_path.name.removeprefix("eval")  # -limit8-<sha>.json
     t0 = time.time()
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(run.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
@@ -212,11 +240,12 @@ def _evaluate_checkpoint(run: _Evaluation, ckpt: Path, meta: dict, settings: dic
         "harness_batch_size": cfg.eval.harness_batch_size,  # the lm_eval command of a model card repeats it
         "versions": dict(run.versions),
     }
-    record.update(_log_tracked(cfg, run.run_dir, meta["tokens_seen"], metrics))
+    if own:
+        record.update(_log_tracked(cfg, run.run_dir, meta["tokens_seen"], metrics))
     if raw is not None:  # its sha256 in the sealed record: a reader can tell it belongs to this eval.json
-        record["lm_eval_results"] = {"file": LM_EVAL_FILE, "sha256": write_lm_eval_results(ckpt / LM_EVAL_FILE, raw)}
+        record["lm_eval_results"] = {"file": lm_file, "sha256": write_lm_eval_results(ckpt / lm_file, raw)}
     else:
-        (ckpt / LM_EVAL_FILE).unlink(missing_ok=True)  # no tasks this time: no stale results beside it
+        (ckpt / lm_file).unlink(missing_ok=True)  # no tasks this time: no stale results beside it
     write_sealed_json(out_path, record)  # last: its presence means "done"; sealed: damage is seen and redone
     if run.progress:
         shown = {k: round(v, 4) for k, v in metrics.items() if k in ("val_ppl", "avg_acc") or k.endswith(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import torch
 import torch.nn.functional as F
 
@@ -320,6 +321,9 @@ def test_eval_run_folder_twice_evaluates_each_checkpoint_once(tiny_teacher, tmp_
 
     run_dir = tmp_path / "run"
     shutil.copytree(Path(tiny_teacher).parent.parent, run_dir)
+    tree = yaml.safe_load((run_dir / "config.yaml").read_text())
+    tree["eval"]["tasks"] = ["synth_topic"]  # the run's own tasks: its evaluation is eval.json
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(tree))
     ckpts = sorted((run_dir / "checkpoints").iterdir())
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
@@ -436,3 +440,50 @@ def test_weighted_perplexity_stderr_is_a_bootstrap_of_lm_evals_own_aggregate():
         reference.append(math.exp(-ll[i].sum() / w[i].sum()))
     assert se == pytest.approx(np.std(reference, ddof=1), rel=0.1)
     assert bootstrap_weighted_stderr(pairs[:1], WEIGHTED_AGGREGATES["word_perplexity"]) is None
+
+
+def test_an_evaluation_with_a_limit_or_other_tasks_is_written_beside_the_runs_own(tiny_teacher, tmp_path):
+    # The README's smoke test (`--limit 20`) replaced the checkpoint's DAG evaluation: the report then
+    # showed "-" cells with no warning and `snakemake -n` saw nothing to redo. Now eval.json is only ever
+    # the run's own evaluation (its config's tasks, every document); others go beside it.
+    import mlflow
+
+    from evals.report.runs import Run, warn_mixed_settings
+    from evals.run import RESULTS_FILE, evaluate
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(Path(tiny_teacher).parent.parent, run_dir)
+    tree = yaml.safe_load((run_dir / "config.yaml").read_text())
+    tree["eval"]["tasks"] = ["synth_topic"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(tree))
+    ckpt = sorted((run_dir / "checkpoints").iterdir())[-1]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("beside")).info.run_id
+    (run_dir / "mlflow_run_id").write_text(run_id)
+    common = ["eval.synthetic_docs=16", "eval.ppl_max_blocks=8", "tracking.enabled=true", f"tracking.uri={uri}"]
+
+    (full,) = evaluate(ckpt, common, progress=False)
+    own = (ckpt / RESULTS_FILE).read_bytes()
+    logged = client.get_metric_history(run_id, "eval/synth_topic/acc")
+    assert len(logged) == 1 and full["settings"]["limit"] is None
+    (limited,) = evaluate(ckpt, common + ["eval.limit=4"], progress=False)
+    (other,) = evaluate(ckpt, common + ["eval.tasks=[]"], progress=False)
+    assert (ckpt / RESULTS_FILE).read_bytes() == own  # never over the run's own
+    beside = sorted(p.name for p in ckpt.glob("eval-*.json"))
+    assert len(beside) == 2 and sum(n.startswith("eval-limit4-") for n in beside) == 1, beside
+    assert limited["settings"]["limit"] == 4 and limited["n_docs"] == {"synth_topic": {"original": 16, "effective": 4}}
+    assert other["settings"]["tasks"] == [] and "synth_topic/acc" not in other["metrics"]
+    assert len(list(ckpt.glob("lm_eval_results-limit4-*.json"))) == 1
+    assert client.get_metric_history(run_id, "eval/synth_topic/acc") == logged  # MLflow keeps the run's own
+    (again,) = evaluate(ckpt, common + ["eval.limit=4"], progress=False)
+    assert again == limited  # found beside, not redone
+
+    # The report warns when one cell averages evaluations made under different settings.
+    def run(seed, settings):
+        return Run(f"ntp-base-s{seed}", "ntp", "base", seed, None, run_dir, None, {}, [], eval_settings=settings)
+
+    lines = warn_mixed_settings([run(0, full["settings"]), run(1, limited["settings"]), run(2, full["settings"])])
+    assert lines == ["warning: report: ntp at base: its runs' evaluations differ in limit (ntp-base-s0, ntp-base-s1, "
+                     "ntp-base-s2); rerun `cocomix eval --force` on them with one setting"]
+    assert warn_mixed_settings([run(0, full["settings"]), run(1, full["settings"])]) == []

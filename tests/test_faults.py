@@ -118,8 +118,8 @@ def _no_complete_looking_damage(run_dir: Path) -> None:
 def test_training_eval_and_report_survive_kills_at_every_write_and_end_equal_to_uninterrupted(tmp_path, tiny_data):
     rng = random.Random(SEED)
     tiny = ROOT / "config/tiny.yaml"
-    common = ["model.dropout=0.1", "train.tokens=40960", "train.log_every_steps=2", "eval.every_tokens=10240",
-              "checkpoint.every_tokens=10240"]  # dropout: the RNG state is part of what must come back
+    common = ["eval.tasks=[]", "model.dropout=0.1", "train.tokens=40960", "train.log_every_steps=2",
+              "eval.every_tokens=10240", "checkpoint.every_tokens=10240"]  # dropout: the RNG state must come back
     ref_args, args = tiny_overrides(tmp_path / "ref", tiny_data, *common), tiny_overrides(tmp_path / "cut", tiny_data, *common)
     ref_dir, run_dir = (load_config(tiny, a).run_dir for a in (ref_args, args))
     _ok(["train", "--config", str(tiny), "--no-progress", *ref_args], tmp_path / "ref")
@@ -231,7 +231,7 @@ def small_run(tmp_path_factory, tiny_data):
     from evals.run import evaluate
 
     root = tmp_path_factory.mktemp("small")
-    cfg = load_config(ROOT / "config/tiny.yaml", tiny_overrides(root, tiny_data, "train.tokens=8192",
+    cfg = load_config(ROOT / "config/tiny.yaml", tiny_overrides(root, tiny_data, "eval.tasks=[]", "train.tokens=8192",
                                                                "checkpoint.every_tokens=4096", "eval.every_tokens=4096"))
     train(cfg, progress=False)
     evaluate(cfg.run_dir, ["eval.tasks=[]", "eval.ppl_max_blocks=8"], progress=False)
@@ -456,7 +456,7 @@ def test_a_full_disk_a_size_limit_or_a_refused_folder_is_one_line_and_the_rerun_
     import subprocess
 
     tiny = ROOT / "config/tiny.yaml"
-    common = ["train.tokens=40960", "eval.every_tokens=10240", "checkpoint.every_tokens=10240"]
+    common = ["eval.tasks=[]", "train.tokens=40960", "eval.every_tokens=10240", "checkpoint.every_tokens=10240"]
     train = ["train", "--config", str(tiny), "--no-progress"]
     ref_args = tiny_overrides(tmp_path / "ref", tiny_data, *common)
     _ok(train + ref_args, tmp_path / "ref")

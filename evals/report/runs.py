@@ -62,6 +62,7 @@ class Run:
     # (tokens, average accuracy, its lm-eval standard error or None) per evaluated checkpoint
     downstream_curve: list[tuple[int, float, float | None]] = field(default_factory=list)
     val_history: list[dict] = field(default_factory=list)  # every in-training evaluation record (val/*)
+    eval_settings: dict | None = None  # what the final checkpoint's eval.json was made with
 
     @property
     def label(self) -> str:
@@ -115,8 +116,26 @@ def load_runs(config_path: str | Path) -> list[Run]:
                 run.downstream_curve.append((ev["tokens_seen"], *average_with_se(m, keys)))
         if evals:
             run.downstream = evals[-1].get("metrics", {})
+            run.eval_settings = evals[-1].get("settings")
         runs.append(run)
+    warn_mixed_settings(runs)
     return runs
+
+
+def warn_mixed_settings(runs: list[Run]) -> list[str]:
+    """One warning line per table cell (scale, method) whose runs' evaluations were made under different
+    settings (tasks, document limit, task data, perplexity blocks): the cell would average unlike numbers."""
+    import sys
+
+    lines = []
+    for (scale, label), cell in group(runs).items():
+        made = [r.eval_settings for r in cell if r.eval_settings is not None]
+        differ = sorted({k for a in made for b in made for k in set(a) | set(b) if a.get(k) != b.get(k)})
+        if differ:
+            lines.append(f"warning: report: {label} at {scale}: its runs' evaluations differ in {', '.join(differ)} "
+                         f"({', '.join(r.name for r in cell)}); rerun `cocomix eval --force` on them with one setting")
+            print(lines[-1], file=sys.stderr, flush=True)
+    return lines
 
 
 def paired(runs: list[Run], refs: list[Run]) -> list[tuple[Run, Run]]:
