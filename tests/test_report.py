@@ -414,3 +414,27 @@ def test_diagnostics_table_and_plot_show_what_the_readout_slot_does(experiment):
     want = [np.mean([_diagnostics("cocomix", s, t)["val/loss_no_concept"] - _curve("cocomix", s)[i][1] for s in (0, 1)])
             for i, t in enumerate(TOKENS)]
     assert band.x == TOKENS and band.mean == pytest.approx(want)
+
+
+def test_every_number_column_of_every_table_reaches_its_tex(experiment):
+    """sae.tex dropped its concept-recovery (AUROC) panel, which its caption describes: the LaTeX writer kept
+    only panels with a +- column. Every column with a number in a table's .md must be in its .tex."""
+    _, exp_dir = experiment
+    tables = exp_dir / "tables"
+    checked = 0
+    for md in sorted(tables.glob("*.md")):
+        lines = [x for x in md.read_text().splitlines() if x.startswith("| ")]
+        header = [h.strip() for h in lines[0].strip("|").split(" | ")]
+        rows = [[c.strip() for c in x.strip("|").split(" | ")] for x in lines[1:]]
+        tex = (tables / f"{md.stem}.tex").read_text()
+        for i, h in enumerate(header):
+            if not any(re.match(r"^[+\-−]?\d", r[i]) for r in rows if i < len(r)):
+                continue
+            cut = max(h.rfind(" "), h.rfind("/"))  # a long header is set on two lines
+            pieces = [h] if cut <= 0 or len(h) <= 8 else [h[:cut], h[cut + 1:]]
+            for piece in pieces:
+                escaped = piece.replace("_", r"\_").replace("%", r"\%").replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
+                assert escaped in tex, (md.stem, h)
+            checked += 1
+    assert checked > 30
+    assert "AUROC" in (tables / "sae.tex").read_text()

@@ -132,10 +132,11 @@ def write_table(out_dir: Path, name: str, table: Table, caption: str) -> None:
            r"\begin{table}[t]", r"\centering", f"\\caption{{{tex_escape(caption)}}}", r"\setlength{\tabcolsep}{4pt}"]
     panels = table.tex_panels or [[h for h in header if h not in table.md_only]]
     # Columns with no number in any row stay out of the .tex (e.g. the paper's tasks in a synthetic
-    # experiment); a panel left with its key columns only is dropped.
+    # experiment); a panel left with its key columns only (no number column) is dropped.
     empty = {h for i, h in enumerate(header) if rows and all(isinstance(r[i], Cell) and r[i].missing for r in rows)}
     panels = [[h for h in panel if h not in empty] for panel in panels]
-    panels = [panel for panel in panels if any(h in table.spread for h in panel)] or panels[:1]
+    numbers = {h for i, h in enumerate(header) if any(isinstance(r[i], Cell) for r in rows)}
+    panels = [panel for panel in panels if numbers & set(panel)] or panels[:1]
     for k, panel in enumerate(panels):
         keep = [header.index(h) for h in panel]
         align = "".join("r" if any(isinstance(r[i], Cell) for r in rows) else "l" for i in keep)  # numbers right
