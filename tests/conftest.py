@@ -101,6 +101,35 @@ def concept_cache(tmp_path_factory, tiny_data, tiny_teacher):
 TRAINING_FIXTURES = ("tiny_teacher", "concept_cache")
 
 
+def _checkout_entries() -> set[str] | None:
+    """What `git status` lists in the checkout, ignored files too (folders collapsed); None outside git."""
+    import subprocess
+
+    out = subprocess.run(["git", "status", "--porcelain", "--ignored=matching", "--untracked-files=normal"],
+                         cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        return None
+    skip = ("__pycache__", ".pytest_cache", ".coverage")  # Python's and pytest's own
+    return {line[3:] for line in out.stdout.splitlines() if not any(s in line for s in skip)}
+
+
+def pytest_sessionstart(session):
+    session.config._checkout_before = _checkout_entries()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No test may write into the checkout (an MLflow experiment created without an artifact location
+    once left mlruns/ there): the suite fails if `git status` shows anything new after it."""
+    before = getattr(session.config, "_checkout_before", None)
+    after = _checkout_entries()
+    if before is None or after is None or hasattr(session.config, "workerinput"):
+        return
+    new = sorted(after - before)
+    if new:
+        print(f"\nFAILED: the tests wrote into the checkout {ROOT}: {new}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(name in item.fixturenames for name in TRAINING_FIXTURES):

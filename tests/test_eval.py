@@ -327,7 +327,7 @@ def test_eval_run_folder_twice_evaluates_each_checkpoint_once(tiny_teacher, tmp_
     ckpts = sorted((run_dir / "checkpoints").iterdir())
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("evaltest")).info.run_id
+    run_id = client.create_run(client.create_experiment("evaltest", artifact_location=(tmp_path / "mlartifacts").as_uri())).info.run_id
     (run_dir / "mlflow_run_id").write_text(run_id)
     overrides = ["eval.tasks=[synth_topic]", "eval.synthetic_docs=16", "eval.ppl_max_blocks=8",
                  "tracking.enabled=true", f"tracking.uri={uri}"]
@@ -459,7 +459,7 @@ def test_an_evaluation_with_a_limit_or_other_tasks_is_written_beside_the_runs_ow
     ckpt = sorted((run_dir / "checkpoints").iterdir())[-1]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("beside")).info.run_id
+    run_id = client.create_run(client.create_experiment("beside", artifact_location=(tmp_path / "mlartifacts").as_uri())).info.run_id
     (run_dir / "mlflow_run_id").write_text(run_id)
     common = ["eval.synthetic_docs=16", "eval.ppl_max_blocks=8", "tracking.enabled=true", f"tracking.uri={uri}"]
 

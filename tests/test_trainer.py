@@ -345,7 +345,7 @@ def test_run_killed_while_its_mlflow_run_was_created_is_continued_not_duplicated
     init_store(uri)
     client = mlflow.MlflowClient(uri)
     # What a kill between create_run and logging the params leaves behind: a bare run and its id.
-    exp_id = client.create_experiment("tiny")
+    exp_id = client.create_experiment("tiny", artifact_location=(tmp_path / "mlartifacts").as_uri())
     bare = client.create_run(exp_id, run_name="ntp-base-s0").info.run_id
     cfg.run_dir.mkdir(parents=True)
     (cfg.run_dir / "mlflow_run_id").write_text(bare)
