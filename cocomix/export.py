@@ -288,9 +288,12 @@ def model_card(*, name: str, ckpt: Path, meta: dict, config: dict, cfg, tree: di
         geometry.append(("slot", f"`{slot}` after block {config['insert_layer']} ({options})"))
     lines += ["## Model", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in geometry), "",
               "Load it without the cocomix package:", "", "```python",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast",
               'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>", trust_remote_code=True)',
-              'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>")', "```", "",
+              'tokenizer = PreTrainedTokenizerFast.from_pretrained("<this folder or repo>")', "```", "",
+              "The tokenizer is a standard one (tokenizer.json): no custom code runs for it. `AutoTokenizer` works "
+              "too, but transformers 5 reads config.json first and so asks whether to run the model's code (pass "
+              "`trust_remote_code=True`, or `False` to load the tokenizer alone without asking).", "",
               "`attn_implementation` may be `\"sdpa\"` (default) or `\"eager\"` (which can return attention maps); "
               "`gradient_checkpointing_enable()` works for fine-tuning.", ""]
     lines += ["## Evaluation", ""]

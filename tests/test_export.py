@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,42 @@ def test_export_refuses_a_non_empty_folder_and_exports_a_checkpoint_folder(expor
     card = (empty / "README.md").read_text()
     assert "Not evaluated" in card and "lm_eval --model" not in card and not (empty / "eval_tasks").exists()
     assert "step 8," in card and not list(empty.rglob("*.pt"))
+
+
+TOKENIZER_ONLY = BLOCK_COCOMIX + """
+import json
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+folder = sys.argv[1]
+fast = PreTrainedTokenizerFast.from_pretrained(folder)
+auto = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+print(json.dumps({"fast": fast("the cat sat").input_ids, "auto": auto("the cat sat").input_ids,
+                  "eos": fast.eos_token, "max_length": fast.model_max_length}))
+"""
+
+
+def test_the_exported_tokenizer_loads_alone_without_custom_code_or_a_prompt(exported, tmp_path):
+    # The card showed AutoTokenizer.from_pretrained(folder), which (transformers 5 reads config.json
+    # first) stops at "Do you wish to run the custom code? [y/N]" for 15 s in a terminal. The card's
+    # PreTrainedTokenizerFast, and AutoTokenizer with trust_remote_code=False, load it without asking:
+    # here with stdin an open pipe (a prompt would wait its 15 s) and cocomix not importable.
+    from cocomix.data.tokenizer import load_tokenizer
+
+    out = exported["out"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    env.pop("PYTHONPATH", None)
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", TOKENIZER_ONLY, str(out)], cwd=tmp_path, env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.wait(timeout=120)  # stdin stays open meanwhile
+    finally:
+        proc.kill()
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    assert proc.returncode == 0, stderr[-2000:]
+    assert time.monotonic() - start < 12 and "Do you wish" not in stdout + stderr, (time.monotonic() - start, stdout)
+    got = json.loads(stdout.strip().splitlines()[-1])
+    expected = load_tokenizer(exported["cfg"].data_dir / "tokenizer")("the cat sat").input_ids
+    assert got["fast"] == got["auto"] == expected and got["eos"] == "<|endoftext|>"
+    assert got["max_length"] == N_POSITIONS
+    card = (out / "README.md").read_text()
+    assert 'tokenizer = PreTrainedTokenizerFast.from_pretrained("<this folder or repo>")' in card
