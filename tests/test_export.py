@@ -262,3 +262,12 @@ def test_the_exported_tokenizer_loads_alone_without_custom_code_or_a_prompt(expo
     assert got["max_length"] == N_POSITIONS
     card = (out / "README.md").read_text()
     assert 'tokenizer = PreTrainedTokenizerFast.from_pretrained("<this folder or repo>")' in card
+    # Plain AutoTokenizer.from_pretrained(folder) in a batch job (no terminal: stdin is /dev/null) loads at
+    # once too: transformers' question gets end-of-file, counts as "no", and the tokenizer loads alone.
+    plain = ("import json, sys\nfrom transformers import AutoTokenizer\n"
+             "print(json.dumps(AutoTokenizer.from_pretrained(sys.argv[1])('the cat sat').input_ids))")
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", BLOCK_COCOMIX + plain, str(out)], cwd=tmp_path, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and time.monotonic() - start < 12, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.rsplit("[y/N] ", 1)[-1].strip()) == expected  # after the question's text
