@@ -15,6 +15,7 @@ throughput/MFU, held-out evaluation, tracking, checkpointing, the `on_eval` hook
 from __future__ import annotations
 
 import hashlib
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,11 +37,18 @@ class TrainingError(RuntimeError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM reached a training process (a scheduler's or a user's stop): raised in the loop so that
-    the run ends as an interrupt does, its tracked run marked KILLED. Exit status 128 + 15."""
+    """A stop signal reached training: SIGTERM or SIGUSR1 (a scheduler's warning before preemption or the
+    time limit: the SLURM profile sends SIGUSR1), or SIGINT (Ctrl-C). The loop finished its step and wrote
+    a checkpoint; the run ends as an interrupt does, its tracked run marked KILLED, exit status 128 + the
+    signal (143, 138, 130), which the profile resubmits; the next start resumes from that checkpoint."""
 
-    exit_code = 143
-    message = "cocomix: terminated (SIGTERM); the run is marked KILLED and resumes from its newest checkpoint"
+    def __init__(self, signum: int = 15, step: int | None = None, checkpoint: Path | None = None):
+        super().__init__()
+        name = signal.Signals(signum).name
+        self.signum, self.exit_code = signum, 128 + signum
+        saved = f"checkpoint {checkpoint.name} written" if checkpoint is not None else "no checkpoint written"
+        self.message = (f"cocomix: stopped by {name}" + (f" after step {step}: {saved}" if step is not None else "")
+                        + "; the run is marked KILLED and resumes from its newest checkpoint")
 
 
 class EarlyStop(Exception):

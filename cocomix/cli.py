@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
         print(f"cocomix: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
-    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM during training (cocomix.callbacks.Terminated)
+    except KeyboardInterrupt as e:  # SIGINT, or a stop signal during training (cocomix.callbacks.Terminated)
         print(getattr(e, "message", "cocomix: interrupted"), file=sys.stderr)
         return getattr(e, "exit_code", 130)
 

@@ -37,7 +37,7 @@ from cocomix.device import (Dist, autocast, available_memory, estimate_training_
                             setup_distributed, sync, use_bf16)
 from cocomix.diagnostics import readout_diagnostics
 from cocomix.faults import point
-from cocomix.checkpoints import list_checkpoints
+from cocomix.checkpoints import list_checkpoints, step_path
 from cocomix.files import RunInUse, atomic_write_json, lock_run
 from cocomix.methods import Batch, Method, get_method, run_fingerprint
 from cocomix.model import token_nll
@@ -321,7 +321,7 @@ class Trainer:
             cb.on_start(self)
         self.model.train()
         status = "FAILED"
-        previous = _raise_on_sigterm()
+        stop = StopRequest()
         try:
             while not self.finished:
                 result = self.train_step(self.next_micro_batches())
@@ -329,6 +329,13 @@ class Trainer:
                 record: dict[str, float] = {}
                 for cb in self.callbacks:
                     cb.on_step(self, result, record)
+                signum = stop.agreed(self) if not self.finished else None
+                if signum:  # a stop signal: this step's checkpoint, then the run ends KILLED
+                    last = self.checkpointer.last_saved
+                    if last is None or last.name != step_path(self.run_dir, self.step).name:
+                        with self.untimed():
+                            last = self.save_checkpoint()
+                    raise Terminated(signum, self.step, last)
             final = {"step": self.step, "tokens_seen": self.tokens_seen,
                      **(self.last_val or self.evaluate()),  # resumed from the final checkpoint: evaluate it
                      "checkpoint": str(list_checkpoints(self.run_dir)[-1]) if self.dist.is_main else "",
@@ -343,8 +350,7 @@ class Trainer:
             status = "KILLED"
             raise
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            stop.restore()
             self._loader.shutdown(wait=True, cancel_futures=True)
             for cb in self.callbacks:
                 cb.on_finish(self, status)
@@ -352,15 +358,38 @@ class Trainer:
                 self.run_lock.close()  # the next writer may start
 
 
-def _raise_on_sigterm():
-    """SIGTERM raises `Terminated` in this (main) thread; returns the handler it replaced (None off
-    the main thread, where Python cannot take signals)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
+class StopRequest:
+    """SIGTERM, SIGUSR1 and SIGINT set a flag that the loop reads after each step, so a step is never cut
+    in half and the stop can be checkpointed; a second SIGINT stops at once (KeyboardInterrupt). Every
+    process must stop after the same step: under DDP the flag is agreed (all-reduced) at log steps, the
+    steps whose metrics synchronise the host anyway. No handlers off the main thread."""
 
-    def handler(signum, frame):
-        raise Terminated()
-    return signal.signal(signal.SIGTERM, handler)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+
+    def _handler(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum:
+            raise KeyboardInterrupt()  # Ctrl-C twice: at once
+        self.signum = self.signum or signum
+
+    def agreed(self, trainer) -> int:
+        """The signal to stop for (0: go on), the same on every process."""
+        if trainer.dist.world_size == 1:
+            return self.signum
+        if trainer.step % trainer.cfg.train.log_every_steps:
+            return 0
+        flag = torch.tensor([self.signum], device=trainer.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def train(cfg: Config, method: Method | None = None, progress: bool = True,

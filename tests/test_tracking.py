@@ -3,6 +3,7 @@ metrics.jsonl as its record, and its metrics reach MLflow later without duplicat
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -297,7 +298,8 @@ def test_a_sigtermed_run_is_killed_in_mlflow_not_left_running_and_resumes(tmp_pa
     first.send_signal(signal.SIGTERM)
     _, err = first.communicate(timeout=120)
     assert first.returncode == 143 and "Traceback" not in err, err[-2000:]
-    assert err.strip().splitlines()[-1].startswith("cocomix: terminated (SIGTERM); the run is marked KILLED")
+    assert re.match(r"cocomix: stopped by SIGTERM after step \d+: checkpoint step_\d+ written; the run is marked KILLED",
+                    err.strip().splitlines()[-1]), err[-2000:]
     client = mlflow.MlflowClient(uri)
     run_id = (run_dir / "mlflow_run_id").read_text()
     assert client.get_run(run_id).info.status == "KILLED"

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -643,3 +644,53 @@ def test_the_memory_estimate_is_a_hand_count_and_a_lower_bound_of_what_training_
     grew = peak_rss("big", *big) - peak_rss("small", "model.n_embd=32", "model.n_head=2")
     assert est.need(8) < grew, (est.need(8), grew)
     print(f"estimate {est.need(8) / 2**20:.0f} MiB, measured growth {grew / 2**20:.0f} MiB")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGINT])
+def test_a_stop_signal_checkpoints_the_step_it_ends_and_the_rerun_logs_what_an_uninterrupted_run_logs(tmp_path,
+                                                                                                  tiny_data, sig):
+    # SLURM's warning before preemption or the time limit (the profile's --signal: SIGUSR1), SIGTERM, or
+    # Ctrl-C: the step in flight finishes, a checkpoint of that step is written (between the scheduled
+    # ones), the run ends KILLED with exit 128 + signal, and the rerun's metrics.jsonl equals an
+    # uninterrupted run's line for line (before: SIGTERM stopped without a checkpoint, losing up to
+    # checkpoint.every_tokens of work; SIGUSR1 killed the process).
+    common = ["train.tokens=40960", "train.log_every_steps=1", "eval.every_tokens=10240",
+              "checkpoint.every_tokens=20480", "model.dropout=0.1"]
+    tiny = str(ROOT / "config/tiny.yaml")
+    ref = tiny_overrides(tmp_path / "ref", tiny_data, *common)
+    subprocess.run(cli("train", "--config", tiny, "--no-progress", *ref), env=ENV, check=True, capture_output=True)
+    args = tiny_overrides(tmp_path / "cut", tiny_data, *common)
+    run_dir = load_config(ROOT / "config/tiny.yaml", args).run_dir
+    proc = subprocess.Popen(cli("train", "--config", tiny, "--no-progress", *args), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        lines = log.read_text().splitlines() if log.is_file() else []
+        if sum('"train/loss"' in x for x in lines) >= 13:  # past step 13, before the checkpoint at 20
+            break
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    name = signal.Signals(sig).name
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err[-2000:]
+    m = re.search(rf"^cocomix: stopped by {name} after step (\d+): checkpoint (step_\d+) written; the run is marked "
+                  r"KILLED and resumes from its newest checkpoint$", err.strip().splitlines()[-1])
+    assert m, err[-2000:]
+    step = int(m.group(1))
+    assert 13 <= step < 20 and m.group(2) == f"step_{step:07d}"
+    assert [c.name for c in list_checkpoints(run_dir)] == [f"step_{step:07d}"]
+    rerun = subprocess.run(cli("train", "--config", tiny, "--no-progress", *args), env=ENV, capture_output=True,
+                           text=True, timeout=600)
+    assert rerun.returncode == 0 and f"resumed from {run_dir}/checkpoints/step_{step:07d}" in rerun.stdout, rerun.stderr
+
+    def records(folder: Path) -> list[dict]:
+        rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.endswith(("tokens_per_s", "mfu"))} for r in rows]
+
+    ref_dir = load_config(ROOT / "config/tiny.yaml", ref).run_dir
+    assert records(run_dir) == records(ref_dir) and len(records(ref_dir)) >= 40
+    a = load_file(str(list_checkpoints(ref_dir)[-1] / "model.safetensors"))
+    b = load_file(str(list_checkpoints(run_dir)[-1] / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
