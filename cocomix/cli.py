@@ -193,6 +193,30 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Every training run of the experiment with its FLOPs, GPU-hours at a stated MFU and SLURM time
+    limit, and the total: what the plan costs before anything is submitted."""
+    from cocomix.dag import RUNTIME_MFU, RUNTIME_PEAK_FLOPS, Dag  # lazy: torch after the arguments parse
+
+    if not 0 < args.mfu <= 1:
+        raise ConfigError(f"--mfu {args.mfu}: expected a fraction in (0, 1]")
+    dag = Dag(args.config, train_gpus=args.gpus)
+    runs = (["teacher"] if dag.teacher is not None else []) + list(dag.runs)
+    print(f"{'run':<28} {'tokens':>15} {'FLOPs':>10} {'GPU-h':>9} {'limit (h)':>9}")
+    total = 0.0
+    for run in runs:
+        cfg = dag.teacher_config() if run == "teacher" else dag.config(run)
+        hours = dag.gpu_hours(run, args.mfu)
+        total += hours
+        print(f"{run:<28} {cfg.train.tokens:>15,} {dag.training_flops(run):>10.3g} {hours:>9,.1f} "
+              f"{dag.runtime_minutes(run) / 60:>9.1f}")
+    print(f"total: {len(runs)} training runs, {total:,.1f} GPU-hours at {args.mfu:.0%} MFU of "
+          f"{RUNTIME_PEAK_FLOPS / 1e12:.0f} TFLOP/s (H100/H200 dense bf16); student training only: label "
+          f"extraction, online teachers and evaluation come on top. Time limits: {RUNTIME_MFU:.0%} MFU over "
+          f"{args.gpus} GPU(s) a job, doubled, plus 30 min, at most 48 h")
+    return 0
+
+
 def _parse_concepts(text: str) -> list[int]:
     from cocomix.data import DataError  # lazy: numpy only for `steer`, before torch
 
@@ -339,6 +363,14 @@ def _add_params_parser(sub) -> None:
     p.set_defaults(func=cmd_params)
 
 
+def _add_plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="every training run's FLOPs, GPU-hours at an MFU and SLURM time limit, and the total")
+    p.add_argument("--config", required=True, help="the experiment config, e.g. config/paper.yaml")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to price GPU-hours at (default 0.4)")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs a training job gets, for its time limit (default 8)")
+    p.set_defaults(func=cmd_plan)
+
+
 def _add_inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="top predicted concepts per position of a prompt -> text, JSON and heat-map PNG")
     p.add_argument("path", help="a CoCoMix checkpoint folder, or a run folder (its latest checkpoint)")
@@ -396,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_results_parsers(sub)
     _add_sweep_parser(sub)
     _add_params_parser(sub)
+    _add_plan_parser(sub)
     _add_inspect_parser(sub)
     _add_steer_parser(sub)
     _add_export_parser(sub)

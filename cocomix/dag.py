@@ -149,17 +149,28 @@ class Dag:
             return f"{sys.executable} -m cocomix.launch --gpus {gpus}"
         return f"{sys.executable} -m cocomix.cli"
 
-    def runtime_minutes(self, run: str) -> int:
-        """The SLURM time limit of a training job, from its FLOPs (the model built on the meta device:
-        no memory, no weights) over the profile's GPUs per job; see RUNTIME_* above. A KD teacher's
-        forward is not counted (GPT-2's is about half the 69M student's): the safety factor covers it."""
-        cfg = self.config(run)
+    def training_flops(self, run: str) -> float:
+        """The student's training FLOPs over the run's budget (the model built on the meta device: no
+        memory, no weights; `CocomixForCausalLM.flops_per_token`). A KD teacher's forward and online
+        labels are not counted (GPT-2's forward is about half the 69M student's)."""
+        cfg = self.teacher_config() if run == "teacher" else self.config(run)
         vocab = cfg.model.vocab_size or (50257 if cfg.tokenizer.path else cfg.tokenizer.vocab_size)
         with torch.device("meta"):
             model = get_method(cfg.method).build_model(cfg, vocab, 0)
-        flops = model.flops_per_token(cfg.train.block_size) * cfg.train.tokens
-        seconds = flops / (self.train_gpus * RUNTIME_PEAK_FLOPS * RUNTIME_MFU) * RUNTIME_SAFETY
+        return float(model.flops_per_token(cfg.train.block_size) * cfg.train.tokens)
+
+    def gpu_hours(self, run: str, mfu: float = RUNTIME_MFU) -> float:
+        """H100/H200-hours of a run's training at `mfu` of the dense bf16 peak (RUNTIME_PEAK_FLOPS)."""
+        return self.training_flops(run) / (RUNTIME_PEAK_FLOPS * mfu) / 3600
+
+    def runtime_minutes(self, run: str) -> int:
+        """The SLURM time limit of a training job, from its FLOPs over the profile's GPUs per job; see
+        RUNTIME_* above (the safety factor covers what `training_flops` leaves out)."""
+        seconds = self.gpu_hours(run) * 3600 / self.train_gpus * RUNTIME_SAFETY
         return int(min(RUNTIME_MAX_MIN, RUNTIME_EXTRA_MIN + seconds / 60))
+
+    def teacher_config(self) -> Config:
+        return self.teacher.config(self.config_path)
 
     @staticmethod
     def gpu_job_threads(cores: int, gpus: int | None) -> int:

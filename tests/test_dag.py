@@ -438,3 +438,30 @@ def test_slurm_time_limits_follow_each_runs_flops():
     assert minutes["ntp-69M"] == 197
     assert minutes["ntp-69M"] < minutes["cocomix-69M"] < minutes["ntp-386M"] < minutes["ntp-1.38B"] == 2880  # capped
     assert Dag(ROOT / ".test/config.yaml").runtime_minutes("ntp-base-s0") == 30  # seconds of work: the fixed part
+
+
+def test_cocomix_plan_prints_every_paper_run_with_gpu_hours_equal_to_a_hand_count():
+    # The paper plan's cost was stated nowhere: 19 runs of 21B tokens. Per run its student FLOPs, the
+    # H100-hours at a stated MFU and the SLURM limit; the total on the last line.
+    from cocomix.config import load_config
+    from cocomix.plan import plan_runs
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "cocomix.cli", "plan", "--config", str(ROOT / "config/paper.yaml"),
+                          "--mfu", "0.25"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    rows = {x.split()[0]: x.split() for x in lines[1:-1]}
+    assert len(rows) == 19 and set(rows) == {r.name for r in plan_runs(ROOT / "config/paper.yaml")}
+    # By hand for NTP-69M: 6 N + 12 L d T FLOPs a token (N: blocks, ln_f and the LM-head matmul over the
+    # padded vocabulary), at 25% of 989 TFLOP/s.
+    cfg = load_config(ROOT / "config/paper.yaml", ["method=ntp", "scale=69M"])
+    d, L, T = cfg.model.n_embd, cfg.model.n_layer, cfg.train.block_size
+    V = -(-50257 // cfg.model.vocab_multiple) * cfg.model.vocab_multiple
+    n = L * (12 * d * d + 13 * d) + 2 * d + V * d
+    hours = (6 * n + 12 * L * d * T) * cfg.train.tokens / (989e12 * 0.25) / 3600
+    assert float(rows["ntp-69M-s22"][3]) == pytest.approx(hours, abs=0.05)
+    assert rows["ntp-1.38B-s22"][4] == "48.0"  # past the cap: resubmitted and resumed
+    total = float(re.search(r"^total: 19 training runs, ([\d,.]+) GPU-hours at 25% MFU", lines[-1]).group(1).replace(",", ""))
+    assert total == pytest.approx(sum(float(r[3].replace(",", "")) for r in rows.values()), abs=0.1)
+    assert 2000 < total < 2400  # the estimate: about 2,200 at 25%
