@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 
@@ -44,9 +45,25 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser.parse_args(argv)
     if ns.gpus < 1 or not ns.args:
         parser.error("need --gpus >= 1 and a cocomix command")
-    cmd = launch_argv(ns.gpus, ns.args, dict(os.environ), socket.gethostname())
+    env = dict(os.environ)
+    cmd = launch_argv(ns.gpus, ns.args, env, socket.gethostname())
+    os.environ.update(rank_threads(ns.gpus, env))
+    # SLURM's warning before the time limit (the profile's --signal=USR1@300) reaches every process of
+    # the step: torchrun's agent, which handles TERM/INT/HUP/QUIT only, would die of SIGUSR1 and take its
+    # workers with it. Ignored here (inherited across exec), the agent lives; the workers set their own
+    # handler: they finish the step, checkpoint it and exit 138.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     sys.stdout.flush()
     os.execvp(cmd[0], cmd)
+
+
+def rank_threads(gpus: int, env: dict[str, str]) -> dict[str, str]:
+    """OMP_NUM_THREADS of each process: the job's threads (its OMP_NUM_THREADS, else this host's CPUs)
+    shared by the processes on this node, not each of them taking them all (8 ranks x 64 threads)."""
+    nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    per_node = gpus // nodes if "SLURM_STEP_ID" not in env and nodes > 1 else gpus
+    total = int(env.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    return {"OMP_NUM_THREADS": str(max(1, total // max(1, per_node)))}
 
 
 if __name__ == "__main__":

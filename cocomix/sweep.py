@@ -5,23 +5,23 @@ many stay active (concept.k), optionally concept.lam, concept.k_attr or any othe
     cocomix sweep --config config/tiny.yaml --workers 0         # create the study / write outputs only
     cocomix sweep --config config/tiny.yaml --join              # one more worker (e.g. a SLURM job)
 
-A trial is an ordinary CoCoMix training run (same trainer, data order and seed as every other run)
-of `sweep.tokens` tokens; its held-out losses are reported to Optuna as it trains (step = tokens
-seen), a pruner stops the bad ones early, and the objective is the final held-out loss.
+A trial is an ordinary CoCoMix training run (same trainer, data order and seed as every other run) of
+`sweep.tokens` tokens; its held-out losses are reported to Optuna as it trains (step = tokens seen), a pruner
+stops the bad ones early, and the objective is the final held-out loss.
 
-Safety with parallel workers (shared/notes/ecosystem-facts.md, section 6): the study is created
-once, under a file lock, before any worker starts; workers only load it. Each worker records a
-heartbeat; a trial whose worker died (killed, preempted) goes stale after `sweep.grace_s`, is marked
-FAIL and queued again with the same parameters and run folder, so it resumes from its checkpoint.
-Rerunning the sweep therefore continues the same study. A study remembers the config it was created
-with: resuming it under a different base config or search space is refused.
+Safety with parallel workers (shared/notes/ecosystem-facts.md, section 6): the study is created once, under a
+file lock, before any worker starts; workers only load it. Each worker records a heartbeat; a trial whose worker
+died (killed, preempted) goes stale after `sweep.grace_s`, is marked FAIL and queued again with the same
+parameters and run folder, so it resumes from its checkpoint. Rerunning the sweep therefore continues the same
+study. A study remembers the config it was created with: resuming it under a different base config or search
+space is refused. A stop signal (SIGUSR1, SIGTERM) hands the running trials back the same way, checkpointed.
 
 Tracking (`tracking.backend`): the sweep is a tracked run; every trial is a run nested under it
 (`tracking.parent_run_id`) with its parameters and held-out curve, tagged with its Optuna state.
 
-Outputs in <experiment>/sweeps/<study>/: trials.{csv,md}, best_config.yaml (a config that
-`cocomix train --config` accepts as it is: the base config with the best parameters and the
-base train.tokens), importance.png and contour.png, logs/worker-<i>.log, trials/trial-<n>/.
+Outputs in <experiment>/sweeps/<study>/: trials.{csv,md}, best_config.yaml (a config that `cocomix train
+--config` accepts as it is: the base config with the best parameters and the base train.tokens), importance.png
+and contour.png, logs/worker-<i>.log, trials/trial-<n>/.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -210,10 +211,9 @@ def storage_errors(cfg: Config):
 
 
 class RetryOnce:
-    """Queue a stale trial again once, however many workers fail it. On SQLite two workers that fail the
-    same stale trial at the same moment both succeed (the storage reads the trial's state before either
-    writes; server databases lock the row), so Optuna's callback would queue one retry per worker: two
-    trials training in one run folder. Under the storage's file lock, a trial already retried is skipped."""
+    """Queue a stale trial again once, however many workers fail it: on SQLite two workers failing it at
+    once both succeed (it reads the state before either writes; servers lock the row), and Optuna's
+    callback queued a retry each: two trials, one run folder. Under the file lock it is skipped."""
 
     def __init__(self, cfg: Config, retry) -> None:
         self.cfg, self.retry = cfg, retry
@@ -389,20 +389,11 @@ def _ensure_labels(cfg: Config) -> None:
 def _counts(study) -> dict[str, int]:
     """Trials by what they mean for the budget. A trial failed by its heartbeat (worker killed) is
     not counted: it has been queued again as a WAITING trial."""
-    from optuna.trial import TrialState
-
-    out = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "waiting": 0, "stale": 0}
+    out = dict.fromkeys(("complete", "pruned", "failed", "running", "waiting", "stale"), 0)
     for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.COMPLETE:
-            out["complete"] += 1
-        elif t.state == TrialState.PRUNED:
-            out["pruned"] += 1
-        elif t.state == TrialState.FAIL:
-            out["failed" if "failure" in t.user_attrs else "stale"] += 1
-        elif t.state == TrialState.RUNNING:
-            out["running"] += 1
-        elif t.state == TrialState.WAITING:
-            out["waiting"] += 1
+        name = {"FAIL": "failed" if "failure" in t.user_attrs else "stale"}.get(t.state.name, t.state.name.lower())
+        if name in out:  # COMPLETE, PRUNED, RUNNING, WAITING, FAIL
+            out[name] += 1
     return out
 
 
@@ -415,7 +406,8 @@ def objective_for(cfg: Config, space: dict[str, SweepParam], parent_run_id: str 
     import optuna
     import torch
 
-    from cocomix.trainer import EarlyStop, TrainingError, train  # lazy: torch/transformers; the Snakefile imports sweep
+    from cocomix.callbacks import Terminated  # lazy: torch/transformers; the Snakefile imports sweep
+    from cocomix.trainer import EarlyStop, TrainingError, train  # lazy: as above
 
     total = budget(cfg)
 
@@ -445,6 +437,10 @@ def objective_for(cfg: Config, space: dict[str, SweepParam], parent_run_id: str 
         except EarlyStop:
             _record_trial_run(tcfg, trial, "PRUNED")
             raise optuna.TrialPruned() from None
+        except Terminated:  # a stop signal (preemption): the checkpoint is written; hand the trial back
+            trial.study._storage.get_heartbeat_stale_trial_callback()(trial.study, trial.study.trials[trial.number])
+            print(f"trial {trial.number}: stopped by a signal; queued again, it resumes from its checkpoint", flush=True)
+            raise
         except (TrainingError, DataError, ConfigError, torch.OutOfMemoryError, MemoryError) as e:
             message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             trial.set_user_attr("failure", message[:500])
@@ -507,6 +503,8 @@ def launch_workers(cfg: Config, config_path: Path, n: int) -> None:
     logs = sweep_dir(cfg) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
+    # SLURM's SIGUSR1 reaches every process: the workers checkpoint and hand their trials back; we wait.
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     for i in range(n):
         log = open(logs / f"worker-{i}.log", "a")
         cmd = [sys.executable, "-m", "cocomix.cli", "sweep", "--join", "--worker-index", str(i), "--config", str(config_path)]
@@ -514,13 +512,18 @@ def launch_workers(cfg: Config, config_path: Path, n: int) -> None:
         if n > 1 and "OMP_NUM_THREADS" not in os.environ:  # share the CPU cores between workers
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
         procs.append((i, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-    failed = []
+    failed, stopped = [], []
     for i, proc, log in procs:
         if proc.wait() != 0:
-            failed.append(f"worker {i} (exit {proc.returncode}, log {logs / f'worker-{i}.log'})")
+            stop = proc.returncode - 128 in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+            (stopped if stop else failed).append(f"worker {i} (exit {proc.returncode}, log {logs / f'worker-{i}.log'})")
         log.close()
+    signal.signal(signal.SIGUSR1, previous)
     if failed:
-        raise SweepError("sweep worker failed: " + "; ".join(failed))
+        raise SweepError("sweep worker failed: " + "; ".join(failed + stopped))
+    if stopped:
+        raise SweepError("sweep stopped by a signal: " + "; ".join(stopped) + "; their trials are queued again and "
+                         "resume from their checkpoints: rerun the same command to continue")
 
 
 # ---------------------------------------------------------------------------------------------

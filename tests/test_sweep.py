@@ -334,3 +334,41 @@ def test_workers_that_fail_the_same_stale_trials_at_once_queue_each_once(tmp_pat
     assert queued == [0, 1, 2], queued
     for t in ts[3:]:  # each retry keeps its trial's parameters
         assert t.params == ts[t.system_attrs["failed_trial"]].params
+
+
+@pytest.mark.slow
+def test_a_sweep_stopped_by_sigusr1_hands_its_trial_back_with_its_checkpoint(concept_cache, tmp_path):
+    # SLURM's warning before the time limit reaches every process: the worker's trial finishes its step,
+    # checkpoints it and is queued again (before: the worker died mid-step, its trial FAILED for good or
+    # waited out its heartbeat); the coordinator waits and says so; the rerun resumes that trial.
+    from optuna.trial import TrialState
+
+    overrides = sweep_overrides(concept_cache, tmp_path, "sig", "sweep.n_trials=2", "sweep.workers=1")
+    cfg = load(overrides)
+    cmd = cli("sweep", "--config", str(ROOT / "config/tiny.yaml"), *overrides)
+    proc = subprocess.Popen(cmd, env=ENV, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if any(t.state == TrialState.RUNNING and t.intermediate_values for t in trials(cfg)):
+                break
+        except KeyError:
+            pass
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGUSR1)  # as slurmstepd signals a job step
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("cocomix: error: sweep stopped by a signal: worker 0 (exit 138"), err
+    ts = trials(cfg)
+    (stopped,) = [t for t in ts if t.state == TrialState.FAIL]
+    (queued,) = [t for t in ts if t.state == TrialState.WAITING]
+    assert queued.system_attrs["failed_trial"] == stopped.number and queued.params == stopped.params
+    run_dir = Path(stopped.user_attrs["run_dir"])
+    assert queued.user_attrs["run_dir"] == str(run_dir) and list((run_dir / "checkpoints").glob("step_*"))
+    rerun = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    logs = "".join(p.read_text() for p in (cfg.experiment_dir / "sweeps" / "sig" / "logs").glob("*.log"))
+    assert f"resumed from {run_dir}/checkpoints/" in logs
+    states = [t.state for t in trials(cfg)]
+    assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) == 2, states

@@ -281,20 +281,27 @@ def test_a_run_killed_while_mlflow_was_down_sends_its_metrics_on_its_next_start(
     _assert_mlflow_equals_the_log(uri, run_dir)
 
 
-@pytest.mark.slow
-def test_a_sigtermed_run_is_killed_in_mlflow_not_left_running_and_resumes(tmp_path, tiny_data):
-    # Before: SIGTERM ended the process where it stood; its MLflow run said RUNNING forever.
-    import mlflow
-
+def _tracked_run_past_its_first_checkpoint(tmp_path, tiny_data):
+    """`cocomix train` of a tracked tiny run, returned once its first checkpoint exists:
+    (tracking uri, run folder, the command, the running process with stdout and stderr piped)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = tiny_overrides(tmp_path, tiny_data, "tracking.enabled=true", f"tracking.uri={uri}", "train.tokens=40960",
                           "checkpoint.every_tokens=10240", "eval.every_tokens=10240")
     run_dir = load_config(ROOT / "config/tiny.yaml", args).run_dir
     command = cli("train", "--config", str(ROOT / "config/tiny.yaml"), "--no-progress", *args)
-    first = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not list_checkpoints(run_dir) and first.poll() is None:
+    while time.time() < deadline and not list_checkpoints(run_dir) and proc.poll() is None:
         time.sleep(0.05)
+    return uri, run_dir, command, proc
+
+
+@pytest.mark.slow
+def test_a_sigtermed_run_is_killed_in_mlflow_not_left_running_and_resumes(tmp_path, tiny_data):
+    # Before: SIGTERM ended the process where it stood; its MLflow run said RUNNING forever.
+    import mlflow
+
+    uri, run_dir, command, first = _tracked_run_past_its_first_checkpoint(tmp_path, tiny_data)
     first.send_signal(signal.SIGTERM)
     _, err = first.communicate(timeout=120)
     assert first.returncode == 143 and "Traceback" not in err, err[-2000:]
@@ -324,17 +331,9 @@ def test_a_sigkilled_run_whose_folder_is_superseded_is_ended_killed_not_left_run
     # said RUNNING for ever. Now the next start ends it KILLED.
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = tiny_overrides(tmp_path, tiny_data, "tracking.enabled=true", f"tracking.uri={uri}", "train.tokens=40960",
-                          "checkpoint.every_tokens=10240", "eval.every_tokens=10240")
-    run_dir = load_config(ROOT / "config/tiny.yaml", args).run_dir
-    command = cli("train", "--config", str(ROOT / "config/tiny.yaml"), "--no-progress", *args)
-    first = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list_checkpoints(run_dir) and first.poll() is None:
-        time.sleep(0.05)
+    uri, run_dir, command, first = _tracked_run_past_its_first_checkpoint(tmp_path, tiny_data)
     first.kill()
-    first.wait()
+    first.communicate()
     client = mlflow.MlflowClient(uri)
     old_id = (run_dir / "mlflow_run_id").read_text()
     assert client.get_run(old_id).info.status == "RUNNING"

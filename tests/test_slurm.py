@@ -1,0 +1,142 @@
+"""The SLURM profile as the installed snakemake-executor-plugin-slurm submits it: every job of the paper
+DAG (resources resolved by Snakemake itself in a dry run with `--profile slurm`) through the plugin's own
+`get_submit_command` and `set_gres_string`; and a stop signal delivered as SLURM delivers it (to every
+process of the job) to a job started by cocomix.launch."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from conftest import ROOT, tiny_overrides
+from cocomix.checkpoints import list_checkpoints
+from cocomix.config import load_config
+from cocomix.launch import rank_threads
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+PROFILE = ROOT / "workflow/profiles/slurm/config.yaml"
+
+
+class Resources(dict):
+    """A job's resources as the plugin reads them (`.get(...)` and attributes)."""
+
+    __getattr__ = dict.get
+
+
+def _parse(value: str):
+    value = value.strip()
+    if value.startswith(("'", '"')) and value.endswith(value[0]):
+        return value[1:-1]
+    return int(value) if re.fullmatch(r"-?\d+", value) else value
+
+
+def dry_run_jobs(tmp_path: Path, config: Path) -> list[SimpleNamespace]:
+    """(rule, resources, threads) of every job Snakemake plans for `config` under the slurm profile."""
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--profile", str(PROFILE.parent), "--snakefile",
+                           str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--config", f"config={config}"],
+                          capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", proc.stdout):
+        m = re.match(r"(?:local)?rule (\w+):", block)
+        res = re.search(r"^\s+resources: (.*)$", block, re.M)
+        if not m or not res:
+            continue
+        resources = Resources()
+        for item in re.split(r", (?=\w+=)", res.group(1)):
+            key, value = item.split("=", 1)
+            resources[key] = _parse(value)
+        threads = re.search(r"^\s+threads: (\d+)$", block, re.M)
+        jobs.append(SimpleNamespace(name=m.group(1), resources=resources, threads=int(threads.group(1)) if threads else 1,
+                                    is_group=lambda: False))
+    return jobs
+
+
+def submit(job) -> str:
+    from snakemake_executor_plugin_slurm import ExecutorSettings
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    profile = yaml.safe_load(PROFILE.read_text())
+    settings = ExecutorSettings(requeue=bool(profile.get("slurm-requeue")))
+    params = {"run_uuid": "uuid", "slurm_logfile": "log", "comment_str": f"rule_{job.name}", "account": "-A acct",
+              "partition": "-p gpu", "workdir": "/work"}
+    return get_submit_command(job, params, settings=settings) + set_gres_string(job)
+
+
+def test_the_paper_dags_training_job_asks_for_one_whole_node_and_a_warning_signal(tmp_path):
+    # Before: `sbatch ... --mem 512000 --ntasks-per-gpu=1 --cpus-per-task=64 ... --gpus=8`: 8 tasks of 64
+    # CPUs (512), no --nodes, so 8 GPUs never met on one node; no --signal and no requeue.
+    jobs = dry_run_jobs(tmp_path, ROOT / "config/paper.yaml")
+    rules = {j.name for j in jobs}
+    assert {"train", "prepare_data", "extract_concepts", "evaluate"} <= rules, rules
+    trains = [j for j in jobs if j.name == "train"]
+    assert len(trains) == 19
+    for job in trains:
+        call = submit(job)
+        assert "--nodes=1" in call and call.endswith(" --gpus=8"), call
+        assert "--ntasks-per-gpu" not in call and "--ntasks=" not in call, call
+        assert "--cpus-per-task=64" in call and "--mem 480000" in call, call
+        assert "--signal=USR1@300" in call and "--requeue" in call, call
+        assert re.search(r" -t '?(\d+)'?", call) and int(re.search(r" -t '?(\d+)'?", call).group(1)) <= 2880
+    for job in jobs:
+        if job.name in ("evaluate", "extract_concepts", "train_sae"):  # one GPU each, the profile's defaults
+            call = submit(job)
+            assert call.endswith(" --gpus=1") and "--ntasks" not in call and "--cpus-per-task=8" in call, call
+        elif job.name == "prepare_data":  # CPU only: one task
+            call = submit(job)
+            assert "--ntasks=1" in call and "--gpus" not in call and "--mem 64000" in call, call
+    assert {"evaluate", "extract_concepts", "prepare_data"} <= rules
+
+
+def test_each_rank_gets_its_share_of_the_jobs_threads():
+    # Every rank took OMP_NUM_THREADS=64 (the job's): 8 ranks x 64 threads on 64 CPUs.
+    assert rank_threads(8, {"OMP_NUM_THREADS": "64"}) == {"OMP_NUM_THREADS": "8"}
+    assert rank_threads(16, {"OMP_NUM_THREADS": "64", "SLURM_JOB_NUM_NODES": "2"}) == {"OMP_NUM_THREADS": "8"}
+    assert rank_threads(2, {"OMP_NUM_THREADS": "1"}) == {"OMP_NUM_THREADS": "1"}
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its workers in sessions of their own: a process group
+    signal misses them, a SLURM step's cgroup does not)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [p for c in map(int, out) for p in (c, *descendants(c))]
+
+
+@pytest.mark.slow
+def test_sigusr1_to_every_process_of_a_launched_job_checkpoints_one_step_and_the_rerun_resumes(tmp_path, tiny_data):
+    # SLURM's --signal=USR1@300 reaches every process of the job step: torchrun's agent died of it (it
+    # handles TERM/INT/HUP/QUIT only) and took the workers with it, no checkpoint. cocomix.launch makes
+    # the agent ignore it; both workers finish the same step, checkpoint it and exit 138.
+    extra = ["train.tokens=40960", "train.log_every_steps=2", "eval.every_tokens=20480", "checkpoint.every_tokens=40960"]
+    args = tiny_overrides(tmp_path, tiny_data, *extra)
+    run_dir = load_config(ROOT / "config/tiny.yaml", args).run_dir
+    cmd = [sys.executable, "-m", "cocomix.launch", "--gpus", "2", "train", "--config", str(ROOT / "config/tiny.yaml"),
+           "--no-progress", *args]
+    env = {**ENV, "OMP_NUM_THREADS": "2", "MASTER_PORT": "29533"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    log, deadline = run_dir / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and sum('"train/loss"' in x for x in log.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.02)
+    for pid in [proc.pid, *descendants(proc.pid)]:  # as slurmstepd signals a step: every process in it
+        os.kill(pid, signal.SIGUSR1)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0 and proc.returncode != -signal.SIGUSR1, (proc.returncode, err[-3000:])
+    steps = set(re.findall(r"cocomix: stopped by SIGUSR1 after step (\d+): checkpoint step_\d+ written", err))
+    assert len(steps) == 1 and err.count("cocomix: stopped by SIGUSR1") == 2, err[-3000:]  # both ranks, one step
+    step = int(steps.pop())
+    assert [c.name for c in list_checkpoints(run_dir)] == [f"step_{step:07d}"]
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and f"checkpoints/step_{step:07d}" in rerun.stdout, rerun.stderr[-3000:]
+    assert json.loads((run_dir / "final_metrics.json").read_text())["step"] == 40
