@@ -7,8 +7,9 @@
 nodes (SLURM_JOB_NUM_NODES > 1, outside any job step) it becomes one torchrun per node started by
 `srun`, each with gpus / nodes processes, meeting at a c10d rendezvous on this host (the batch
 host, the allocation's first node) at port $COCOMIX_RDZV_PORT (default 29500), rendezvous id the
-SLURM job id. No torch here: the arguments are built from the environment, then the launcher
-replaces this process.
+SLURM job id. The arguments are built from the environment without torch; on one node torchrun
+then runs in this process, so a failed worker is one line and the job exits with the workers' status
+(138 after a stop signal); srun replaces this process.
 """
 
 from __future__ import annotations
@@ -54,7 +55,29 @@ def main(argv: list[str] | None = None) -> None:
     # handler: they finish the step, checkpoint it and exit 138.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     sys.stdout.flush()
-    os.execvp(cmd[0], cmd)
+    if cmd[0] == "srun":
+        os.execvp(cmd[0], cmd)
+    sys.exit(run_torchrun(cmd[3:]))
+
+
+def run_torchrun(args: list[str]) -> int:
+    """torchrun in this process, so that a worker's failure is one line and the workers' exit status (138
+    for a stop signal) is the job's, not torchrun's ChildFailedError traceback and exit 1."""
+    import runpy
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # lazy: torch only here
+
+    sys.argv = ["torch.distributed.run", *args]
+    try:
+        runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
+    except ChildFailedError as e:
+        codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
+        print(f"cocomix.launch: {len(codes)} of the job's processes failed (rank: exit status {codes}); each "
+              "said why above", file=sys.stderr, flush=True)
+        return max(codes.values(), key=lambda c: (c > 128, c)) if codes else 1
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 0
+    return 0
 
 
 def rank_threads(gpus: int, env: dict[str, str]) -> dict[str, str]:
