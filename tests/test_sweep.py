@@ -325,7 +325,8 @@ def test_workers_that_fail_the_same_stale_trials_at_once_queue_each_once(tmp_pat
                               stdout=subprocess.PIPE, text=True, env=ENV) for _ in range(4)]
     for p in procs:
         assert p.stdout.readline().strip() == "ready"
-    go.write_text(str(time.time() + 0.5))  # all four start failing together
+    (tmp_path / "go.tmp").write_text(str(time.time() + 0.5))  # all four start failing together
+    os.replace(tmp_path / "go.tmp", go)  # whole: a worker must not read it half-written
     for p in procs:
         assert p.wait(timeout=60) == 0
     ts = optuna.load_study(study_name="stale", storage=url).get_trials(deepcopy=False)
