@@ -54,6 +54,7 @@ class Dag:
         self.cli = COCOMIX
         self.offline = OFFLINE
         self._configs: dict[str, Config] = {}
+        self._flops: dict[str, float] = {}
         # One representative run per label cache: its overrides tell extract-concepts how to score.
         self.label_specs: dict[str, RunSpec] = {}
         for name, spec in self.runs.items():
@@ -152,12 +153,15 @@ class Dag:
     def training_flops(self, run: str) -> float:
         """The student's training FLOPs over the run's budget (the model built on the meta device: no
         memory, no weights; `CocomixForCausalLM.flops_per_token`). A KD teacher's forward and online
-        labels are not counted (GPT-2's forward is about half the 69M student's)."""
+        labels are not counted (GPT-2's forward is about half the 69M student's). Built once per run."""
+        if run in self._flops:
+            return self._flops[run]
         cfg = self.teacher_config() if run == "teacher" else self.config(run)
         vocab = cfg.model.vocab_size or (50257 if cfg.tokenizer.path else cfg.tokenizer.vocab_size)
         with torch.device("meta"):
             model = get_method(cfg.method).build_model(cfg, vocab, 0)
-        return float(model.flops_per_token(cfg.train.block_size) * cfg.train.tokens)
+        self._flops[run] = float(model.flops_per_token(cfg.train.block_size) * cfg.train.tokens)
+        return self._flops[run]
 
     def gpu_hours(self, run: str, mfu: float = RUNTIME_MFU) -> float:
         """H100/H200-hours of a run's training at `mfu` of the dense bf16 peak (RUNTIME_PEAK_FLOPS)."""

@@ -131,6 +131,13 @@ def evaluate(
     run = _Evaluation(cfg, run_dir, tasks, dev, torch.bfloat16 if use_bf16 else None, progress,
                       {"lm_eval": lm_eval.__version__, "torch": torch.__version__}, bars=bars)
 
+    settings = _settings(cfg, tasks)  # the same for every checkpoint, and so is the file it goes to
+    name = results_name(settings, own_tasks)
+    if name != RESULTS_FILE:
+        why = [f"limited to {settings['limit']} documents a task"] if settings["limit"] is not None else []
+        why += [f"tasks {tasks}, not the run's own {own_tasks}"] if tasks != own_tasks else []
+        print(f"{'; '.join(why)}: written beside the run's evaluation as {name} (the report and MLflow take "
+              "eval.json only)", flush=True)
     results = []
     for i, ckpt in enumerate(checkpoints, 1):
         problem = model_damage(ckpt)
@@ -138,13 +145,7 @@ def evaluate(
             raise DataError(f"checkpoint {ckpt} is damaged: {problem}; it cannot be evaluated")
         meta = read_meta(ckpt)
         clear_stale_tmp(ckpt)  # an eval.json a killed evaluation did not finish
-        settings = _settings(cfg, tasks)
-        out_path = ckpt / results_name(settings, own_tasks)
-        if i == 1 and out_path.name != RESULTS_FILE:
-            why = [f"limited to {settings['limit']} documents a task"] if settings["limit"] is not None else []
-            why += [f"tasks {tasks}, not the run's own {own_tasks}"] if tasks != own_tasks else []
-            print(f"{'; '.join(why)}: written beside the run's evaluation as {out_path.name} (the report and "
-                  "MLflow take eval.json only)", flush=True)
+        out_path = ckpt / name
         done = None if force else _previous_result(out_path, settings)
         if done is not None:
             if progress:
@@ -154,8 +155,7 @@ def evaluate(
         if progress:
             print(f"[{i}/{len(checkpoints)}] {ckpt.name} ({meta['tokens_seen']:,} tokens)", flush=True)
         results.append(_evaluate_checkpoint(run, ckpt, meta, settings, out_path))
-    own = results_name(_settings(cfg, tasks), own_tasks) == RESULTS_FILE
-    if own and run_dir is not None and Path(path).resolve() == run_dir.resolve():
+    if name == RESULTS_FILE and run_dir is not None and Path(path).resolve() == run_dir.resolve():
         # A run-level record (the DAG's output for "every checkpoint of this run is evaluated").
         clear_stale_tmp(run_dir)
         atomic_write_json(run_dir / "eval_summary.json", {
