@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from cocomix.cluster import NODE_KEYS, Node, node_from
 from cocomix.config import Config, ConfigError, fingerprint, load_config, split_batch
 from cocomix.methods import get_method, run_fingerprint
 from cocomix.plan import RunSpec, plan_runs, teacher_spec
@@ -72,8 +73,9 @@ class Dag:
             try:
                 split_batch(t.global_batch_size, t.micro_batch_size, self.train_gpus)
             except ConfigError as e:
-                raise ConfigError(f"run {name}: {e}, the GPUs the profile gives each training job (train:gpu); "
-                                  f"set train.global_batch_size to a multiple of {self.train_gpus} or lower train:gpu") from None
+                raise ConfigError(f"run {name}: {e}, the GPUs of each training job (the profile's node_gpus x "
+                                  f"train:nodes, or train:gpu); set train.global_batch_size to a multiple of "
+                                  f"{self.train_gpus} or lower train:gpu") from None
 
     # ---- runs ----
 
@@ -143,9 +145,13 @@ class Dag:
         return 1 if "labels" in self.artifacts(self.config(run)) else 0
 
     @staticmethod
-    def launcher(gpus: int) -> str:
-        """What runs a `cocomix` command: the CLI; with several GPUs in one job (SLURM profile), DDP
-        through cocomix.launch (torchrun on one node, srun + torchrun rendezvous on several)."""
+    def launcher(gpus: int, nodes: int = 1, cpus_per_node: int | None = None) -> str:
+        """What runs a `cocomix` command: the CLI; with several GPUs in one job, DDP through
+        cocomix.launch (torchrun on one node; on several, srun starts one torchrun agent per node with
+        `cpus_per_node` CPUs, meeting at a rendezvous: cocomix/cluster.py)."""
+        if nodes > 1:
+            cpus = f" --cpus-per-node {cpus_per_node}" if cpus_per_node else ""
+            return f"{sys.executable} -m cocomix.launch --gpus {gpus} --nodes {nodes}{cpus}"
         if gpus > 1:
             return f"{sys.executable} -m cocomix.launch --gpus {gpus}"
         return f"{sys.executable} -m cocomix.cli"
@@ -309,6 +315,33 @@ def requested(workflow, rule: str | None, resource: str):
     found = settings.overwrite_resources.get(rule, {}).get(resource) if rule else workflow.global_resources.get(resource)
     value = getattr(found, "value", found)
     return int(value) if isinstance(value, (int, float)) else None
+
+
+def _int(value):
+    if hasattr(value, "is_evaluable"):  # a Snakemake Resource: a function of the job has no value yet
+        value = None if value.is_evaluable() else value.value
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def declared_node(workflow) -> Node | None:
+    """The node the profile declares in its default resources (cocomix/cluster.py), or None."""
+    defaults = workflow.resource_settings.default_resources
+    return node_from({k: _int(defaults.get(k)) for k in NODE_KEYS} if defaults is not None else {})
+
+
+def rule_requests(workflow) -> dict[str, dict[str, object]]:
+    """Each rule's integer resources as its jobs will ask for them: the rule's own, then the profile's
+    default resources where the rule sets none, then its set-resources. Resources given as functions
+    of a job (runtime, a sweep's GPUs) count where the rule's resources are integers only."""
+    defaults = workflow.resource_settings.default_resources
+    out: dict[str, dict[str, object]] = {}
+    for rule in workflow.rules:
+        res = {k: _int(defaults.get(k)) for k in ("gpu", "cpus_per_task", "mem_mb", "nodes", "tasks_per_node")
+               if defaults is not None and defaults.get(k) is not None}
+        res.update({k: _int(v) for k, v in dict(rule.resources).items() if not k.startswith("_")})
+        res.update({k: _int(v) for k, v in workflow.resource_settings.overwrite_resources.get(rule.name, {}).items()})
+        out[rule.name] = {k: v for k, v in res.items() if isinstance(v, int) and not isinstance(v, bool)}
+    return out
 
 
 def _quote(overrides) -> str:

@@ -38,11 +38,26 @@ def _parse(value: str):
     return int(value) if re.fullmatch(r"-?\d+", value) else value
 
 
-def dry_run_jobs(tmp_path: Path, config: Path) -> list[SimpleNamespace]:
-    """(rule, resources, threads) of every job Snakemake plans for `config` under the slurm profile."""
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--profile", str(PROFILE.parent), "--snakefile",
+def plan(tmp_path: Path, config: Path, profile: Path = PROFILE.parent) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "snakemake", "-n", "--profile", str(profile), "--snakefile",
                            str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--config", f"config={config}"],
                           capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
+
+
+def edited_profile(tmp_path: Path, edit) -> Path:
+    """A copy of the slurm profile with `edit(profile_dict)` applied."""
+    profile = yaml.safe_load(PROFILE.read_text())
+    edit(profile)
+    folder = tmp_path / "profile"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump(profile))
+    return folder
+
+
+def dry_run_jobs(tmp_path: Path, config: Path, profile: Path = PROFILE.parent) -> list[SimpleNamespace]:
+    """(rule, resources, threads, shell command) of every job Snakemake plans for `config` under the
+    slurm profile."""
+    proc = plan(tmp_path, config, profile)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = []
     for block in re.split(r"\n(?=(?:local)?rule \w+:)", proc.stdout):
@@ -55,8 +70,9 @@ def dry_run_jobs(tmp_path: Path, config: Path) -> list[SimpleNamespace]:
             key, value = item.split("=", 1)
             resources[key] = _parse(value)
         threads = re.search(r"^\s+threads: (\d+)$", block, re.M)
+        shell = re.search(r"^Shell command: (.*)$", block, re.M)
         jobs.append(SimpleNamespace(name=m.group(1), resources=resources, threads=int(threads.group(1)) if threads else 1,
-                                    is_group=lambda: False))
+                                    is_group=lambda: False, shell=shell.group(1) if shell else ""))
     return jobs
 
 
@@ -100,8 +116,47 @@ def test_the_paper_dags_training_job_asks_for_one_whole_node_and_a_warning_signa
 def test_each_rank_gets_its_share_of_the_jobs_threads():
     # Every rank took OMP_NUM_THREADS=64 (the job's): 8 ranks x 64 threads on 64 CPUs.
     assert rank_threads(8, {"OMP_NUM_THREADS": "64"}) == {"OMP_NUM_THREADS": "8"}
-    assert rank_threads(16, {"OMP_NUM_THREADS": "64", "SLURM_JOB_NUM_NODES": "2"}) == {"OMP_NUM_THREADS": "8"}
     assert rank_threads(2, {"OMP_NUM_THREADS": "1"}) == {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_a_two_node_training_job_takes_two_whole_nodes_through_the_plugins_mpi_route(tmp_path):
+    # Before: the plugin's job step ran every job as `srun -n1 ... --nodes=1`, so cocomix.launch always
+    # took its one-node branch and a 2-node job became 16 processes on one node. Now a job of N nodes
+    # carries the plugin's `mpi` resource: its job step runs the rule's command as it is, on the batch
+    # host, and cocomix.launch srun-s one torchrun agent per node with the node's CPUs.
+    profile = edited_profile(tmp_path, lambda p: p["set-resources"].__setitem__(0, "train:nodes=2"))
+    jobs = dry_run_jobs(tmp_path / "run", ROOT / "config/paper.yaml", profile)
+    trains = [j for j in jobs if j.name == "train"]
+    assert len(trains) == 19
+    for job in trains:
+        call = submit(job)
+        assert "--nodes=2" in call and call.endswith(" --gpus=16"), call
+        assert "--ntasks-per-node=8" in call and "--cpus-per-task=8" in call and "--mem 480000" in call, call
+        assert "--ntasks-per-gpu" not in call and "--signal=USR1@300" in call and "--requeue" in call, call
+        assert job.resources["mpi"] == "srun"  # the jobstep plugin's `if "mpi" in job.resources` branch
+        assert "-m cocomix.launch --gpus 16 --nodes 2 --cpus-per-node 64 train" in job.shell, job.shell
+    # Evaluation and the label jobs still take one GPU of one node.
+    assert all(submit(j).endswith(" --gpus=1") for j in jobs if j.name in ("evaluate", "extract_concepts"))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p["set-resources"].append("extract_concepts:cpus_per_task=128"),
+     "profile: rule extract_concepts asks for cpus_per_task=128, more than the declared node holds (node_cpus=64); lower it, "
+     "or declare the node your partition has"),
+    (lambda p: p["set-resources"].append("train_sae:gpu=16"),
+     "profile: rule train_sae asks for gpu=16, more than the declared node holds (node_gpus=8); lower it, or declare "
+     "the node your partition has"),
+    (lambda p: p["set-resources"].append("train:mem_mb=960000"),
+     "profile: rule train asks for mem_mb=960000, more than the declared node holds (node_mem_mb=480000); lower it, "
+     "or declare the node your partition has"),
+    (lambda p: p["default-resources"].remove("node_cpus=64"),
+     "profile default-resources: declare the node with all of node_gpus, node_cpus, node_mem_mb; missing node_cpus"),
+], ids=["cpus", "gpus", "memory", "half-declared"])
+def test_a_profile_whose_node_cannot_hold_a_job_is_refused_at_planning_in_one_line(tmp_path, edit, message):
+    profile = edited_profile(tmp_path, edit)
+    proc = plan(tmp_path / "run", ROOT / ".test/config.yaml", profile)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == f"cocomix: error: {message}", proc.stderr[-2000:]
 
 
 def descendants(pid: int) -> list[int]:

@@ -2,6 +2,8 @@
 # Snakefile): a moved environment or another path to the same config must not rerun finished jobs.
 from snakemake.exceptions import WorkflowError
 
+from cocomix.cluster import agent_cpus
+
 CONFIG = PLAN.config_path
 EXP = PLAN.exp
 OFFLINE = PLAN.offline

@@ -12,18 +12,22 @@ rule train:
     params:
         fingerprint=lambda wc: PLAN.fingerprint(wc.run),
         overrides=lambda wc: PLAN.overrides(wc.run),
-        # Several GPUs in one job (SLURM profile): DDP through cocomix.launch, same global batch.
-        launcher=lambda wc, resources: PLAN.launcher(resources.gpu),
+        # Several GPUs in one job (SLURM profile): DDP through cocomix.launch, same global batch; on
+        # several nodes one torchrun agent per node with the node's CPUs (cocomix/cluster.py).
+        launcher=lambda wc, resources: PLAN.launcher(resources.gpu, getattr(resources, "nodes", 1) or 1,
+                                                      agent_cpus(resources)),
     log:
         f"{EXP}/logs/train/{{run}}.log",
     benchmark:
         f"{EXP}/benchmarks/train/{{run}}.tsv"
     wildcard_constraints:
         run="[^/]+",
-    threads: GPU_THREADS
+    threads: NODE.cpus if NODE else GPU_THREADS
     priority: lambda wc: PLAN.priority(wc.run)
     resources:
-        gpu=1,
+        # one GPU; with a declared node (SLURM profile) whole nodes: nodes, gpu, cpus_per_task, mem_mb
+        # (and on several nodes the plugin's MPI route: mpi, tasks_per_node), cocomix/cluster.py
+        **TRAIN_RESOURCES,
         # SLURM time limit from the run's FLOPs (a job stopped at it is resubmitted and resumes)
         runtime=lambda wc: PLAN.runtime_minutes(wc.run),
     shell:
