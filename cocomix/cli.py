@@ -56,7 +56,19 @@ def _no_hf_bars() -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    print(describe_config(_load(args)), end="")
+    cfg = _load(args)
+    print(describe_config(cfg), end="")
+    if args.slot_ratio:
+        import torch  # lazy: torch only for this line
+
+        from cocomix.diagnostics import slot_norm_ratio  # lazy: torch only here
+
+        torch.manual_seed(cfg.seed)  # the run's init (the vocabulary plays no part: 8 rows)
+        ratio = slot_norm_ratio(_check_method(cfg).build_model(cfg, vocab_size=8, eos_id=0))
+        c = cfg.concept
+        print(f"# concept slot / token norm at init: {ratio:.3f} (d {cfg.model.n_embd}, C {cfg.sae.n_latents}, "
+              f"k {c.k}, init_std {cfg.model.init_std}, concept.init_scale {c.init_scale})" if ratio is not None
+              else f"# concept slot / token norm at init: none (method {cfg.method} has no concept slot)")
     return 0
 
 
@@ -288,6 +300,8 @@ def _add_setup_parsers(sub) -> None:
     """`config` and `prepare-data`."""
     p = sub.add_parser("config", help="print the resolved config as YAML, each key with its docstring")
     _add_config_args(p)
+    p.add_argument("--slot-ratio", action="store_true",
+                   help="also print the concept slot's norm relative to its token's at init (a YAML comment)")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("prepare-data", help="corpus -> tokenizer -> token shards + manifest")

@@ -348,6 +348,15 @@ class TeacherConfig(Section):
 
     path: str | None = None
     """A checkpoint folder: ours (e.g. an NTP run's checkpoint) or a transformers GPT-2 folder."""
+    checkpoint_tokens: int | None = None
+    """A departure (the official code uses its final teacher): when the teacher is a run folder (the
+    DAG's own 'teacher' run, or `path` naming a run), use its checkpoint written at this many tokens
+    instead of its latest: a weaker teacher. The teacher run must have written it
+    (`checkpoint.every_tokens` of `dag.teacher`, and `keep_last: 0` or enough)."""
+
+    def check(self, cfg: Config) -> None:
+        _need(self.checkpoint_tokens is None or self.checkpoint_tokens > 0, "teacher.checkpoint_tokens",
+              f"must be positive, got {self.checkpoint_tokens}")
 
 
 @dataclass
@@ -421,6 +430,12 @@ class ConceptConfig(Section):
     """Which interleaved slot the LM head reads: the concept slot after token t (the paper and the
     official code), or token t's own slot (an ablation, like `pause.readout: token`: the concept slots
     are then extra positions later tokens attend to). Needs `mix: interleave`."""
+    init_scale: float = 1.0
+    """A departure from the official code (1.0, its init): the concept predictor's and compression
+    table's N(0, model.init_std) init times this. The concept slot's norm relative to its token's at
+    init (`cocomix config --slot-ratio` prints it, training logs train/slot_norm_ratio) grows with its
+    square: 0.17 at the paper's 69M shape (d 512, C 32768, k 32) but about 0.04 at tiny's (d 128,
+    C 512, k 16), where the slot starts almost empty. About 2 on tiny matches the 69M ratio."""
 
     def check(self, cfg: Config) -> None:
         n_layer, sae = cfg.model.n_layer, cfg.sae
@@ -429,6 +444,7 @@ class ConceptConfig(Section):
         _need(self.k_attr > 0, "concept.k_attr", "must be positive")
         _need(0 < self.k <= sae.n_latents, "concept.k", f"must be in [1, sae.n_latents={sae.n_latents}]")
         _need(self.lam >= 0, "concept.lam", "must be >= 0")
+        _need(self.init_scale > 0, "concept.init_scale", f"must be positive, got {self.init_scale}")
         _need(self.readout == "concept" or self.mix == "interleave", "concept.readout",
               f"'{self.readout}' needs concept.mix: interleave (with mix: {self.mix} there is one slot per token)")
         _need(self.k_attr <= sae.k or self.scoring == "attribution_preact", "concept.k_attr",

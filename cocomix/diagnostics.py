@@ -67,3 +67,18 @@ def readout_diagnostics(model, input_ids: torch.Tensor) -> dict[str, torch.Tenso
             logits = model(input_ids=input_ids, use_cache=False).logits
         out["loss_no_concept"] = token_nll(logits, input_ids).mean(dim=1)
     return out
+
+
+
+def slot_norm_ratio(model, tokens: int = 1024, seed: int = 0) -> float | None:
+    """The concept slot's norm relative to its token's, mean over `tokens` hidden states drawn N(0, 1):
+    ||c_t - mu_t|| / ||h_t - mu_t||, which depends on the slot's weights and shape only (d, C, k; at
+    init model.init_std and concept.init_scale), not on the scale or mean of h. None for a model
+    without a concept slot. Training logs the same quantity on its own hidden states
+    (train/slot_norm_ratio)."""
+    if getattr(model.config, "slot", None) != "concept":
+        return None
+    h = torch.randn(1, tokens, model.config.n_embd, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        _, prediction = model.slot.predict(h)
+    return float(prediction.norm_ratio)

@@ -262,6 +262,7 @@ class CocomixCausalLMOutput(CausalLMOutputWithPast):
     concept_logits: torch.Tensor | None = None   # (B, T, C) z_t; hidden target: (B, T, D)
     concept_indices: torch.Tensor | None = None  # (B, T, k) TopK concepts mixed into the stream
     concept_values: torch.Tensor | None = None   # (B, T, k) their raw logits
+    concept_norm_ratio: torch.Tensor | None = None  # () mean ||c_t - mu_t|| / ||h_t - mu_t|| (concept slot)
 
 
 class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
@@ -299,7 +300,7 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
         # checkpoint; plain torch.nn.init would overwrite them when from_pretrained calls this.
         from transformers import initialization as init
 
-        std = self.config.init_std
+        std = self.config.init_std * getattr(module, "init_std_scale", 1.0)  # a slot may scale its own
         if isinstance(module, nn.Linear):
             if getattr(module, "is_residual_projection", False):
                 # Two residual additions per block: scale so the residual stream's variance doesn't grow with depth.
@@ -392,6 +393,7 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
             concept_logits=prediction.logits if prediction is not None else None,
             concept_indices=prediction.indices if prediction is not None else None,
             concept_values=prediction.values if prediction is not None else None,
+            concept_norm_ratio=prediction.norm_ratio if prediction is not None else None,
         )
         return output if return_dict else output.to_tuple()
 

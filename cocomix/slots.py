@@ -139,6 +139,7 @@ class ConceptPrediction:
     logits: torch.Tensor           # (B, T, C) z_t, dense (the concept loss needs every logit); hidden target: (B, T, D)
     indices: torch.Tensor | None   # (B, T, k) the TopK concepts kept for compression (None for the hidden target)
     values: torch.Tensor | None    # (B, T, k) their raw logits (after steering)
+    norm_ratio: torch.Tensor | None = None  # () mean over positions of ||c_t - mu_t|| / ||h_t - mu_t|| (no grad)
 
 
 MIX_MODES = ("interleave", "add", "none")
@@ -188,10 +189,13 @@ class ConceptSlot(_MixingSlot):
         k: int = 32           # TopK of z_t kept for compression
         mix: str = "interleave"
         readout: str = "concept"  # "token": the LM head reads token t's own slot (an ablation)
+        init_scale: float = 1.0   # times init_std for the predictor and compression weights (a departure)
 
         def __post_init__(self):
             if not 0 < self.k <= self.n_concepts:
                 raise ValueError(f"concept_k={self.k} must be in [1, n_concepts={self.n_concepts}]")
+            if not self.init_scale > 0:
+                raise ValueError(f"concept init_scale must be positive, got {self.init_scale}")
 
     def __init__(self, config):
         super().__init__(config)
@@ -200,6 +204,10 @@ class ConceptSlot(_MixingSlot):
         self.predictor = nn.Linear(d, C)
         self.compress = nn.Embedding(C, d)  # (C, d): gathering k rows = using k columns of W (spec 1.7)
         self.compress_bias = nn.Parameter(torch.zeros(d))
+        # N(0, init_std * init_scale) for both (read by the model's _init_weights; 1.0: the official init).
+        # The slot's norm relative to its token's, ~ init_std^2 sqrt(d k) times the top-k order statistic
+        # of C draws, scales with init_scale^2.
+        self.predictor.init_std_scale = self.compress.init_std_scale = self.options.init_scale
 
     def predict(self, h, steering: dict[int, float] | None = None):
         u, mu, sigma = normalize_per_token(h)
@@ -211,8 +219,11 @@ class ConceptSlot(_MixingSlot):
             logits = logits * scale
         values, indices = logits.topk(self.k, dim=-1)  # (B, T, k) raw values, may be negative (code)
         concept = sparse_compress(values, indices, self.compress.weight) + self.compress_bias + self.pre_bias
-        concept = concept * sigma + mu  # de-normalise with h_t's own statistics
-        return concept.to(h.dtype), ConceptPrediction(logits, indices, values)
+        centred = concept * sigma  # c_t - mu_t
+        with torch.no_grad():  # how much the slot carries next to its token (logged while training)
+            ratio = (centred.float().norm(dim=-1) / (h - mu).float().norm(dim=-1).clamp_min(1e-12)).mean()
+        concept = centred + mu  # de-normalise with h_t's own statistics
+        return concept.to(h.dtype), ConceptPrediction(logits, indices, values, ratio)
 
     def flops_params(self) -> int:
         # the dense predictor, and of the compression only the k gathered rows (spec 1.7) and its bias

@@ -21,7 +21,7 @@ import torch
 
 from cocomix.config import Config, ConfigError
 from cocomix.data import DataError
-from cocomix.checkpoints import list_checkpoints
+from cocomix.checkpoints import list_checkpoints, read_meta
 from cocomix.files import read_json, update_sha256
 from cocomix.model import CocomixForCausalLM
 
@@ -36,10 +36,22 @@ def teacher_dir(cfg: Config) -> Path:
         raise ConfigError(f"config key 'teacher.path': not set and no teacher run at {path} "
                           "(expected a checkpoint folder or a GPT-2 folder)")
     if not (path / "config.json").is_file() and list_checkpoints(path):
-        path = list_checkpoints(path)[-1]
+        path = _run_checkpoint(path, cfg.teacher.checkpoint_tokens)
     if not (path / "config.json").is_file():
         raise DataError(f"teacher {path}: not a model folder (no config.json); set teacher.path to a checkpoint")
     return path
+
+
+def _run_checkpoint(run_dir: Path, tokens: int | None) -> Path:
+    """The run's latest checkpoint, or the one written at `tokens` (teacher.checkpoint_tokens)."""
+    ckpts = list_checkpoints(run_dir)
+    if tokens is None:
+        return ckpts[-1]
+    seen = {read_meta(c).get("tokens_seen"): c for c in ckpts}
+    if tokens not in seen:
+        raise ConfigError(f"config key 'teacher.checkpoint_tokens': {tokens:,} names no checkpoint of {run_dir} "
+                          f"(it has {', '.join(f'{t:,}' for t in sorted(t for t in seen if t is not None))})")
+    return seen[tokens]
 
 
 def load_teacher(cfg: Config, device: torch.device | str = "cpu") -> CocomixForCausalLM:

@@ -405,7 +405,7 @@ def test_every_method_trains_and_logs_the_same_metrics_to_mlflow(tmp_path, tiny_
               "val/loss", "val/ppl"}
     readout = {"val/readout_self_attn", "val/readout_self_attn_uniform"}  # interleaving models (cocomix/diagnostics.py)
     own = {"ntp": set(), "pause": readout, "kd": {"train/kd_loss"}, "kd_pause": {"train/kd_loss"} | readout,
-           "cocomix": {"train/concept_loss", "val/concept_loss", "val/concept_acc", "val/concept_acc_any",
+           "cocomix": {"train/concept_loss", "train/slot_norm_ratio", "val/concept_loss", "val/concept_acc", "val/concept_acc_any",
                        "val/loss_no_concept"} | readout}
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])

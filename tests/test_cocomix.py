@@ -129,7 +129,7 @@ def test_interleaving_off_and_lambda_zero_is_exactly_the_ntp_backbone(tiny_data,
     loss, parts = method.loss(mix_off, batch)
     ntp_loss, _ = get_method("ntp").loss(ntp, batch)
     assert loss.item() == ntp_loss.item()
-    assert set(parts) == {"ntp_loss"}
+    assert set(parts) == {"ntp_loss", "slot_norm_ratio"}  # a diagnostic, not a loss term
 
 
 # ---- cache and generation ----------------------------------------------------------------------
@@ -360,3 +360,81 @@ def test_cocomix_trains_from_cached_labels(concept_cache):
     assert accuracy > 20 * chance and accuracy > 1.5 * majority
     assert final["val/concept_acc_any"] >= accuracy
     assert math.isfinite(final["val/concept_loss"])
+
+
+# ---- departures for the CPU-deficit study (issue 31): off by default ---------------------------
+
+def test_concept_init_scale_multiplies_the_slots_init_only_and_its_default_changes_nothing():
+    base = build(seed=3)
+    explicit = build(seed=3, slot_options={"n_concepts": C, "k": K, "mix": "interleave", "init_scale": 1.0})
+    scaled = build(seed=3, slot_options={"n_concepts": C, "k": K, "mix": "interleave", "init_scale": 2.0})
+    b, e, s = base.state_dict(), explicit.state_dict(), scaled.state_dict()
+    assert all(torch.equal(b[k], e[k]) for k in b)  # 1.0 is the official init, bit for bit
+    changed = {"slot.predictor.weight", "slot.compress.weight"}
+    for k in b:  # the same draws: the scaled weights are exactly twice the official ones, nothing else moves
+        assert torch.equal(s[k], 2 * b[k] if k in changed else b[k]), k
+    # The slot's norm next to its token's grows with the square of the scale (both factors doubled).
+    h = torch.randn(1, 256, 64, generator=torch.Generator().manual_seed(0))
+    r1, r2 = (float(m.slot.predict(h)[1].norm_ratio) for m in (base, scaled))
+    assert r2 / r1 == pytest.approx(4.0, rel=0.1)
+    with pytest.raises(ValueError, match="init_scale must be positive"):
+        build(slot_options={"n_concepts": C, "k": K, "init_scale": 0.0})
+
+
+def test_the_slot_norm_ratio_is_the_centred_norm_ratio_written_out():
+    model = build(seed=1)
+    randomize_biases(model)
+    h = 3.0 + 2.0 * torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        concept, prediction = model.slot.predict(h)
+    mu = h.mean(-1, keepdim=True)
+    ref = ((concept - mu).norm(dim=-1) / (h - mu).norm(dim=-1)).mean()
+    assert float(prediction.norm_ratio) == pytest.approx(float(ref), rel=1e-5)
+
+
+@pytest.mark.parametrize("config_args, expected", [
+    (["--config", "config/tiny.yaml"], "0.041 (d 128, C 512, k 16, init_std 0.02, concept.init_scale 1.0)"),
+    (["--config", "config/tiny.yaml", "concept.init_scale=2"], "0.163 (d 128, C 512, k 16, init_std 0.02, "
+                                                               "concept.init_scale 2.0)"),
+    (["--config", "config/paper.yaml", "scale=69M"], "0.173 (d 512, C 32768, k 32, init_std 0.02, "
+                                                     "concept.init_scale 1.0)"),
+], ids=["tiny", "tiny-x2", "paper-69M"])
+def test_cocomix_config_prints_the_slot_to_token_norm_ratio_at_init(config_args, expected):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "cocomix.cli", "config", *config_args, "method=cocomix", "--slot-ratio"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == f"# concept slot / token norm at init: {expected}"
+
+
+def test_the_official_init_writes_no_init_scale_into_the_models_config(tmp_path, tiny_data):
+    method = get_method("cocomix")
+    default = load_config(ROOT / "config/tiny.yaml", tiny_overrides(tmp_path, tiny_data, "method=cocomix"))
+    scaled = load_config(ROOT / "config/tiny.yaml", tiny_overrides(tmp_path, tiny_data, "method=cocomix",
+                                                                    "concept.init_scale=2"))
+    assert "init_scale" not in method.slot_options(default)
+    assert method.slot_options(scaled)["init_scale"] == 2.0
+    with pytest.raises(ConfigError, match="config key 'concept.init_scale': must be positive, got -1"):
+        load_config(ROOT / "config/tiny.yaml", ["concept.init_scale=-1"])
+
+
+def test_a_teacher_checkpoint_other_than_the_last_is_chosen_by_its_tokens(tmp_path, tiny_teacher):
+    from cocomix.checkpoints import list_checkpoints, read_meta
+    from cocomix.teacher import teacher_dir
+
+    run = tiny_teacher.parent.parent  # the teacher's run folder
+    first, last = list_checkpoints(run)[0], list_checkpoints(run)[-1]
+    assert first != last
+    cfg = load_config(ROOT / "config/tiny.yaml", [f"teacher.path={run}"])
+    assert teacher_dir(cfg) == last  # the default: the latest, as before
+    tokens = read_meta(first)["tokens_seen"]
+    cfg = load_config(ROOT / "config/tiny.yaml", [f"teacher.path={run}", f"teacher.checkpoint_tokens={tokens}"])
+    assert teacher_dir(cfg) == first
+    cfg = load_config(ROOT / "config/tiny.yaml", [f"teacher.path={run}", "teacher.checkpoint_tokens=1234"])
+    have = ", ".join(f"{read_meta(c)['tokens_seen']:,}" for c in list_checkpoints(run))
+    with pytest.raises(ConfigError, match=rf"^config key 'teacher.checkpoint_tokens': 1,234 names no checkpoint of "
+                                          rf"{run} \(it has {have}\)$"):
+        teacher_dir(cfg)

@@ -89,7 +89,10 @@ class CoCoMix(Method):
         c = cfg.concept
         if c.target != "concepts":
             return {"hidden_dim": _teacher_width(cfg), "mix": c.mix, "readout": c.readout}
-        return {"n_concepts": cfg.sae.n_latents, "k": c.k, "mix": c.mix, "readout": c.readout}
+        options = {"n_concepts": cfg.sae.n_latents, "k": c.k, "mix": c.mix, "readout": c.readout}
+        if c.init_scale != 1.0:  # the official init writes no key (its config.json is unchanged)
+            options["init_scale"] = c.init_scale
+        return options
 
     # ---- labels ----
 
@@ -127,6 +130,8 @@ class CoCoMix(Method):
     def loss(self, model, batch: Batch):
         out = model(input_ids=batch.input_ids, labels=batch.input_ids, use_cache=False)
         parts = {"ntp_loss": out.loss.detach()}
+        if out.concept_norm_ratio is not None:  # the concept slot's norm next to its token's (train/...)
+            parts["slot_norm_ratio"] = out.concept_norm_ratio
         c = self.cfg.concept if self.cfg is not None else None
         if c is None or c.lam == 0:
             return out.loss, parts  # "mixing only": the head is trained through the LM loss alone
