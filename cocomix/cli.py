@@ -138,6 +138,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loss_split(args: argparse.Namespace) -> int:
+    load_config(args.config)  # a bad experiment config fails before torch loads
+    from evals.loss_split import write_loss_split  # lazy: torch after the config is valid
+
+    print(write_loss_split(args.config, args.max_blocks))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     extra = []  # shorthands for eval.* overrides
     if args.tasks:
@@ -337,6 +345,12 @@ def _add_results_parsers(sub) -> None:
     p = sub.add_parser("report", help="main, sample-efficiency and ablation tables + plots for an experiment")
     p.add_argument("--config", "-c", required=True, help="the experiment config the DAG ran")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("loss-split", help="where each run's held-out loss gap to NTP lives, by target token "
+                                          "(bigram-easy/hard; topic/profession/function words on the synthetic corpus)")
+    p.add_argument("--config", "-c", required=True, help="the experiment config the DAG ran")
+    p.add_argument("--max-blocks", type=int, default=None, help="validation blocks to use (default: all)")
+    p.set_defaults(func=cmd_loss_split)
 
     p = sub.add_parser("eval", help="held-out perplexity + lm-eval tasks for a checkpoint or every checkpoint of a run")
     p.add_argument("path", help="a run folder (every checkpoint, each once) or one checkpoint folder")
