@@ -438,3 +438,28 @@ def test_every_number_column_of_every_table_reaches_its_tex(experiment):
             checked += 1
     assert checked > 30
     assert "AUROC" in (tables / "sae.tex").read_text()
+
+
+# ---------------------------------------------------------------- power
+
+def test_the_minimum_detectable_effect_has_80_percent_power_by_simulation():
+    # The paired t-test's power at the MDE, by 40,000 simulated experiments of n normal differences
+    # (an independent check of the noncentral-t integral), and the same power from scipy's nct where
+    # its tails are finite.
+    from scipy.stats import nct, t, ttest_1samp
+
+    from evals.report.stats import mde80, paired_power, pairs_needed
+
+    rng = np.random.default_rng(0)
+    for sd, n in ((0.07, 3), (0.18, 5), (1.0, 12)):
+        mde = mde80(sd, n)
+        diffs = rng.normal(mde, sd, size=(40_000, n))
+        rejected = ttest_1samp(diffs, 0.0, axis=1).pvalue < 0.05
+        assert rejected.mean() == pytest.approx(0.80, abs=0.01), (sd, n)
+        c = t.ppf(0.975, n - 1)
+        nc = mde * math.sqrt(n) / sd
+        assert paired_power(mde, sd, n) == pytest.approx(nct.sf(c, n - 1, nc) + nct.cdf(-c, n - 1, nc), abs=1e-9)
+    assert mde80(0.07, 3) == pytest.approx(0.2285, abs=1e-4)  # 3 seeds at the tiny default's spread: ~0.2 nats
+    need = pairs_needed(0.07, 0.024)
+    assert paired_power(0.024, 0.07, need) >= 0.8 > paired_power(0.024, 0.07, need - 1) and need == 69
+    assert mde80(0.07, 1) is None and mde80(0.0, 3) is None

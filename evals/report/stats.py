@@ -64,3 +64,58 @@ def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | No
             return t0 + (l0 - target) / (l0 - loss) * (tokens - t0)
         prev = (tokens, loss)
     return None
+
+
+PAPER_EFFECT_69M = 0.024  # nats: the paper's CoCoMix-vs-NTP gain at 69M (25.3 -> 24.7 ppl, one seed)
+
+
+def paired_power(effect: float, sd: float, n: int, alpha: float = 0.05) -> float:
+    """Power of the two-sided paired t-test at level `alpha` with `n` pairs whose differences have
+    standard deviation `sd`, against a true mean difference `effect`: P(|T| > t_crit) with T
+    noncentral t (n - 1 degrees of freedom, noncentrality effect * sqrt(n) / sd)."""
+    from scipy import integrate
+    from scipy.stats import chi2, norm, t  # lazy: scipy only when a table states its power
+
+    df, nc = n - 1, effect * math.sqrt(n) / sd
+    crit = float(t.ppf(1 - alpha / 2, df))
+
+    def reject(v: float) -> float:  # P(|Z + nc| > crit * sqrt(V / df) | V = v), Z standard normal
+        s = crit * math.sqrt(v / df)
+        return float(norm.sf(s - nc) + norm.cdf(-s - nc))
+
+    # Integrated over V ~ chi2(df), over all but 2e-13 of its mass (scipy's nct.cdf returns NaN in the
+    # far tails, e.g. df 1, nc 11)
+    lo, hi = float(chi2.ppf(1e-13, df)), float(chi2.isf(1e-13, df))
+    return float(integrate.quad(lambda v: reject(v) * chi2.pdf(v, df), lo, hi, epsabs=1e-10, limit=200,
+                                points=[df])[0])
+
+
+def mde80(sd: float, n: int, power: float = 0.8, alpha: float = 0.05) -> float | None:
+    """The minimum detectable effect: the smallest true mean difference the paired t-test over `n`
+    pairs (differences' standard deviation `sd`) finds at `alpha` with probability `power`. None
+    with fewer than 2 pairs or no spread."""
+    if n < 2 or not sd > 0:
+        return None
+    from scipy.optimize import brentq  # lazy: as above
+
+    hi = sd
+    while paired_power(hi, sd, n, alpha) < power:
+        hi *= 2
+    return float(brentq(lambda e: paired_power(e, sd, n, alpha) - power, 0.0, hi, xtol=1e-12 * sd))
+
+
+def pairs_needed(sd: float, effect: float = PAPER_EFFECT_69M, power: float = 0.8, alpha: float = 0.05,
+                 most: int = 100_000) -> int | None:
+    """How many pairs (seeds) with differences of standard deviation `sd` the paired t-test needs to
+    find `effect` with probability `power`; None past `most` or without spread."""
+    if not sd > 0:
+        return None
+    lo, hi = 2, 2
+    while paired_power(effect, sd, hi, alpha) < power:
+        lo, hi = hi, hi * 2
+        if hi > most:
+            return None
+    while lo < hi:  # the smallest n in [lo, hi] with enough power (power grows with n)
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if paired_power(effect, sd, mid, alpha) < power else (lo, mid)
+    return lo

@@ -7,8 +7,8 @@ from cocomix.tracking import run_id_of
 
 from .runs import (DOWNSTREAM, Run, extra_accuracy_keys, group, heldout_ppl, ids, label_order, paired, run_avg_acc,
                    run_avg_ppl, run_downstream)
-from .stats import combined_se, mean_ci95, mean_std, tokens_to_reach
-from .writers import MISSING, Cell, Table
+from .stats import PAPER_EFFECT_69M, combined_se, mde80, mean_ci95, mean_std, pairs_needed, tokens_to_reach
+from .writers import MISSING, Cell, Table, tex_escape
 
 
 DAGGER = "†"  # a +- with the seed term only (no per-run standard error recorded)
@@ -44,19 +44,24 @@ MAIN_NOTES_TEX = [
     r" (nats) minus the NTP run's of the same seed, mean $\pm$ half-width of the 95\% $t$-interval.",
 ]
 DELTA_NTP = "Δ loss vs NTP"
+MDE_NTP = "MDE vs NTP"  # the smallest true Δ the seeds' paired t-test finds at 80% power (stats.mde80)
 
 
 def main_table(runs: list[Run]) -> Table:
     extra = extra_accuracy_keys(runs)
-    header = (["scale", "method", "seeds", "held-out ppl", DELTA_NTP] + [c for c, _, _ in DOWNSTREAM]
+    header = (["scale", "method", "seeds", "held-out ppl", DELTA_NTP, MDE_NTP] + [c for c, _, _ in DOWNSTREAM]
               + ["avg ppl", "avg acc"] + extra + ["mlflow runs"])
-    rows = []
+    rows, power = [], []
     main = [r for r in runs if r.ablation is None]
     groups = group(main)
     for (scale, label), rs in groups.items():
         rs = sorted(rs, key=lambda r: r.seed)
-        delta = paired_delta(rs, groups.get((scale, "ntp"))) if label != "ntp" else MISSING
-        cells: list[Cell | str] = [scale, label, str(len(rs)), Cell(*mean_std([heldout_ppl(r) for r in rs])), delta]
+        ntp = groups.get((scale, "ntp"))
+        delta = paired_delta(rs, ntp) if label != "ntp" else MISSING
+        mde = paired_mde(rs, ntp) if label != "ntp" else MISSING
+        if label != "ntp":
+            power.append((scale, label, paired_diffs(rs, ntp)))
+        cells: list[Cell | str] = [scale, label, str(len(rs)), Cell(*mean_std([heldout_ppl(r) for r in rs])), delta, mde]
         for _, key, lower in DOWNSTREAM:
             cells.append(downstream_cell([run_downstream(r, key) for r in rs], 1 if lower else 100))
         cells.append(downstream_cell([run_avg_ppl(r) for r in rs]))
@@ -65,14 +70,16 @@ def main_table(runs: list[Run]) -> Table:
             cells.append(downstream_cell([run_downstream(r, key) for r in rs], 100))
         cells.append(ids(rs))
         rows.append(cells)
-    spread = {"held-out ppl": "std", DELTA_NTP: "ci95", **{h: "se" for h in header[5:-1]}}
-    # LaTeX: perplexities, the paper's accuracies and other tasks' accuracies one above the other, each
+    spread = {"held-out ppl": "std", DELTA_NTP: "ci95", **{h: "se" for h in header[6:-1]}}
+    # LaTeX: perplexities, the paper's accuracies, and Δ with its MDE beside other tasks' accuracies, each
     # panel about a line wide (all 15 columns in one row are twice that)
     keys = header[:3]
-    ppl = ["held-out ppl", DELTA_NTP] + [c for c, _, lower in DOWNSTREAM if lower] + ["avg ppl"]
+    ppl = ["held-out ppl"] + [c for c, _, lower in DOWNSTREAM if lower] + ["avg ppl"]
     acc = [c for c, _, lower in DOWNSTREAM if not lower] + ["avg acc"]
-    return Table(header, rows, spread, MAIN_NOTES_MD, MAIN_NOTES_TEX,
-                 tex_panels=[keys + ppl, keys[:2] + acc, keys[:2] + extra])  # seeds: once
+    note = power_note(power)
+    return Table(header, rows, spread, MAIN_NOTES_MD + ([note] if note else []),
+                 MAIN_NOTES_TEX + ([tex_escape(note)] if note else []),
+                 tex_panels=[keys + ppl, keys[:2] + acc, keys[:2] + [DELTA_NTP, MDE_NTP] + extra])  # seeds: once
 
 
 def sample_efficiency_table(runs: list[Run]) -> Table:
@@ -103,6 +110,35 @@ def sample_efficiency_table(runs: list[Run]) -> Table:
     return Table(header, rows, {"tokens to NTP's final loss": "ci95", "tokens saved (%)": "ci95"}, notes_md, notes_tex)
 
 
+def paired_diffs(runs: list[Run], refs: list[Run] | None) -> list[float]:
+    return [r.final["val/loss"] - ref.final["val/loss"] for r, ref in paired(runs, refs or [])]
+
+
+def paired_mde(runs: list[Run], refs: list[Run] | None) -> Cell:
+    """The minimum detectable effect (nats) at 80% power of the paired Δ, from its measured spread and
+    number of pairs; "–" with fewer than two pairs."""
+    diffs = paired_diffs(runs, refs)
+    sd = mean_std(diffs)[1] if len(diffs) >= 2 else None
+    return Cell(mde80(sd, len(diffs)) if sd else None, digits=4)
+
+
+def power_note(rows: list[tuple[str, str, list[float]]]) -> str | None:
+    """One line: for each comparison with a measured spread, the seeds the paired t-test would need to
+    find the paper's 0.024-nat 69M effect at 80% power."""
+    parts = []
+    for scale, label, diffs in rows:
+        sd = mean_std(diffs)[1] if len(diffs) >= 2 else None
+        if sd:
+            need = pairs_needed(sd)
+            parts.append(f"{label} ({scale}): sd of Δ {sd:.3f} over {len(diffs)} pairs, "
+                         f"{need if need is not None else 'more than 100,000'} seeds")
+    if not parts:
+        return None
+    return (f"MDE vs NTP: the smallest true Δ the paired t-test over these seeds finds with 80% power at level 0.05, "
+            f"from the measured spread; a Δ smaller than it is not evidence of no effect. Seeds needed to "
+            f"resolve the paper's {PAPER_EFFECT_69M} nats (69M) at that spread: " + "; ".join(parts) + ".")
+
+
 def paired_delta(runs: list[Run], refs: list[Run] | None) -> Cell:
     """Mean over seeds of (run's final held-out loss - the reference run's of the same seed) +- the
     95% t-interval half-width (two or more pairs); "–" without a common seed."""
@@ -113,8 +149,8 @@ def paired_delta(runs: list[Run], refs: list[Run] | None) -> Cell:
 
 
 def ablation_table(runs: list[Run]) -> Table:
-    header = ["scale", "variant", "seeds", "held-out loss", "Δ vs CoCoMix", "Δ vs NTP", "mlflow runs"]
-    rows = []
+    header = ["scale", "variant", "seeds", "held-out loss", "Δ vs CoCoMix", "Δ vs NTP", MDE_NTP, "mlflow runs"]
+    rows, power = [], []
     groups = group(runs)
     for scale in sorted({r.scale for r in runs}):
         ref_c = groups.get((scale, "cocomix"))
@@ -125,15 +161,18 @@ def ablation_table(runs: list[Run]) -> Table:
             if not rs:
                 continue
             loss = Cell(*mean_std([r.final["val/loss"] for r in rs]), digits=4)
-            rows.append([scale, v, str(len(rs)), loss, paired_delta(rs, ref_c), paired_delta(rs, ref_n), ids(rs)])
+            rows.append([scale, v, str(len(rs)), loss, paired_delta(rs, ref_c), paired_delta(rs, ref_n),
+                         paired_mde(rs, ref_n), ids(rs)])
+            power.append((scale, v, paired_diffs(rs, ref_n)))
     notes_md = ["held-out loss: final in-training estimate, mean ± one standard deviation over seeds. "
                 "Δ: mean over the seeds both have of (variant − reference), paired by seed, ± half-width of "
                 "the 95% t-interval (none with one pair)."]
     notes_tex = [r"Held-out loss: final in-training estimate, mean $\pm$ one standard deviation over seeds."
                  r" $\Delta$: mean over the seeds both have of (variant $-$ reference), paired by seed,"
                  r" $\pm$ half-width of the 95\% $t$-interval."]
+    note = power_note(power)
     return Table(header, rows, {"held-out loss": "std", "Δ vs CoCoMix": "ci95", "Δ vs NTP": "ci95"},
-                 notes_md, notes_tex)
+                 notes_md + ([note] if note else []), notes_tex + ([tex_escape(note)] if note else []))
 
 
 # What the read-out slot does (cocomix/diagnostics.py): column -> (final metrics key, digits)
