@@ -130,7 +130,7 @@ class Harness:
         metrics: dict[str, float] = {}
         merged: dict[str, Any] = {"results": {}, "versions": {}, "n-shot": {}, "n-samples": {}, "configs": {},
                                   "higher_is_better": {}, "group_subtasks": {}, "samples": {},
-                                  "task_seconds": {}, "cocomix_stderrs": []}
+                                  "task_seconds": {}, "cocomix_stderrs": [], "per_doc": {}}
         for task, name in zip(self.tasks, self.lm_eval_names):
             t0 = time.time()
             with lm_eval_bars(bars):
@@ -158,6 +158,7 @@ class Harness:
                     if se is not None:
                         task_metrics[key + "_stderr"] = se
                         merged["cocomix_stderrs"].append(key + "_stderr")
+            merged["per_doc"][task] = per_document(samples)
             seconds = time.time() - t0
             metrics.update(task_metrics)
             for part in ("results", "versions", "n-shot", "n-samples", "configs", "higher_is_better",
@@ -174,6 +175,19 @@ class Harness:
             del merged["samples"]
         merged["clipped_continuations"] = lm.clipped
         return metrics, merged
+
+
+def per_document(samples: list[dict]) -> dict[str, list]:
+    """A task's per-document scores from lm-eval's samples, compactly: `doc_id` and, for every metric
+    whose per-document value is a number (acc, acc_norm: 0 or 1), its values in the same order. What
+    the report's paired tests read (the same documents for every run: `eval.task_seed`)."""
+    samples = sorted(samples, key=lambda x: x["doc_id"])
+    out: dict[str, list] = {"doc_id": [int(x["doc_id"]) for x in samples]}
+    for metric in (samples[0] if samples else {}):
+        values = [x.get(metric) for x in samples]
+        if metric != "doc_id" and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[metric] = [float(v) for v in values]
+    return out
 
 
 # Aggregations lm-eval gives no standard error for (weighted perplexities): per-document values are

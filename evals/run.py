@@ -35,8 +35,8 @@ from cocomix.config import Config, config_from_dict, load_config, parse_override
 from cocomix.data import DataError
 from cocomix.checkpoints import find_checkpoints, read_meta, model_damage
 from cocomix.progress import use_bar
-from cocomix.files import (atomic_write_json, atomic_write_text, clear_stale_tmp, read_sealed_json, sha256_json,
-                           sha256_text, write_sealed_json)
+from cocomix.files import (atomic_write_bytes, atomic_write_json, atomic_write_text, clear_stale_tmp,
+                           read_sealed_json, sha256_json, sha256_text, write_sealed_json)
 from cocomix.tracking import open_tracker
 
 from .harness import make_lm, paper_summary, prepare_harness, set_quiet
@@ -45,6 +45,7 @@ from .perplexity import heldout_perplexity
 
 RESULTS_FILE = "eval.json"
 LM_EVAL_FILE = "lm_eval_results.json"
+SAMPLES_FILE = "lm_eval_samples.json.gz"  # per-document scores of every task (evals/harness.per_document)
 # The parts of lm-eval's output kept beside eval.json (JSON-serialisable; samples are left out).
 LM_EVAL_PARTS = ("results", "versions", "n-shot", "n-samples", "config", "configs", "higher_is_better",
                  "group_subtasks", "lm_eval_version")
@@ -205,6 +206,7 @@ def _evaluate_checkpoint(run: _Evaluation, ckpt: Path, meta: dict, settings: dic
     cfg, ev = run.cfg, run.cfg.eval
     own = out_path.name == RESULTS_FILE
     lm_file = LM_EVAL_FILE if own else "lm_eval_results" + out_path.name.removeprefix("eval")  # -limit8-<sha>.json
+    samples_file = SAMPLES_FILE if own else "lm_eval_samples" + out_path.name.removeprefix("eval") + ".gz"
     t0 = time.time()
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(run.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
@@ -244,8 +246,11 @@ def _evaluate_checkpoint(run: _Evaluation, ckpt: Path, meta: dict, settings: dic
         record.update(_log_tracked(cfg, run.run_dir, meta["tokens_seen"], metrics))
     if raw is not None:  # its sha256 in the sealed record: a reader can tell it belongs to this eval.json
         record["lm_eval_results"] = {"file": lm_file, "sha256": write_lm_eval_results(ckpt / lm_file, raw)}
+        record["lm_eval_samples"] = {"file": samples_file,
+                                     "sha256": write_samples(ckpt / samples_file, raw.get("per_doc", {}))}
     else:
         (ckpt / lm_file).unlink(missing_ok=True)  # no tasks this time: no stale results beside it
+        (ckpt / samples_file).unlink(missing_ok=True)
     write_sealed_json(out_path, record)  # last: its presence means "done"; sealed: damage is seen and redone
     if run.progress:
         shown = {k: round(v, 4) for k, v in metrics.items() if k in ("val_ppl", "avg_acc") or k.endswith(
@@ -264,6 +269,17 @@ def write_lm_eval_results(path: Path, raw: dict[str, Any]) -> str:
     text = json.dumps(kept, indent=1, default=handle_non_serializable, sort_keys=True)
     atomic_write_text(path, text)
     return sha256_text(text)
+
+
+def write_samples(path: Path, per_doc: dict[str, dict[str, list]]) -> str:
+    """Every task's per-document scores, gzip-compressed JSON (no timestamp: the same scores give the
+    same bytes), atomically; returns the sha256 of the compressed bytes."""
+    import gzip
+    import hashlib
+
+    data = gzip.compress(json.dumps(per_doc, sort_keys=True, separators=(",", ":")).encode(), mtime=0)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def key_metric(task: str, metrics: dict[str, float]) -> str | None:

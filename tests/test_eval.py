@@ -368,6 +368,15 @@ def test_eval_run_folder_twice_evaluates_each_checkpoint_once(tiny_teacher, tmp_
             assert value == lm["results"][task][f"{metric},none"], key
             assert record["metrics"][key[: -len("_stderr")]] == lm["results"][task][f"{metric[:-7]},none"]
         assert lm["n-samples"]["synth_topic"]["effective"] == record["n_docs"]["synth_topic"]["effective"] == 16
+        # The per-document scores beside it (what the report's paired tests read): one per document,
+        # their mean the task's accuracy.
+        from evals.report.runs import read_samples
+
+        docs = read_samples(ckpt, record)["synth_topic"]
+        assert record["lm_eval_samples"]["file"] == "lm_eval_samples.json.gz"
+        assert docs["doc_id"] == list(range(16)) and set(docs["acc"]) <= {0.0, 1.0}
+        assert sum(docs["acc"]) / 16 == pytest.approx(record["metrics"]["synth_topic/acc"])
+        assert sum(docs["acc_norm"]) / 16 == pytest.approx(record["metrics"]["synth_topic/acc_norm"])
         assert record["cocomix_stderrs"] == [] and record["settings"]["record_version"] == RECORD_VERSION
     # MLflow: one point per checkpoint, at step = tokens seen.
     for name in ("eval/val_ppl", "eval/synth_topic/acc"):

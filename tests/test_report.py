@@ -260,7 +260,8 @@ def test_differences_to_ntp_and_cocomix_are_paired_by_seed(experiment):
 
 def _tex_tables(exp_dir: Path) -> dict[str, str]:
     paths = sorted((exp_dir / "tables").glob("*.tex"))
-    assert [p.stem for p in paths] == ["ablations", "diagnostics", "main", "sae", "sample_efficiency", "teacher"]
+    assert [p.stem for p in paths] == ["ablations", "diagnostics", "main", "paired_downstream", "sae", "sample_efficiency",
+                                         "teacher"]
     return {p.stem: p.read_text() for p in paths}
 
 
@@ -463,3 +464,57 @@ def test_the_minimum_detectable_effect_has_80_percent_power_by_simulation():
     need = pairs_needed(0.07, 0.024)
     assert paired_power(0.024, 0.07, need) >= 0.8 > paired_power(0.024, 0.07, need - 1) and need == 69
     assert mde80(0.07, 1) is None and mde80(0.0, 3) is None
+
+
+# ---------------------------------------------------------------- paired downstream
+
+def test_paired_downstream_differences_match_scipys_binomial_test_and_bootstrap(tmp_path):
+    # Two seeds of NTP and of a method scored on the same 200 documents of one task: the table's
+    # McNemar p is scipy's exact binomial test of the discordant counts, its mean the plain mean of
+    # the paired differences, its interval scipy.stats.bootstrap's percentile interval (same
+    # resampling of documents: both draw document indices from one generator).
+    from scipy.stats import binomtest
+
+    from evals.report.paired import BOOTSTRAP_RESAMPLES, bootstrap_ci, paired_downstream_table, paired_scores
+    from evals.report.runs import Run
+    from evals.run import write_samples
+
+    rng = np.random.default_rng(7)
+    docs = list(range(200))
+    runs = []
+    truth = {}
+    for method, p in (("ntp", 0.55), ("cocomix", 0.62)):
+        for seed in (0, 1):
+            acc = (rng.random(200) < p).astype(float)
+            truth[(method, seed)] = acc
+            folder = tmp_path / f"{method}-{seed}"
+            folder.mkdir()
+            sha = write_samples(folder / "lm_eval_samples.json.gz",
+                                {"synth_topic": {"doc_id": docs[::-1], "acc": acc[::-1].tolist()}})  # any order
+            record = {"lm_eval_samples": {"file": "lm_eval_samples.json.gz", "sha256": sha}}
+            runs.append(Run(f"{method}-base-s{seed}", method, "base", seed, None, folder, None, {}, [],
+                            final_eval=(folder, record)))
+    x = paired_scores([r for r in runs if r.method == "cocomix"], [r for r in runs if r.method == "ntp"],
+                      "synth_topic", "acc")
+    want = np.stack([truth[("cocomix", s)] - truth[("ntp", s)] for s in (0, 1)], axis=1)
+    assert np.array_equal(x, want)
+    table = paired_downstream_table(runs)
+    (row,) = table.rows
+    b, c = int((want > 0).sum()), int((want < 0).sum())
+    assert row[:5] == ["base", "cocomix", "synth_topic/acc", "200", "2"] and row[6:8] == [str(b), str(c)]
+    assert row[8].mean == pytest.approx(binomtest(b, b + c, 0.5).pvalue, rel=1e-12)
+    assert row[5].mean == pytest.approx(100 * want.mean())
+    lo, hi = bootstrap_ci(want)
+    per_doc = want.mean(axis=1)
+    idx = np.random.default_rng(0).integers(0, 200, size=(BOOTSTRAP_RESAMPLES, 200))
+    ref = np.percentile(per_doc[idx].mean(axis=1), [2.5, 97.5])
+    assert (lo, hi) == pytest.approx(tuple(ref))
+    from scipy.stats import bootstrap
+    sp = bootstrap((per_doc,), np.mean, n_resamples=20_000, method="percentile", random_state=1).confidence_interval
+    assert lo == pytest.approx(sp.low, abs=0.01) and hi == pytest.approx(sp.high, abs=0.01)
+    assert row[5].spread == pytest.approx(100 * max(want.mean() - lo, hi - want.mean()))
+    # A damaged samples file is one line naming it.
+    (tmp_path / "cocomix-0" / "lm_eval_samples.json.gz").write_bytes(b"x")
+    from cocomix.data import DataError
+    with pytest.raises(DataError, match=r"lm_eval_samples.json.gz: does not match the sha256 its eval.json recorded"):
+        paired_downstream_table(runs)

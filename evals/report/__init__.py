@@ -62,6 +62,7 @@ from cocomix.files import clear_stale_tmp
 from cocomix.tracking import runs_heading
 
 from .curves import average_chance, delta_curves, downstream_curve, final_task_scores, seed_band
+from .paired import paired_downstream_table
 from .plots import plot_curves
 from .runs import CHANCE, Run, diagnostic_curves, group, load_eval_jsons, load_runs, read_json
 from .stats import t95, tokens_to_reach
@@ -113,6 +114,8 @@ def report(config_path: str | Path) -> Path:
          f"{exp}: the teacher against the students, final held-out loss"),
         ("sae", sae_table(read_json(cfg.experiment_dir / "sae" / "metrics.json"), cfg),
          f"{exp}: the TopK SAE on the teacher's residual stream, reconstruction and concept recovery"),
+        ("paired_downstream", paired_downstream_table(runs),
+         f"{exp}: downstream accuracy differences to NTP paired over documents and seeds, final checkpoints"),
     ):
         if runs_heading(cfg):  # the run ids are another tracker's than MLflow's
             table.name_runs(runs_heading(cfg))

@@ -63,6 +63,7 @@ class Run:
     downstream_curve: list[tuple[int, float, float | None]] = field(default_factory=list)
     val_history: list[dict] = field(default_factory=list)  # every in-training evaluation record (val/*)
     eval_settings: dict | None = None  # what the final checkpoint's eval.json was made with
+    final_eval: tuple[Path, dict] | None = None  # (its checkpoint folder, its eval.json record)
 
     @property
     def label(self) -> str:
@@ -76,16 +77,37 @@ class Run:
         return float(self.final["flops_per_token"]) + float(self.final.get("teacher_flops_per_token") or 0)
 
 
-def load_eval_jsons(run_dir: Path) -> list[dict]:
-    """Per-checkpoint evaluation results written by `cocomix eval`, sorted by tokens seen."""
+def load_eval_jsons(run_dir: Path, with_folders: bool = False) -> list:
+    """Per-checkpoint evaluation results written by `cocomix eval`, sorted by tokens seen (with
+    `with_folders`, (checkpoint folder, record) pairs)."""
     out = []
     for path in checkpoint_files(run_dir, "eval.json", complete_only=False):
         record = read_sealed_json(path)
         if record is None:  # a table silently missing a point would be worse than no table
             raise DataError(f"{path}: damaged (not the record `cocomix eval` wrote); run `cocomix eval {run_dir}` "
                             "again, it re-evaluates that checkpoint")
-        out.append(record)
-    return sorted(out, key=lambda r: r.get("tokens_seen", 0))
+        out.append((path.parent, record))
+    out.sort(key=lambda fr: fr[1].get("tokens_seen", 0))
+    return out if with_folders else [r for _, r in out]
+
+
+def read_samples(folder: Path, record: dict) -> dict[str, dict[str, list]] | None:
+    """The per-document scores (lm_eval_samples.json.gz) an eval.json record wrote beside it in its
+    checkpoint `folder`; None when it has none (tasks off, or evaluated before they were kept). A file
+    that does not match the sha256 the record sealed is one line."""
+    import gzip
+    import hashlib
+    import json
+
+    entry = record.get("lm_eval_samples")
+    path = folder / entry["file"] if entry else None
+    if path is None or not path.is_file():
+        return None
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise DataError(f"{path}: does not match the sha256 its eval.json recorded (damaged or replaced); "
+                        f"run `cocomix eval` on its run again")
+    return json.loads(gzip.decompress(data))
 
 
 def accuracy_keys(metrics: dict[str, float]) -> list[str]:
@@ -108,7 +130,8 @@ def load_runs(config_path: str | Path) -> list[Run]:
         curve = [(rec["tokens_seen"], rec["val/loss"]) for rec in history]
         run = Run(spec.name, spec.method, spec.scale or "base", spec.seed, spec.ablation, cfg.run_dir,
                   run_id_of(final), final, curve, val_history=history)
-        evals = load_eval_jsons(cfg.run_dir)
+        evals_at = load_eval_jsons(cfg.run_dir, with_folders=True)
+        evals = [r for _, r in evals_at]
         for ev in evals:
             m = ev.get("metrics", {})
             keys = accuracy_keys(m)
@@ -117,6 +140,7 @@ def load_runs(config_path: str | Path) -> list[Run]:
         if evals:
             run.downstream = evals[-1].get("metrics", {})
             run.eval_settings = evals[-1].get("settings")
+            run.final_eval = evals_at[-1]
         runs.append(run)
     warn_mixed_settings(runs)
     return runs
