@@ -188,10 +188,17 @@ def test_sigusr1_to_every_process_of_a_launched_job_checkpoints_one_step_and_the
         os.kill(pid, signal.SIGUSR1)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 138 and "Traceback" not in err, (proc.returncode, err[-3000:])  # the workers' status
-    assert err.strip().splitlines()[-1] == ("cocomix.launch: 2 of the job's processes failed (rank: exit status "
-                                            "{0: 138, 1: 138}); each said why above")
+    # Both workers exit 138 once the checkpoint is written; the one that is still shutting down when
+    # torchrun sees the other gone may be ended by torchrun's SIGTERM (-15: seen under CI load). The
+    # job's status is the stop signal's either way.
+    last = err.strip().splitlines()[-1]
+    m = re.fullmatch(r"cocomix.launch: 2 of the job's processes failed \(rank: exit status \{0: (138|-15), 1: (138|-15)\}\); "
+                     r"each said why above", last)
+    assert m and "138" in m.groups(), last
     steps = set(re.findall(r"cocomix: stopped by SIGUSR1 after step (\d+): checkpoint step_\d+ written", err))
-    assert len(steps) == 1 and err.count("cocomix: stopped by SIGUSR1") == 2, err[-3000:]  # both ranks, one step
+    said = 2 if m.groups() == ("138", "138") else (1, 2)  # a rank torchrun ended may not have said it
+    assert len(steps) == 1 and err.count("cocomix: stopped by SIGUSR1") in (said if isinstance(said, tuple) else (said,)), \
+        err[-3000:]  # both ranks, one step
     step = int(steps.pop())
     assert [c.name for c in list_checkpoints(run_dir)] == [f"step_{step:07d}"]
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
