@@ -193,7 +193,9 @@ class Dag:
     # ---- data, teacher, SAE, labels ----
 
     def data_manifest(self) -> str:
-        return f"{self.exp}/data/manifest.json"
+        """The prepared data's manifest: <experiment>/data/, or `data.dir` (which `cocomix prepare-data`
+        writes; before, the rule waited for <experiment>/data/ and failed on a `data.dir` elsewhere)."""
+        return str(self.base.data_dir / "manifest.json")
 
     def teacher_inputs(self, cfg: Config | None = None) -> list[str]:
         """The teacher run's output when the DAG trains the teacher (teacher.path unset)."""

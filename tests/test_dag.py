@@ -413,6 +413,19 @@ def test_given_teacher_and_sae_are_not_built(tmp_path):
     assert dag.sweep_inputs() == [data, f"{dag.exp}/concepts/attribution-sequence_mean-k4/manifest.json"]
 
 
+def test_data_teacher_sae_and_labels_of_another_experiment_are_read_where_they_are(tmp_path):
+    # Before: the data rule's output was always <experiment>/data/manifest.json, so an experiment with
+    # `data.dir` elsewhere (sharing another's corpus) waited for a file prepare-data never writes.
+    other = tmp_path / "other"
+    dag = Dag(write_config(tmp_path, data__dir=str(other / "data"), teacher__path=str(other / "runs/teacher"),
+                           sae__path=str(other / "sae"), concept__cache_dir=str(other / "concepts"),
+                           dag={"methods": ["ntp", "cocomix"], "seeds": [0]}))
+    data = str(other / "data" / "manifest.json")
+    assert dag.data_manifest() == data and dag.train_inputs("ntp-base-s0") == [data]
+    assert dag.train_inputs("cocomix-base-s0") == [data, str(other / "concepts" / "manifest.json")]  # the cache itself
+    assert dag.label_specs == {}  # the labels are another experiment's: nothing to extract here
+
+
 def test_dag_checks_every_runs_batch_against_the_training_jobs_gpus():
     Dag(ROOT / "config/paper.yaml", train_gpus=8)  # 512 / 8 = 64 per rank, micro 16: 4 accumulation steps
     with pytest.raises(ConfigError, match=r"^run teacher: train.global_batch_size=16 cannot be split evenly over 3"):
