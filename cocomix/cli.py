@@ -142,6 +142,7 @@ def cmd_loss_split(args: argparse.Namespace) -> int:
     load_config(args.config)  # a bad experiment config fails before torch loads
     from evals.loss_split import write_loss_split  # lazy: torch after the config is valid
 
+    _no_hf_bars()
     print(write_loss_split(args.config, args.max_blocks))
     return 0
 

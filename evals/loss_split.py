@@ -9,7 +9,8 @@ checkpoint on the validation blocks (forward passes only), split by what the tar
 
 For each run paired with the NTP run of its seed and scale: each class's mean loss, the class's
 difference to NTP (mean over seeds, paired 95% t-interval) and its **share** of the whole gap, the
-class's difference times its fraction of the tokens over the total difference (shares sum to 1).
+class's mean difference times its fraction of the tokens over the mean total difference (shares of
+a partition sum to 1).
 `cocomix loss-split --config <file>` writes `tables/loss_split.{md,tex,csv}` of the experiment.
 """
 
@@ -95,12 +96,12 @@ def gap_rows(means: dict[tuple[str, str, int], dict[str, float]], frac: dict[str
             continue
         for name in order:
             delta, ci = mean_ci95([m[name] - r[name] for m, r in pairs])
-            share = [(m[name] - r[name]) * frac[name] / (m["all"] - r["all"]) if m["all"] != r["all"] else float("nan")
-                     for m, r in pairs]
+            total = mean_ci95([m["all"] - r["all"] for m, r in pairs])[0]
+            share = delta * frac[name] / total if total else float("nan")  # a ratio of means: sums to 1
             rows.append([label, name, Cell(100 * frac[name], digits=1),
                          Cell(*mean_ci95([r[name] for _, r in pairs]), digits=3),
                          Cell(*mean_ci95([m[name] for m, _ in pairs]), digits=3),
-                         Cell(delta, ci, digits=3, signed=True), Cell(mean_ci95(share)[0], digits=2), str(len(pairs))])
+                         Cell(delta, ci, digits=3, signed=True), Cell(share, digits=2), str(len(pairs))])
     return rows
 
 
@@ -120,8 +121,8 @@ def loss_split(config_path: str | Path, max_blocks: int | None = None) -> Table:
     rows = gap_rows(means, frac, ["all", *tokens.classes])
     notes = ["Final checkpoints on the validation blocks. loss: mean next-token loss (nats) of the class's targets, "
              "mean over seeds ± 95% t half-width; Δ: the run's minus the same-seed NTP run's, paired; share: "
-             "Δ × the class's fraction of the tokens / the total Δ, mean over seeds (the classes of one split sum "
-             "to 1). bigram-easy: targets whose training-split bigram loss is below its median."]
+             "mean Δ × the class's fraction of the tokens / the mean total Δ (the classes of one split sum to 1; "
+             "unstable when the total Δ is near 0). bigram-easy: targets whose training-split bigram loss is below its median."]
     return Table(["run", "tokens", "% of targets", "NTP loss", "run loss", "Δ vs NTP", "share of gap", "pairs"], rows,
                  spread={"NTP loss": "ci95", "run loss": "ci95", "Δ vs NTP": "ci95"}, notes_md=notes, md_only=())
 

@@ -58,5 +58,5 @@ def test_each_classes_share_of_the_gap_sums_to_one_over_a_partition():
     assert by["easy"][5].mean == pytest.approx((0.1 + 0.0) / 2) and by["hard"][5].mean == pytest.approx((0.2 + 0.4) / 2)
     assert by["all"][6].mean == pytest.approx(1.0)
     assert by["easy"][6].mean + by["hard"][6].mean == pytest.approx(1.0)
-    # seed 0: easy 0.025 of 0.175, seed 1: 0 of 0.3 -> mean share 1/14
-    assert by["easy"][6].mean == pytest.approx((0.025 / 0.175 + 0.0) / 2)
+    # easy: mean Δ 0.05 x 0.25 of the targets over the mean total Δ (0.175 + 0.3) / 2
+    assert by["easy"][6].mean == pytest.approx(0.05 * 0.25 / 0.2375)
