@@ -110,9 +110,11 @@ def run_torchrun(args: list[str]) -> int:
 
 
 def rank_threads(procs: int, env: dict[str, str]) -> dict[str, str]:
-    """OMP_NUM_THREADS of each process: this node's threads (the job's OMP_NUM_THREADS, else this host's
-    CPUs) shared by the `procs` processes on this node, not each of them taking them all (8 x 64)."""
-    total = int(env.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    """OMP_NUM_THREADS of each process: this node's CPUs shared by the `procs` processes on it, not each
+    of them taking them all (8 ranks x 64 threads). The node's CPUs: SLURM's CPUs for this task
+    (SLURM_CPUS_PER_TASK, set by srun in a job step: the rule's thread count may have been capped by the
+    Snakemake that runs the step), else the job's OMP_NUM_THREADS, else this host's CPUs."""
+    total = int(env.get("SLURM_CPUS_PER_TASK") or env.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
     return {"OMP_NUM_THREADS": str(max(1, total // max(1, procs)))}
 
 

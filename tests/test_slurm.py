@@ -117,6 +117,9 @@ def test_each_rank_gets_its_share_of_the_jobs_threads():
     # Every rank took OMP_NUM_THREADS=64 (the job's): 8 ranks x 64 threads on 64 CPUs.
     assert rank_threads(8, {"OMP_NUM_THREADS": "64"}) == {"OMP_NUM_THREADS": "8"}
     assert rank_threads(2, {"OMP_NUM_THREADS": "1"}) == {"OMP_NUM_THREADS": "1"}
+    # In a SLURM step the task's CPUs decide (srun --cpus-per-task=64 of a node's agent), whatever
+    # thread count the Snakemake of the job step passed (it caps the rule's threads at its cores).
+    assert rank_threads(8, {"SLURM_CPUS_PER_TASK": "64", "OMP_NUM_THREADS": "8"}) == {"OMP_NUM_THREADS": "8"}
 
 
 @pytest.mark.slow
