@@ -89,12 +89,14 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-# Dense bf16 peak FLOP/s per device, for MFU. Unknown devices get no MFU (and a warning) rather
-# than a silently wrong number.
-PEAK_BF16_FLOPS = {
+# Dense bf16 peak FLOP/s per device (vendor datasheets, without sparsity), for MFU. Matched by the
+# longest name contained in torch.cuda.get_device_name. None: a known device without bf16 tensor cores
+# (no MFU, and no warning). Unknown devices get no MFU and a warning rather than a silently wrong number.
+PEAK_BF16_FLOPS: dict[str, float | None] = {
     "H200": 989e12,
-    "H100": 989e12,  # SXM; the PCIe part is 756e12
+    "H100": 989e12,  # SXM
     "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
     "H800": 989e12,
     "GH200": 989e12,
     "B200": 2250e12,
@@ -108,14 +110,19 @@ PEAK_BF16_FLOPS = {
     "A10": 125e12,
     "RTX 4090": 165e12,
     "RTX 3090": 71e12,
-    "V100": 125e12,
+    "V100": None,  # Volta: fp16 tensor cores only
+    "T4": None,  # Turing: fp16 only
 }
 
 
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None  # CPUs report no MFU
-    name = torch.cuda.get_device_name(device)
+    return peak_for_name(torch.cuda.get_device_name(device))
+
+
+def peak_for_name(name: str) -> float | None:
+    """The dense bf16 peak of a device by its CUDA name (see PEAK_BF16_FLOPS)."""
     for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # longest match first ("H100 PCIe")
         if key in name:
             return PEAK_BF16_FLOPS[key]

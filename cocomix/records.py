@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -41,8 +42,9 @@ RESULT_PACKAGES = ("tokenizers", "datasets", "lm_eval", "mlflow", "wandb", "optu
                    "numpy")
 
 
-def environment_info() -> dict[str, str]:
-    """Versions and hardware, recorded with every run so a log is a reproducible artifact."""
+def environment_info() -> dict[str, str | int | None]:
+    """Versions and hardware, recorded with every run so a log is a reproducible artifact. The GPU
+    keys (cuda, cudnn, nccl, driver, gpu_name, gpu_count) are null on a machine without CUDA."""
     import torch
     import transformers
 
@@ -52,7 +54,9 @@ def environment_info() -> dict[str, str]:
         "transformers": transformers.__version__,
         "platform": platform.platform(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "cpu_count": os.cpu_count(),
         "git_commit": git_commit(),
+        **gpu_info(),
     }
     for name in RESULT_PACKAGES:  # read from package metadata: importing them would cost seconds
         try:
@@ -60,6 +64,35 @@ def environment_info() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             info[name] = "not installed"
     return info
+
+
+def gpu_info() -> dict[str, str | int | None]:
+    """CUDA, cuDNN and NCCL versions of this torch, the NVIDIA driver's version, and the GPUs' name
+    and count; all null without CUDA (a CPU machine)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"cuda": None, "cudnn": None, "nccl": None, "driver": None, "gpu_name": None, "gpu_count": None}
+    nccl = None
+    try:
+        v = torch.cuda.nccl.version()
+        nccl = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    except (AttributeError, RuntimeError):
+        pass
+    return {"cuda": torch.version.cuda, "cudnn": str(torch.backends.cudnn.version()), "nccl": nccl,
+            "driver": nvidia_driver(), "gpu_name": torch.cuda.get_device_name(0), "gpu_count": torch.cuda.device_count()}
+
+
+def nvidia_driver(proc: str = "/proc/driver/nvidia/version") -> str | None:
+    """The NVIDIA kernel driver's version from the driver's own /proc file, None where there is none."""
+    import re
+
+    try:
+        text = open(proc).read()
+    except OSError:
+        return None
+    m = re.search(r"Kernel Module(?: for \S+)?\s+(\d+\.\d+(?:\.\d+)?)", text)
+    return m.group(1) if m else None
 
 
 def user_name() -> str:

@@ -282,3 +282,31 @@ def test_tf32_is_switched_on_for_cuda_devices_only():
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_the_peak_table_knows_nvl_parts_and_devices_without_bf16():
+    import warnings
+
+    from cocomix.device import peak_for_name
+
+    # gpu_check's peak table gave the H100 NVL the SXM part's 989 TFLOP/s and the V100 a bf16 peak it lacks.
+    assert peak_for_name("NVIDIA H100 NVL") == 835e12
+    assert peak_for_name("NVIDIA H100 80GB HBM3") == 989e12 and peak_for_name("NVIDIA H100 PCIe") == 756e12
+    assert peak_for_name("NVIDIA H200") == 989e12 and peak_for_name("NVIDIA A100-SXM4-80GB") == 312e12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # known, without bf16: no MFU and no warning
+        assert peak_for_name("Tesla V100-SXM2-16GB") is None and peak_for_name("Tesla T4") is None
+    with pytest.warns(UserWarning, match="unknown device 'Some GPU': no peak-FLOPs entry"):
+        assert peak_for_name("Some GPU") is None
+
+
+def test_environment_json_has_the_gpu_keys_null_on_a_cpu_machine(tmp_path):
+    from cocomix.records import environment_info, nvidia_driver
+
+    env = environment_info()
+    assert {k: env[k] for k in ("cuda", "cudnn", "nccl", "driver", "gpu_name", "gpu_count")} == dict.fromkeys(
+        ("cuda", "cudnn", "nccl", "driver", "gpu_name", "gpu_count"))
+    assert env["cpu_count"] == os.cpu_count()
+    proc = tmp_path / "version"
+    proc.write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.86.15  Release Build  (dvs)\n")
+    assert nvidia_driver(str(proc)) == "570.86.15" and nvidia_driver(str(tmp_path / "none")) is None
