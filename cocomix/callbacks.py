@@ -146,6 +146,16 @@ class TrainMetrics(Callback):
     def on_end(self, trainer, final) -> None:
         final["tokens_per_s"] = self.total_tokens / self.total_s if self.total_s else None
         final["mfu"] = self.mfu(trainer, final["tokens_per_s"]) if trainer.peak_flops and self.total_s else None
+        final["peak_memory_gib"] = peak_memory_gib(trainer.device)
+
+
+def peak_memory_gib(device) -> float:
+    """This process's peak memory: the CUDA allocator's peak on a GPU, the peak resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class Progress(Callback):
