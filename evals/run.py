@@ -125,17 +125,18 @@ def evaluate(
     # Same precision rule as training (bf16 autocast on CUDA unless fp32 is asked for), for every method.
     use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and dev.type == "cuda")
     tasks = _tasks(cfg)
-    # The run's own evaluation (its config's tasks, every document) is eval.json; another goes beside it.
-    own_tasks = _tasks(load_eval_config(run_dir, None, [])) if run_dir is not None else tasks
+    # The run's own evaluation (its config's tasks and document limit) is eval.json; another goes beside it.
+    own_cfg = load_eval_config(run_dir, None, []) if run_dir is not None else cfg
+    own_tasks, own_limit = _tasks(own_cfg), own_cfg.eval.limit
     bars = use_bar(progress)  # tqdm bars only on a terminal
     set_quiet(bars)
     run = _Evaluation(cfg, run_dir, tasks, dev, torch.bfloat16 if use_bf16 else None, progress,
                       {"lm_eval": lm_eval.__version__, "torch": torch.__version__}, bars=bars)
 
     settings = _settings(cfg, tasks)  # the same for every checkpoint, and so is the file it goes to
-    name = results_name(settings, own_tasks)
+    name = results_name(settings, own_tasks, own_limit)
     if name != RESULTS_FILE:
-        why = [f"limited to {settings['limit']} documents a task"] if settings["limit"] is not None else []
+        why = [f"limited to {settings['limit']} documents a task"] if settings["limit"] != own_limit else []
         why += [f"tasks {tasks}, not the run's own {own_tasks}"] if tasks != own_tasks else []
         print(f"{'; '.join(why)}: written beside the run's evaluation as {name} (the report and MLflow take "
               "eval.json only)", flush=True)
@@ -174,11 +175,13 @@ def _tasks(cfg: Config) -> list[str]:
     return tasks
 
 
-def results_name(settings: dict[str, Any], own_tasks: list[str]) -> str:
-    """eval.json for the run's own evaluation (its config's tasks, every document): what the DAG, the
-    report and MLflow read. One limited to some documents (`--limit`) or with other tasks goes beside
-    it, `eval-limit<N>-<settings sha>.json`, never over it (a smoke test once replaced the DAG's record)."""
-    if settings["limit"] is None and settings["tasks"] == own_tasks:
+def results_name(settings: dict[str, Any], own_tasks: list[str], own_limit: int | None = None) -> str:
+    """eval.json for the run's own evaluation (its config's tasks and `eval.limit`): what the DAG, the
+    report and MLflow read. One with another document limit (`--limit`) or other tasks goes beside it,
+    `eval-limit<N>-<settings sha>.json`, never over it (a smoke test once replaced the DAG's record).
+    (Until 2026-12-07 a run whose own config limits the documents, as config/gutenberg-cpu.yaml does,
+    had its own evaluation put beside too, and the DAG waited for an eval_summary.json never written.)"""
+    if settings["limit"] == own_limit and settings["tasks"] == own_tasks:
         return RESULTS_FILE
     limit = f"limit{settings['limit']}-" if settings["limit"] is not None else ""
     return f"eval-{limit}{sha256_json(settings)[:8]}.json"

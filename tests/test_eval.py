@@ -496,3 +496,14 @@ def test_an_evaluation_with_a_limit_or_other_tasks_is_written_beside_the_runs_ow
     assert lines == ["warning: report: ntp at base: its runs' evaluations differ in limit (ntp-base-s0, ntp-base-s1, "
                      "ntp-base-s2); rerun `cocomix eval --force` on them with one setting"]
     assert warn_mixed_settings([run(0, full["settings"]), run(1, full["settings"])]) == []
+
+    # A run whose own config limits the documents (config/gutenberg-cpu.yaml: eval.limit 100): that
+    # limit is its own evaluation, eval.json and eval_summary.json (the DAG's output). Before, it went
+    # beside as eval-limit100-*.json and every training job of that config failed in the DAG.
+    tree["eval"]["limit"] = 4
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(tree))
+    for stale in [*run_dir.glob("checkpoints/*/eval*.json"), run_dir / "eval_summary.json"]:
+        stale.unlink(missing_ok=True)
+    results = evaluate(run_dir, common, progress=False)
+    assert [r["settings"]["limit"] for r in results] == [4] * len(results) and (ckpt / RESULTS_FILE).is_file()
+    assert not list(run_dir.glob("checkpoints/*/eval-*.json")) and (run_dir / "eval_summary.json").is_file()
