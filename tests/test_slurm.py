@@ -143,6 +143,21 @@ def test_a_two_node_training_job_takes_two_whole_nodes_through_the_plugins_mpi_r
     assert all(submit(j).endswith(" --gpus=1") for j in jobs if j.name in ("evaluate", "extract_concepts"))
 
 
+def test_the_training_job_takes_its_cpus_memory_and_gpus_from_the_declared_node(tmp_path):
+    def smaller(p):
+        p["default-resources"] = [r for r in p["default-resources"] if not r.startswith("node_")] + [
+            "node_gpus=4", "node_cpus=32", "node_mem_mb=240000"]
+
+    jobs = dry_run_jobs(tmp_path / "run", ROOT / ".test/config.yaml", edited_profile(tmp_path, smaller))
+    trains = [j for j in jobs if j.name == "train"]
+    assert trains
+    for job in trains:
+        call = submit(job)
+        assert "--nodes=1" in call and call.endswith(" --gpus=4") and "--cpus-per-task=32" in call, call
+        assert "--mem 240000" in call and "--ntasks-per-gpu" not in call, call
+        assert "-m cocomix.launch --gpus 4 train" in job.shell, job.shell
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda p: p["set-resources"].append("extract_concepts:cpus_per_task=128"),
      "profile: rule extract_concepts asks for cpus_per_task=128, more than the declared node holds (node_cpus=64); lower it, "
