@@ -315,8 +315,8 @@ def requested(workflow, rule: str | None, resource: str):
     whole workflow (--resources) when `rule` is None. None when not set."""
     settings = workflow.resource_settings
     found = settings.overwrite_resources.get(rule, {}).get(resource) if rule else workflow.global_resources.get(resource)
-    value = getattr(found, "value", found)
-    return int(value) if isinstance(value, (int, float)) else None
+    value = _int(found)
+    return value if isinstance(value, int) else None
 
 
 def _int(value):

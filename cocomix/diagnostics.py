@@ -79,6 +79,9 @@ def slot_norm_ratio(model, tokens: int = 1024, seed: int = 0) -> float | None:
     if getattr(model.config, "slot", None) != "concept":
         return None
     h = torch.randn(1, tokens, model.config.n_embd, generator=torch.Generator().manual_seed(seed))
+    training = model.slot.training
+    model.slot.train()  # the ratio is measured in training mode only
     with torch.no_grad():
         _, prediction = model.slot.predict(h)
+    model.slot.train(training)
     return float(prediction.norm_ratio)

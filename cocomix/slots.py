@@ -220,8 +220,10 @@ class ConceptSlot(_MixingSlot):
         values, indices = logits.topk(self.k, dim=-1)  # (B, T, k) raw values, may be negative (code)
         concept = sparse_compress(values, indices, self.compress.weight) + self.compress_bias + self.pre_bias
         centred = concept * sigma  # c_t - mu_t
-        with torch.no_grad():  # how much the slot carries next to its token (logged while training)
-            ratio = (centred.float().norm(dim=-1) / (h - mu).float().norm(dim=-1).clamp_min(1e-12)).mean()
+        ratio = None
+        if self.training:  # how much the slot carries next to its token (train/slot_norm_ratio); not at inference
+            with torch.no_grad():
+                ratio = (centred.float().norm(dim=-1) / (h - mu).float().norm(dim=-1).clamp_min(1e-12)).mean()
         concept = centred + mu  # de-normalise with h_t's own statistics
         return concept.to(h.dtype), ConceptPrediction(logits, indices, values, ratio)
 

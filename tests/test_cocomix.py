@@ -375,7 +375,7 @@ def test_concept_init_scale_multiplies_the_slots_init_only_and_its_default_chang
         assert torch.equal(s[k], 2 * b[k] if k in changed else b[k]), k
     # The slot's norm next to its token's grows with the square of the scale (both factors doubled).
     h = torch.randn(1, 256, 64, generator=torch.Generator().manual_seed(0))
-    r1, r2 = (float(m.slot.predict(h)[1].norm_ratio) for m in (base, scaled))
+    r1, r2 = (float(m.slot.train().predict(h)[1].norm_ratio) for m in (base, scaled))
     assert r2 / r1 == pytest.approx(4.0, rel=0.1)
     with pytest.raises(ValueError, match="init_scale must be positive"):
         build(slot_options={"n_concepts": C, "k": K, "init_scale": 0.0})
@@ -386,7 +386,8 @@ def test_the_slot_norm_ratio_is_the_centred_norm_ratio_written_out():
     randomize_biases(model)
     h = 3.0 + 2.0 * torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        concept, prediction = model.slot.predict(h)
+        concept, prediction = model.slot.train().predict(h)
+        assert model.slot.eval().predict(h)[1].norm_ratio is None  # not measured at inference
     mu = h.mean(-1, keepdim=True)
     ref = ((concept - mu).norm(dim=-1) / (h - mu).norm(dim=-1)).mean()
     assert float(prediction.norm_ratio) == pytest.approx(float(ref), rel=1e-5)

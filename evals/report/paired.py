@@ -25,14 +25,25 @@ BOOTSTRAP_SEED = 0
 METRICS = ("acc", "acc_norm")
 
 
-def paired_scores(runs: list[Run], refs: list[Run], task: str, metric: str) -> np.ndarray | None:
+def run_samples(run: Run, cache: dict[str, dict | None] | None = None) -> dict | None:
+    """The run's final per-document scores, read once per `cache`."""
+    if cache is not None and run.name in cache:
+        return cache[run.name]
+    got = read_samples(*run.final_eval) if run.final_eval else None
+    if cache is not None:
+        cache[run.name] = got
+    return got
+
+
+def paired_scores(runs: list[Run], refs: list[Run], task: str, metric: str,
+                  cache: dict[str, dict | None] | None = None) -> np.ndarray | None:
     """(documents, seeds) array of method minus reference scores over the documents every pair has;
     None when a pair lacks the task's per-document scores."""
     columns = []
     common: set[int] | None = None
     per_pair = []
     for run, ref in paired(runs, refs):
-        got = [read_samples(*r.final_eval) if r.final_eval else None for r in (run, ref)]
+        got = [run_samples(r, cache) for r in (run, ref)]
         if any(g is None or task not in g or metric not in g[task] for g in got):
             return None
         maps = [dict(zip(g[task]["doc_id"], g[task][metric])) for g in got]
@@ -70,14 +81,15 @@ def paired_downstream_table(runs: list[Run]) -> Table:
               "McNemar p"]
     rows = []
     groups = group([r for r in runs if r.ablation is None])
+    cache: dict[str, dict | None] = {}  # each run's samples file read once
     for (scale, label), rs in sorted(groups.items()):
         ntp = groups.get((scale, "ntp"))
         if label == "ntp" or not ntp:
             continue
-        tasks = sorted({t for r in rs if r.final_eval for t in (read_samples(*r.final_eval) or {})})
+        tasks = sorted({t for r in rs for t in (run_samples(r, cache) or {})})
         for task in tasks:
             for metric in METRICS:
-                x = paired_scores(rs, ntp, task, metric)
+                x = paired_scores(rs, ntp, task, metric, cache)
                 if x is None:
                     continue
                 lo, hi = bootstrap_ci(x)
