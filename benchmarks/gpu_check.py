@@ -15,6 +15,12 @@
    CoCoMix trained on the cached labels; eval.
 4. labels: the cache extract-concepts wrote against labels recomputed online (fp32) for the same
    blocks, and bf16 extraction against fp32 (`cocomix.concepts.label_agreement`).
+5. collectives: all-reduce over every GPU it sees (NCCL; on CPU 2 gloo processes), one process per
+   device under torchrun: each sum checked exactly, bus bandwidth per message size (nccl-tests'
+   convention: 2 (n-1)/n x bytes / time).
+6. memory: one training step (the trainer's `train_step`, bf16 autocast, fused AdamW) of NTP and
+   CoCoMix at the paper's 386M and 1.38B widths on one device: peak memory against the trainer's
+   pre-flight lower bound (`cocomix.device.estimate_training_memory`); --quick: toy widths.
 
 Writes benchmarks/results/gpu_check-<device>-<date>.json (hardware, versions, commit, date) and
 exits 1 when a check failed (each failure is one line in the JSON and on stderr).
@@ -23,6 +29,7 @@ exits 1 when a check failed (each failure is one line in the JSON and on stderr)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -250,13 +257,101 @@ def labels(device: torch.device, quick: bool, label_overrides: list[str]) -> dic
 
 
 # ---------------------------------------------------------------------------------------------
+# 5. all-reduce over the devices
+# ---------------------------------------------------------------------------------------------
+
+ALL_REDUCE = r"""
+import json, os, sys, time, torch, torch.distributed as dist
+cuda = torch.cuda.is_available() and os.environ.get("CHECK_DEVICE") == "cuda"
+dist.init_process_group("nccl" if cuda else "gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+if cuda:
+    torch.cuda.set_device(device)
+rows = []
+for mib in json.loads(os.environ["CHECK_SIZES"]):
+    n = mib * 2**20 // 4
+    x = torch.full((n,), float(rank + 1), device=device)
+    dist.all_reduce(x)  # warm-up, and the exact check: 1 + 2 + ... + world
+    ok = bool((x == world * (world + 1) / 2).all())
+    reps = 3 if n < 2**22 else 2
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dist.all_reduce(x)
+    if cuda:
+        torch.cuda.synchronize(device)
+    s = (time.perf_counter() - t0) / reps
+    rows.append({"mib": mib, "exact": ok, "ms": 1000 * s, "bus_gb_s": 2 * (world - 1) / world * n * 4 / s / 1e9})
+if rank == 0:
+    print("RESULT " + json.dumps({"world": world, "backend": dist.get_backend(), "sizes": rows}))
+dist.destroy_process_group()
+"""
+
+
+def collectives(device: torch.device, quick: bool, work: Path) -> dict:
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 2
+    if gpus < 2:
+        return {"world": gpus, "skipped": "one GPU visible: no all-reduce to check"}
+    script = work / "all_reduce.py"
+    script.write_text(ALL_REDUCE)
+    sizes = [1, 16] if quick else [1, 16, 256, 1024]
+    env = {**ENV, "CHECK_DEVICE": device.type, "CHECK_SIZES": str(sizes), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
+                           str(script)], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"all-reduce over {gpus} processes exited {proc.returncode}: "
+                           f"{(proc.stderr.strip().splitlines() or [''])[-1]}")
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    for row in result["sizes"]:
+        print(f"{'all-reduce ' + str(row['mib']) + ' MiB':>34}: {row['ms']:8.2f} ms  bus {row['bus_gb_s']:7.2f} GB/s  "
+              f"exact {row['exact']}", flush=True)
+    if not all(row["exact"] for row in result["sizes"]):
+        raise RuntimeError(f"all-reduce over {gpus} processes gave a wrong sum")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. one training step's memory at 386M and 1.38B
+# ---------------------------------------------------------------------------------------------
+
+
+def memory(device: torch.device, quick: bool) -> dict:
+    from cocomix.device import estimate_training_memory
+
+    rows = {}
+    for scale in ("386M", "1.38B"):
+        for method in ("ntp", "cocomix"):
+            extra = [f"scale={scale}"]
+            cfg = model_config(method, quick, extra) if quick else load_config(
+                ROOT / "config/paper.yaml", [f"method={method}", *extra])
+            micro = 1 if quick else cfg.train.micro_batch_size
+            r = measure_model(cfg, device, False, micro, 1, 1)
+            m = cfg.model
+            est = estimate_training_memory(r["params"], m.n_embd, m.n_layer, r["vocab"], cfg.train.block_size,
+                                           device.type == "cuda")
+            r["lower_bound_gb"] = est.need(micro) / 2**30
+            rows[f"{method}_{scale}"] = r
+            got = f"{r['peak_memory_gb']:.1f} GiB" if r["peak_memory_gb"] is not None else "n/a (CPU)"
+            print(f"{method + ' ' + scale + ' step memory':>34}: {got}  lower bound {r['lower_bound_gb']:.1f} GiB  "
+                  f"micro-batch {micro}  {r['step_ms']:.0f} ms", flush=True)
+            if r["peak_memory_gb"] is not None and r["peak_memory_gb"] < r["lower_bound_gb"]:
+                raise RuntimeError(f"{method} {scale}: peak {r['peak_memory_gb']:.1f} GiB below the pre-flight "
+                                   f"lower bound {r['lower_bound_gb']:.1f} GiB (the estimate is wrong)")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     ap.add_argument("--quick", action="store_true", help="toy sizes (CPU, CI): the same code paths in about a minute")
-    ap.add_argument("--only", nargs="*", default=None, choices=["matmul", "models", "stages", "labels"])
+    ap.add_argument("--only", nargs="*", default=None,
+                    choices=["matmul", "models", "stages", "labels", "collectives", "memory"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results"))
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -264,14 +359,16 @@ def main() -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     body: dict = {"device_type": device.type, "quick": args.quick, "failures": []}
-    wanted = args.only or ["matmul", "models", "stages", "labels"]
+    wanted = args.only or ["matmul", "models", "stages", "labels", "collectives", "memory"]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         work = Path(tmp)
         for name, fn in (("matmul", lambda: matmul_ceiling(device, args.quick)),
                          ("models", lambda: models(device, args.quick)),
                          ("stages", lambda: stages(device, args.quick, work)),
-                         ("labels", lambda: labels(device, args.quick, body["stages"]["label_overrides"]))):
+                         ("labels", lambda: labels(device, args.quick, body["stages"]["label_overrides"])),
+                         ("collectives", lambda: collectives(device, args.quick, work)),
+                         ("memory", lambda: memory(device, args.quick))):
             if name not in wanted or (name == "labels" and "stages" not in body):
                 continue
             print(f"== {name}", flush=True)

@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 
 from cocomix import checkpoints as ckpt
+from cocomix import parallel
 from cocomix.config import dump_config
-from cocomix.device import all_reduce_mean, barrier, sync
+from cocomix.device import all_reduce_mean, barrier, gpu_utilization, sync
 from cocomix.files import atomic_write_json
 from cocomix.progress import Reporter, si
 from cocomix.records import MetricsLog, environment_info
@@ -114,6 +115,7 @@ class TrainMetrics(Callback):
     def on_start(self, trainer) -> None:
         self.window_tokens, self.window_start, self.window_untimed = 0, None, 0.0
         self.total_tokens, self.total_s = 0, 0.0
+        self.utils: list[float] = []  # GPU utilisation at each log step (NVML)
 
     def _open_window(self, trainer) -> None:
         self.window_tokens, self.window_start, self.window_untimed = 0, time.perf_counter(), trainer.untimed_s
@@ -137,6 +139,10 @@ class TrainMetrics(Callback):
             record["train/tokens_per_s"] = self.window_tokens / seconds
             if trainer.peak_flops:
                 record["train/mfu"] = self.mfu(trainer, record["train/tokens_per_s"])
+        util = gpu_utilization(trainer.device)  # None on a CPU or without nvidia-ml-py: no key
+        if util is not None:
+            record["train/gpu_util"] = util
+            self.utils.append(util)
         self._open_window(trainer)
 
     @staticmethod
@@ -147,6 +153,7 @@ class TrainMetrics(Callback):
         final["tokens_per_s"] = self.total_tokens / self.total_s if self.total_s else None
         final["mfu"] = self.mfu(trainer, final["tokens_per_s"]) if trainer.peak_flops and self.total_s else None
         final["peak_memory_gib"] = peak_memory_gib(trainer.device)
+        final["gpu_util"] = sum(self.utils) / len(self.utils) if self.utils else None  # mean over log steps
 
 
 def peak_memory_gib(device) -> float:
@@ -359,7 +366,8 @@ class Checkpointer(Callback):
                 f"checkpoint {path}: tokens per step {state['tokens_per_step']} differs from the config's "
                 f"{trainer.tokens_per_step}; resume with the same batch settings or start a new run folder"
             )
-        weights = ckpt.load_weights(path, trainer.device)
+        sharded = parallel.is_sharded(trainer.model)  # FSDP: full tensors on the CPU, each process keeps its shards
+        weights = ckpt.load_weights(path, "cpu" if sharded else trainer.device)
         own = trainer.model.state_dict()
         differ = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights.items()
                   if k in own and v.shape != own[k].shape]
@@ -367,14 +375,17 @@ class Checkpointer(Callback):
             raise TrainingError(f"checkpoint {path}: a model of another shape ({len(differ)} tensors differ, first: "
                                 f"{'; '.join(differ[:2])}; checkpoint vs this config); resume with the config it "
                                 "was trained with, or start a new run folder")
-        missing, unexpected = trainer.model.load_state_dict(weights, strict=False)
+        missing, unexpected = parallel.load_weights(trainer.model, weights)
         # Tied weights are stored once; anything else missing means the checkpoint does not fit.
         missing = [k for k in missing if k != "lm_head.weight"]
         if missing or unexpected:
             raise TrainingError(f"checkpoint {path}: does not match the model (missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]})")
-        trainer.model.tie_weights()
-        trainer.optimizer.load_state_dict(ckpt.optimizer_state(path, state, folder))
+        if not sharded:  # a sharded model's head is its embedding's parameter already
+            trainer.model.tie_weights()
+        shards = folder / ckpt.OPTIMIZER_SHARDS
+        parallel.load_optimizer(trainer.model, trainer.optimizer, shards if shards.is_dir() else None,
+                                None if shards.is_dir() else ckpt.optimizer_state(path, state, folder))
         trainer.step, trainer.tokens_seen = state["step"], state["tokens_seen"]
         trainer.data_position = state["data_position"]
         self.restore_rngs(trainer, path, state["rng"] if isinstance(state["rng"], list) else [state["rng"]])
@@ -402,16 +413,54 @@ class Checkpointer(Callback):
             gathered: list = [None] * trainer.dist.world_size
             dist.all_gather_object(gathered, rngs[0])
             rngs = gathered
+        if trainer.cfg.train.parallel == "fsdp":
+            return self.save_sharded(trainer, final, rngs)
         if trainer.dist.is_main and not final.exists():
-            state = {"step": trainer.step, "tokens_seen": trainer.tokens_seen, "data_position": trainer.data_position,
-                     "tokens_per_step": trainer.tokens_per_step, "rng": rngs}
-            meta = {"step": trainer.step, "tokens_seen": trainer.tokens_seen, "method": trainer.method.name,
-                    "config_fingerprint": self.fingerprint,
-                    "metrics_jsonl": MetricsLog(trainer.run_dir / "metrics.jsonl").prefix()}
-            ckpt.write(final, trainer.model, trainer.data_dir / "tokenizer", state,
-                       trainer.optimizer.state_dict(), meta)
+            ckpt.write(final, trainer.model, trainer.data_dir / "tokenizer", self.trainer_state(trainer, rngs),
+                       trainer.optimizer.state_dict(), self.meta(trainer))
             c = trainer.cfg.checkpoint
             ckpt.prune(trainer.run_dir, c.keep_last, c.keep_optimizer)
+        barrier(trainer.dist)
+        self.last_saved = final
+        return final
+
+    @staticmethod
+    def trainer_state(trainer, rngs: list) -> dict:
+        return {"step": trainer.step, "tokens_seen": trainer.tokens_seen, "data_position": trainer.data_position,
+                "tokens_per_step": trainer.tokens_per_step, "rng": rngs}
+
+    def meta(self, trainer) -> dict:
+        return {"step": trainer.step, "tokens_seen": trainer.tokens_seen, "method": trainer.method.name,
+                "config_fingerprint": self.fingerprint,
+                "metrics_jsonl": MetricsLog(trainer.run_dir / "metrics.jsonl").prefix()}
+
+    def save_sharded(self, trainer, final: Path, rngs: list) -> Path:
+        """train.parallel=fsdp: the full weights gathered to rank 0 (model.safetensors, as under DDP) and
+        the optimizer state as a torch.distributed.checkpoint folder that every process writes its shards
+        of, into the temporary folder rank 0 names; rank 0 then completes, seals and renames it."""
+        weights = parallel.full_weights(trainer.model)  # a collective: every process, every time
+        exists = [final.exists()]
+        tmp = [str(ckpt.temporary(final)) if trainer.dist.is_main else None]
+        if trainer.dist.world_size > 1:
+            dist.broadcast_object_list(exists, src=0)
+            dist.broadcast_object_list(tmp, src=0)
+        if not exists[0]:
+            tmp_path = Path(tmp[0])
+            if trainer.dist.is_main:
+                ckpt.clear_temporary(tmp_path)
+            barrier(trainer.dist)
+            try:
+                parallel.save_optimizer(trainer.model, trainer.optimizer,
+                                        tmp_path / ckpt.TRAINER_DIR / ckpt.OPTIMIZER_SHARDS)
+            except BaseException:
+                if trainer.dist.is_main:
+                    ckpt.clear_temporary(tmp_path)
+                raise
+            if trainer.dist.is_main:
+                ckpt.write(final, trainer.model if weights is None else parallel.empty_twin(trainer.model), trainer.data_dir / "tokenizer",
+                           self.trainer_state(trainer, rngs), None, self.meta(trainer), weights=weights)
+                c = trainer.cfg.checkpoint
+                ckpt.prune(trainer.run_dir, c.keep_last, c.keep_optimizer)
         barrier(trainer.dist)
         self.last_saved = final
         return final

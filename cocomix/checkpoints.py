@@ -44,6 +44,7 @@ WEIGHTS = "model.safetensors"
 TRAINER_DIR = "trainer"  # the folder of a checkpoint that holds the trainer state, apart from the model files
 TRAINER_STATE = "trainer_state.pt"
 OPTIMIZER = "optimizer.pt"
+OPTIMIZER_SHARDS = "optimizer"  # train.parallel=fsdp: the optimizer state, a torch.distributed.checkpoint folder
 TRAINER_FILES = (TRAINER_STATE, OPTIMIZER)  # what an exported model folder must never hold
 # What every checkpoint.json records (size and sha256) and resume verifies before loading anything;
 # checkpoints since 2026-12-07 record every file written with them (`sealed_files`).
@@ -155,7 +156,9 @@ def damage(path: Path, model_only: bool = False) -> str | None:
             continue
         f = path / name
         if not f.exists():
-            if Path(name).name == OPTIMIZER:
+            shards = path / TRAINER_DIR / OPTIMIZER_SHARDS
+            if Path(name).name == OPTIMIZER or (name.startswith(f"{TRAINER_DIR}/{OPTIMIZER_SHARDS}/")
+                                                and not shards.exists()):
                 continue  # pruned on purpose from older checkpoints (checkpoint.keep_optimizer)
             return f"{name} is missing"
         if f.stat().st_size != want["bytes"]:
@@ -263,17 +266,30 @@ def optimizer_state(path: Path, state: dict, folder: Path | None = None) -> dict
 # ---- writing ----
 
 
-def write(final: Path, model, tokenizer_dir: Path, trainer_state: dict[str, Any], optimizer: dict,
-          meta: dict[str, Any]) -> Path:
-    """Write checkpoint `final` (a `step_path`): the model folder, the tokenizer, trainer/ and then
-    checkpoint.json (`meta` plus the VERIFIED files' sizes and sha256), all in a temporary folder
-    renamed into place when complete. A write the filesystem refuses (full, quota, size limit,
-    read-only) leaves no temporary folder and is one line naming the file and the checkpoint intact."""
-    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+def temporary(final: Path) -> Path:
+    """The folder checkpoint `final` is written in before it is renamed into place."""
+    return final.with_name(final.name + f".tmp{os.getpid()}")
+
+
+def clear_temporary(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write(final: Path, model, tokenizer_dir: Path, trainer_state: dict[str, Any], optimizer: dict | None,
+          meta: dict[str, Any], weights: dict | None = None) -> Path:
+    """Write checkpoint `final` (a `step_path`): the model folder, the tokenizer, trainer/ and then
+    checkpoint.json (`meta` plus every file's size and sha256), all in a temporary folder renamed
+    into place when complete. `optimizer` None: its shards are in the temporary folder already
+    (`trainer/optimizer/`, train.parallel=fsdp); `weights`: the tensors to write instead of `model`'s
+    (a sharded model's, gathered; `model` is then its empty twin, `parallel.empty_twin`).
+    A write the filesystem refuses (full, quota, size limit, read-only) leaves no temporary folder
+    and is one line naming the file and the checkpoint intact."""
+    tmp = temporary(final)
+    if optimizer is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
     doing = ["model.safetensors"]  # the file being written, for the message
     try:
-        _write(tmp, final, model, tokenizer_dir, trainer_state, optimizer, meta, doing)
+        _write(tmp, final, model, tokenizer_dir, trainer_state, optimizer, meta, doing, weights)
     except BaseException as e:  # the failed write's folder goes; a full disk is one line
         shutil.rmtree(tmp, ignore_errors=True)
         earlier = [c.name for c in list_checkpoints(final.parent.parent) if c != final]
@@ -287,23 +303,24 @@ def write(final: Path, model, tokenizer_dir: Path, trainer_state: dict[str, Any]
     return final
 
 
-def _write(tmp: Path, final: Path, model, tokenizer_dir: Path, trainer_state: dict, optimizer: dict, meta: dict,
-           doing: list[str]) -> None:
+def _write(tmp: Path, final: Path, model, tokenizer_dir: Path, trainer_state: dict, optimizer: dict | None,
+           meta: dict, doing: list[str], weights: dict | None) -> None:
     from cocomix.data.tokenizer import set_model_max_length  # lazy: only a save needs it
 
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({} if weights is None else {"state_dict": weights}))
     point("checkpoint.model.safetensors")
     doing[0] = "tokenizer"
     shutil.copytree(tokenizer_dir, tmp, dirs_exist_ok=True)
     set_model_max_length(tmp, model.config.n_positions)  # the data's tokenizer says 1e30
     state_dir = tmp / TRAINER_DIR
-    state_dir.mkdir()
+    state_dir.mkdir(exist_ok=optimizer is None)
     doing[0] = f"{TRAINER_DIR}/{TRAINER_STATE}"
     torch_save(trainer_state, state_dir / TRAINER_STATE)
     point("checkpoint.trainer_state.pt")
-    doing[0] = f"{TRAINER_DIR}/{OPTIMIZER}"
-    torch_save(optimizer, state_dir / OPTIMIZER)
-    point("checkpoint.optimizer.pt")
+    if optimizer is not None:
+        doing[0] = f"{TRAINER_DIR}/{OPTIMIZER}"
+        torch_save(optimizer, state_dir / OPTIMIZER)
+        point("checkpoint.optimizer.pt")
     files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
              for name in sealed_files(tmp)}
     doing[0] = META
@@ -323,6 +340,7 @@ def prune(run_dir: Path, keep: int, keep_optimizer: int) -> None:
     if keep_optimizer > 0:
         for old in ckpts[:-keep_optimizer]:
             (old / TRAINER_DIR / OPTIMIZER).unlink(missing_ok=True)
+            shutil.rmtree(old / TRAINER_DIR / OPTIMIZER_SHARDS, ignore_errors=True)
             (old / OPTIMIZER).unlink(missing_ok=True)  # checkpoints written before trainer/
 
 

@@ -223,18 +223,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError(f"--mfu {args.mfu}: expected a fraction in (0, 1]")
     dag = Dag(args.config, train_gpus=args.gpus)
     runs = (["teacher"] if dag.teacher is not None else []) + list(dag.runs)
-    print(f"{'run':<28} {'tokens':>15} {'FLOPs':>10} {'GPU-h':>9} {'limit (h)':>9}")
+    print(f"{'run':<28} {'tokens':>15} {'FLOPs':>10} {'GPU-h':>9} {'limit (h)':>9} {'GiB/GPU':>8}")
     total = 0.0
     for run in runs:
         cfg = dag.teacher_config() if run == "teacher" else dag.config(run)
         hours = dag.gpu_hours(run, args.mfu)
         total += hours
         print(f"{run:<28} {cfg.train.tokens:>15,} {dag.training_flops(run):>10.3g} {hours:>9,.1f} "
-              f"{dag.runtime_minutes(run) / 60:>9.1f}")
+              f"{dag.runtime_minutes(run) / 60:>9.1f} {dag.memory_per_gpu(run) / 2**30:>8.1f}")
     print(f"total: {len(runs)} training runs, {total:,.1f} GPU-hours at {args.mfu:.0%} MFU of "
           f"{RUNTIME_PEAK_FLOPS / 1e12:.0f} TFLOP/s (H100/H200 dense bf16); student training only: label "
           f"extraction, online teachers and evaluation come on top. Time limits: {RUNTIME_MFU:.0%} MFU over "
-          f"{args.gpus} GPU(s) a job, doubled, plus 30 min, at most 48 h")
+          f"{args.gpus} GPU(s) a job, doubled, plus 30 min, at most 48 h. GiB/GPU: a lower bound of one training process's "
+          "memory (weights, gradients, AdamW state, one micro-batch's activations; no teacher, no allocator slack)")
     return 0
 
 

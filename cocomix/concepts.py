@@ -44,10 +44,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from cocomix.config import Config, ConceptConfig, ConfigError
 from cocomix.data import DataError
 from cocomix.data.shards import TokenBlocks, load_manifest
+from cocomix.device import Dist, barrier, setup_distributed
 from cocomix.faults import point
 from cocomix.files import atomic_write_json, clear_stale_tmp, read_json, sha256_file, sha256_matches_once, sha256_text
 from cocomix.model import token_nll
@@ -282,16 +284,22 @@ def extract_concepts(cfg: Config, progress: bool = True) -> Path:
     batch_blocks = cfg.concept.extract_batch_size
     if batch_blocks <= 0:
         raise ConfigError(f"config key 'concept.extract_batch_size': must be positive, got {batch_blocks}")
-    load_manifest(cfg.data_dir, verify=True)  # labels of corrupt shards would be wrong forever
+    d, device = setup_distributed()  # under torchrun: one process per GPU, chunks dealt round-robin
+    if d.is_main:
+        load_manifest(cfg.data_dir, verify=True)  # labels of corrupt shards would be wrong forever
     load_sae(cfg)  # a damaged SAE is one line here, before its changed hash could discard a good cache
     key = cache_key(cfg)
     out = Path(cfg.concept_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    clear_stale_tmp(out)  # a progress record a killed extraction did not finish
-    if _cache_is_current(cfg, out):
+    current = [False]
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        clear_stale_tmp(out)  # a progress record a killed extraction did not finish
+        current[0] = _cache_is_current(cfg, out)
+    if d.world_size > 1:
+        dist.broadcast_object_list(current, src=0)
+    if current[0]:
         return out  # already complete for exactly this key
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = label_dtype(cfg.sae.n_latents)
     label_bytes = _chunk_labeller(cfg, device, dtype)
     row_bytes = cfg.train.block_size * cfg.concept.k_attr * dtype.itemsize  # one block
@@ -303,6 +311,8 @@ def extract_concepts(cfg: Config, progress: bool = True) -> Path:
                         initial=sum(done.values()))
 
     def report(split: str, blocks_done: int) -> None:
+        if not d.is_main:
+            return  # one process reports
         reporter.update(blocks_done - done[split])
         done[split] = blocks_done
         if reporter.due():
@@ -311,15 +321,20 @@ def extract_concepts(cfg: Config, progress: bool = True) -> Path:
 
     entries = {}
     for split in SPLITS:
-        final = _extract_split(split, blocks[split], out, state, label_bytes, batch_blocks, row_bytes, report)
-        entries[split] = {"file": final.name, "n_blocks": len(blocks[split]), "bytes": final.stat().st_size,
-                          "sha256": sha256_file(final)}
+        final = _extract_split(split, blocks[split], out, state, label_bytes, batch_blocks, row_bytes, report, d)
+        if d.is_main:
+            entries[split] = {"file": final.name, "n_blocks": len(blocks[split]), "bytes": final.stat().st_size,
+                              "sha256": sha256_file(final)}
+    if not d.is_main:
+        barrier(d)  # rank 0 writes the manifest
+        return out
     reporter.close()
     manifest = {**key, "dtype": dtype.str, "no_label": _sentinel(dtype), "device": device.type,
                 "teacher_path": str(cfg.teacher.path),
                 "sae_path": str(cfg.sae.path or cfg.experiment_dir / "sae"), "splits": entries}
     atomic_write_json(out / MANIFEST, manifest, indent=1)  # last: its presence means complete
     (out / PROGRESS).unlink(missing_ok=True)
+    barrier(d)
     return out
 
 
@@ -376,10 +391,15 @@ def _record_progress(out: Path, state: dict, split: str, blocks_done: int) -> No
 
 
 def _extract_split(split: str, blocks: TokenBlocks, out: Path, state: dict, label_bytes, batch_blocks: int,
-                   row_bytes: int, report) -> Path:
+                   row_bytes: int, report, d: Dist = Dist()) -> Path:
     """`<split>.labels.bin` for every block of `split`, resumed after the chunks `state` records:
-    chunks are appended to a `.partial` file, fsynced, then recorded (and `report(split, blocks
-    done)`); the finished file is renamed in place. A split already complete on disk is left as it is."""
+    chunks are written to a `.partial` file, fsynced, then recorded (and `report(split, blocks
+    done)`); the finished file is renamed in place. A split already complete on disk is left as it is.
+
+    On several processes the chunks (the same fixed batches as on one) are dealt round-robin: in each
+    round process r labels chunk `round * world_size + r` and writes it at its own offset of the one
+    file; after every process fsynced its chunk, rank 0 records the round. The file is byte-identical
+    to one process's, and a killed run resumes on any number of processes."""
     n = len(blocks)
     final = out / f"{split}.labels.bin"
     partial = out / f"{split}.labels.bin.partial"
@@ -388,18 +408,30 @@ def _extract_split(split: str, blocks: TokenBlocks, out: Path, state: dict, labe
         return final
     if done == n:  # recorded complete but the file is gone: redo this split
         done = 0
-    final.unlink(missing_ok=True)
-    mode = "r+b" if partial.is_file() and done > 0 else "wb"
-    with partial.open(mode) as f:
-        f.truncate(done * row_bytes)  # drops a chunk written but not recorded before a kill
-        f.seek(done * row_bytes)
-        for a in range(done, n, batch_blocks):
-            f.write(label_bytes(blocks.get_batch(range(a, min(n, a + batch_blocks)))))
-            point("labels.chunk")
-            f.flush()
-            os.fsync(f.fileno())
-            _record_progress(out, state, split, min(n, a + batch_blocks))
-            report(split, min(n, a + batch_blocks))
-    os.replace(partial, final)
-    _record_progress(out, state, split, n)
+    if d.is_main:
+        final.unlink(missing_ok=True)
+        mode = "r+b" if partial.is_file() and done > 0 else "wb"
+        with partial.open(mode) as f:
+            f.truncate(done * row_bytes)  # drops a chunk written but not recorded before a kill
+    barrier(d)
+    stride = batch_blocks * d.world_size  # blocks per round
+    with partial.open("r+b") as f:
+        for start in range(done, n, stride):
+            a = start + d.rank * batch_blocks
+            if a < n:
+                labels = label_bytes(blocks.get_batch(range(a, min(n, a + batch_blocks))))
+                f.seek(a * row_bytes)
+                f.write(labels)
+                point("labels.chunk")
+                f.flush()
+                os.fsync(f.fileno())
+            barrier(d)  # every chunk of the round is on disk before it is recorded
+            if d.is_main:
+                _record_progress(out, state, split, min(n, start + stride))
+            report(split, min(n, start + stride))
+    barrier(d)
+    if d.is_main:
+        os.replace(partial, final)
+        _record_progress(out, state, split, n)
+    barrier(d)
     return final

@@ -246,6 +246,14 @@ class TrainConfig(Section):
     """auto: bf16 autocast on CUDA, fp32 elsewhere."""
     compile: bool = False
     """Train through `torch.compile(model)` (the official code compiles); the first steps are slower."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """How several processes share the model (cocomix/parallel.py). ddp: each holds all of it (the
+    official code). fsdp: FSDP2 shards weights, gradients and AdamW state over the processes (1/N each),
+    for models that do not fit one device; the same losses as ddp to float rounding, and checkpoints
+    that resume under either setting on any number of processes."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them: about a third
+    more compute for activation memory of one tensor a block (larger models or micro-batches)."""
     resume: str = "auto"
     """auto: continue from the latest checkpoint in the run folder; never; or a checkpoint path."""
     data_seed: int | None = None
@@ -970,7 +978,7 @@ def describe_config(cfg: Config) -> str:
 RUN_SECTIONS = ("experiment", "method", "seed", "data", "tokenizer", "model", "train", "eval")
 # ...less the keys that change how a run is executed or stored, not what it computes.
 EXECUTION_KEYS = ("train.resume", "train.compile", "train.log_every_steps", "train.allow_repeat", "train.memory_check",
-                  "data.dir")
+                  "train.parallel", "train.activation_checkpointing", "data.dir")
 
 
 def fingerprint(cfg: Config, keys: tuple[str, ...] | list[str], drop: tuple[str, ...] = (),

@@ -17,6 +17,7 @@ import torch
 
 from cocomix.cluster import NODE_KEYS, Node, node_from
 from cocomix.config import Config, ConfigError, fingerprint, load_config, split_batch
+from cocomix.device import estimate_training_memory
 from cocomix.methods import get_method, run_fingerprint
 from cocomix.plan import RunSpec, plan_runs, teacher_spec
 from cocomix.sweep import study_name
@@ -56,6 +57,7 @@ class Dag:
         self.offline = OFFLINE
         self._configs: dict[str, Config] = {}
         self._flops: dict[str, float] = {}
+        self._params: dict[str, tuple[int, int]] = {}  # (parameters, padded vocabulary) of each run's model
         # One representative run per label cache: its overrides tell extract-concepts how to score.
         self.label_specs: dict[str, RunSpec] = {}
         for name, spec in self.runs.items():
@@ -167,7 +169,22 @@ class Dag:
         with torch.device("meta"):
             model = get_method(cfg.method).build_model(cfg, vocab, 0)
         self._flops[run] = float(model.flops_per_token(cfg.train.block_size) * cfg.train.tokens)
+        self._params[run] = (sum(p.numel() for p in model.parameters()), model.config.vocab_size)
         return self._flops[run]
+
+    def memory_per_gpu(self, run: str) -> int:
+        """A lower bound of one training process's memory (bytes; `device.estimate_training_memory`):
+        weights, gradients and AdamW state (divided over the job's GPUs under train.parallel=fsdp) and
+        one micro-batch's activations (fewer with train.activation_checkpointing)."""
+        self.training_flops(run)  # builds the meta model once
+        cfg = self.teacher_config() if run == "teacher" else self.config(run)
+        t, m = cfg.train, cfg.model
+        params, vocab = self._params[run]
+        gpus = self.train_gpus
+        micro, _ = split_batch(t.global_batch_size, t.micro_batch_size, gpus)
+        est = estimate_training_memory(params, m.n_embd, m.n_layer, vocab, t.block_size, t.precision != "fp32",
+                                       shards=gpus if t.parallel == "fsdp" else 1, recompute=t.activation_checkpointing)
+        return est.need(micro)
 
     def gpu_hours(self, run: str, mfu: float = RUNTIME_MFU) -> float:
         """H100/H200-hours of a run's training at `mfu` of the dense bf16 peak (RUNTIME_PEAK_FLOPS)."""

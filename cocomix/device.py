@@ -130,6 +130,25 @@ def peak_for_name(name: str) -> float | None:
     return None
 
 
+def gpu_utilization(device: torch.device) -> float | None:
+    """The percentage of the last sample period in which `device` ran a kernel (NVML, through the
+    optional nvidia-ml-py: `pip install cocomix[gpu]`); None on a CPU, without the package or when
+    NVML cannot start (no driver). The device is found by its UUID, whatever CUDA_VISIBLE_DEVICES says."""
+    if device.type != "cuda":
+        return None
+    try:
+        import pynvml  # lazy: an optional extra
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        return float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+    except (pynvml.NVMLError, AttributeError, RuntimeError):
+        return None
+
+
 # ---- Memory pre-flight: refuse a run that cannot fit before anything is allocated ----
 
 
@@ -169,10 +188,15 @@ class MemoryEstimate:
 
 
 def estimate_training_memory(params: int, n_embd: int, n_layer: int, vocab_size: int, block_size: int,
-                             bf16: bool) -> MemoryEstimate:
+                             bf16: bool, shards: int = 1, recompute: bool = False) -> MemoryEstimate:
+    """`shards`: processes the weights, gradients and AdamW state are split over (train.parallel=fsdp);
+    `recompute`: activation checkpointing, which keeps only each block's input (d values a token) and
+    recomputes one block at a time in the backward pass."""
     act = 2 if bf16 else 4
-    per_sequence = block_size * (34 * n_embd * n_layer * act // 2 + 2 * 4 * vocab_size)
-    return MemoryEstimate(params=params, fixed=16 * params, per_sequence=per_sequence)
+    block = 34 * n_embd * act // 2  # one block's saved activations a token (bytes)
+    kept = n_layer * n_embd * act + block if recompute else n_layer * block
+    per_sequence = block_size * (kept + 2 * 4 * vocab_size)
+    return MemoryEstimate(params=params, fixed=-(-16 * params // shards), per_sequence=per_sequence)
 
 
 def gib(n: int) -> str:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cocomix import parallel
 from cocomix.callbacks import (Callback, Checkpointer, EarlyStop, Evaluator, NaNGuard, OnEval, Progress, Terminated,
                                Tracking, TrainingError, TrainMetrics)
 from cocomix.config import MAX_EPOCHS, Config, ConfigError, split_batch
@@ -80,8 +81,7 @@ def train_step(model: torch.nn.Module, method: Method, optimizer: torch.optim.Op
     parts_sum: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro):
         batch = batch.to(loss_sum.device)
-        no_sync = dist.world_size > 1 and i < len(micro) - 1
-        with train_model.no_sync() if no_sync else nullcontext():
+        with parallel.gradient_sync(model, train_model, dist, last=i == len(micro) - 1):
             with autocast:
                 loss, parts = method.loss(train_model, batch)
             (loss / len(micro)).backward()
@@ -91,7 +91,7 @@ def train_step(model: torch.nn.Module, method: Method, optimizer: torch.optim.Op
     result = StepResult(loss_sum, lr, None, parts_sum)  # no host sync: nothing here waits for the GPU
     if before_update is not None:
         before_update(result)
-    result.grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    result.grad_norm = parallel.local_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf")))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return result
@@ -127,13 +127,10 @@ class Trainer:
         self.checkpointer = Checkpointer(self.fingerprint)
         self.resumed_from = self.checkpointer.resume(self)
         self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
-        if self.dist.world_size > 1:
-            # The prediction-only ablation leaves parameters without gradients (its compression, and with
-            # concept.lam=0 its whole head): DDP must search for them, at a cost only that run pays.
-            unused = self.model.slot is not None and not self.model.slot.all_params_reach_stream
-            self.train_model = torch.nn.parallel.DistributedDataParallel(
-                self.train_model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None,
-                find_unused_parameters=unused)
+        # The prediction-only ablation leaves parameters without gradients (its compression, and with
+        # concept.lam=0 its whole head): DDP must search for them, at a cost only that run pays.
+        unused = self.model.slot is not None and not self.model.slot.all_params_reach_stream
+        self.train_model = parallel.wrap_ddp(self.train_model, self.dist, self.device, unused)  # fsdp: as it is
         self.last_val: dict[str, float] = {}
         self.untimed_s = 0.0  # seconds of evaluation and checkpointing so far (see `untimed`)
         self.callbacks = self.default_callbacks(progress, on_eval) + list(callbacks or [])
@@ -177,7 +174,9 @@ class Trainer:
         vocab = -(-vocab // m.vocab_multiple) * m.vocab_multiple
         params = ntp_params(m.n_embd, m.n_layer, vocab, m.n_positions or t.block_size)
         est = estimate_training_memory(params, m.n_embd, m.n_layer, vocab, t.block_size,
-                                       use_bf16(self.device, t.precision))
+                                       use_bf16(self.device, t.precision),
+                                       shards=self.dist.world_size if t.parallel == "fsdp" else 1,
+                                       recompute=t.activation_checkpointing)
         here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.device.type == "cpu" else 1
         free = available_memory(self.device, here)
         if free == 0 or est.need(self.micro_batch_size) <= free:
@@ -202,6 +201,9 @@ class Trainer:
         # token id in the shards must fit the model's embedding table.
         check_tokenizer_matches(self.data_dir, cfg.tokenizer.path or self.data_dir / "tokenizer",
                                 self.model.config.real_vocab_size)  # padding rows are never a token
+        # FSDP shards the model here, before the optimizer is built over its (sharded) parameters.
+        parallel.prepare(self.model, t.parallel, t.activation_checkpointing, use_bf16(self.device, t.precision),
+                         self.dist, self.device)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),  # one group: decay on all parameters, as the official code
             lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay,
@@ -286,11 +288,16 @@ class Trainer:
         ev = self.cfg.eval
         n = len(self.val_blocks) if ev.max_blocks is None else min(ev.max_blocks, len(self.val_blocks))
         mine = np.arange(self.dist.rank, n, self.dist.world_size)
+        # Under FSDP every forward is a collective: each process runs as many as the busiest one (an
+        # idle one forwards block 0 and counts nothing).
+        passes = math.ceil(math.ceil(n / self.dist.world_size) / ev.batch_size) if parallel.is_sharded(self.model) else None
         self.model.eval()
         sums: dict[str, torch.Tensor] = {}  # metric -> sum over blocks (float64)
         blocks = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i in range(0, len(mine), ev.batch_size):
-            idx = mine[i : i + ev.batch_size]
+        for i in range(0, ev.batch_size * passes if passes is not None else len(mine), ev.batch_size):
+            idx, weight = mine[i : i + ev.batch_size], 1.0
+            if len(idx) == 0:
+                idx, weight = np.zeros(1, dtype=np.int64), 0.0
             batch = Batch(self.val_blocks.get_batch(idx), self.method.extras("val", idx)).to(self.device)
             with self.autocast:
                 logits = self.model(input_ids=batch.input_ids, use_cache=False).logits
@@ -300,8 +307,8 @@ class Trainer:
                 with self.autocast:
                     per_block.update(readout_diagnostics(self.model, batch.input_ids))
             for k, v in per_block.items():
-                sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=self.device)) + v.double().sum()
-            blocks += batch.input_ids.size(0)
+                sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=self.device)) + v.double().sum() * weight
+            blocks += batch.input_ids.size(0) * weight
         self.model.train()
         names = sorted(sums)
         total = torch.stack([sums[k] for k in names] + [blocks])

@@ -34,3 +34,11 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     # fp32 both ways on CPU: the cache holds exactly what online labelling computes.
     assert result["labels"]["cached_vs_online_fp32"] == {"exact": 1.0, "top1": 1.0, "overlap": 1.0}
     assert 0.0 <= result["labels"]["cached_vs_online_bf16"]["exact"] <= 1.0
+    # The all-reduce over 2 gloo processes (NCCL over the GPUs on a GPU), every sum exact.
+    coll = result["collectives"]
+    assert coll["world"] == 2 and coll["backend"] == "gloo" and [r["mib"] for r in coll["sizes"]] == [1, 16]
+    assert all(r["exact"] and r["bus_gb_s"] > 0 for r in coll["sizes"])
+    # One step of NTP and CoCoMix at 386M and 1.38B (toy widths here): the pre-flight lower bound beside.
+    mem = result["memory"]
+    assert set(mem) == {"ntp_386M", "cocomix_386M", "ntp_1.38B", "cocomix_1.38B"}
+    assert all(r["lower_bound_gb"] > 0 and r["peak_memory_gb"] is None and r["loss"] > 0 for r in mem.values())

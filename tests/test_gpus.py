@@ -160,11 +160,14 @@ def test_a_dry_run_with_eight_gpus_plans_eight_gpu_jobs_side_by_side(tmp_path):
                                          proc.stdout, re.M | re.S)}
     assert "OMP_NUM_THREADS=2 " in proc.stdout and "OMP_NUM_THREADS=8 " not in proc.stdout, proc.stdout[-2000:]
     assert threads <= {2}
+    # Label extraction takes every visible GPU: torchrun over 8 (before: one process, one GPU).
+    assert "-m cocomix.launch --gpus 8 extract-concepts" in proc.stdout, proc.stdout[-2000:]
     # --resources gpu=N still says how many run at once.
     fewer = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "16", "--profile", "gpu",
                             "--resources", "gpu=4", "--directory", str(tmp_path), "--config", f"config={config}"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert fewer.returncode == 0 and "GPUs visible" not in fewer.stderr and "OMP_NUM_THREADS=4 " in fewer.stdout
+    assert "-m cocomix.launch --gpus 4 extract-concepts" in fewer.stdout
 
 
 def test_claim_for_process_sets_the_one_device_and_torchrun_jobs_skip_it(tmp_path, monkeypatch):
@@ -310,3 +313,17 @@ def test_environment_json_has_the_gpu_keys_null_on_a_cpu_machine(tmp_path):
     proc = tmp_path / "version"
     proc.write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.86.15  Release Build  (dvs)\n")
     assert nvidia_driver(str(proc)) == "570.86.15" and nvidia_driver(str(tmp_path / "none")) is None
+
+
+def test_gpu_utilization_is_none_without_a_gpu_or_its_driver():
+    """nvidia-ml-py is installed here (the dev extra) but NVML finds no driver: no value, no error;
+    on a CPU device it is not asked at all."""
+    import torch
+
+    import pynvml
+    from cocomix.device import gpu_utilization
+
+    with pytest.raises(pynvml.NVMLError):
+        pynvml.nvmlInit()
+    assert gpu_utilization(torch.device("cpu")) is None
+    assert gpu_utilization(torch.device("cuda", 0)) is None

@@ -19,7 +19,7 @@ LAYERS = {
     "config": ["cocomix.config"],
     "data": ["cocomix.data", "cocomix.checkpoints", "cocomix.tracking"],
     "model": ["cocomix.model", "cocomix.slots", "cocomix.flops", "cocomix.params", "cocomix.device",
-              "cocomix.teacher", "cocomix.sae", "cocomix.concepts", "cocomix.diagnostics"],
+              "cocomix.teacher", "cocomix.sae", "cocomix.concepts", "cocomix.diagnostics", "cocomix.parallel"],
     "methods": ["cocomix.methods", "cocomix.plan", "baselines"],
     "trainer": ["cocomix.trainer", "cocomix.callbacks"],
     "evals": ["evals", "cocomix.interpret", "cocomix.steering", "cocomix.export"],

@@ -104,9 +104,13 @@ def test_the_paper_dags_training_job_asks_for_one_whole_node_and_a_warning_signa
         assert "--signal=USR1@300" in call and "--requeue" in call, call
         assert re.search(r" -t '?(\d+)'?", call) and int(re.search(r" -t '?(\d+)'?", call).group(1)) <= 2880
     for job in jobs:
-        if job.name in ("evaluate", "extract_concepts", "train_sae"):  # one GPU each, the profile's defaults
+        if job.name in ("evaluate", "train_sae"):  # one GPU each, the profile's defaults
             call = submit(job)
             assert call.endswith(" --gpus=1") and "--ntasks" not in call and "--cpus-per-task=8" in call, call
+        elif job.name == "extract_concepts":  # labels over the whole node: one process per GPU
+            call = submit(job)
+            assert "--nodes=1" in call and call.endswith(" --gpus=8") and "--cpus-per-task=64" in call, call
+            assert "-m cocomix.launch --gpus 8 extract-concepts" in job.shell, job.shell
         elif job.name == "prepare_data":  # CPU only: one task
             call = submit(job)
             assert "--ntasks=1" in call and "--gpus" not in call and "--mem 64000" in call, call
@@ -139,8 +143,9 @@ def test_a_two_node_training_job_takes_two_whole_nodes_through_the_plugins_mpi_r
         assert "--ntasks-per-gpu" not in call and "--signal=USR1@300" in call and "--requeue" in call, call
         assert job.resources["mpi"] == "srun"  # the jobstep plugin's `if "mpi" in job.resources` branch
         assert "-m cocomix.launch --gpus 16 --nodes 2 --cpus-per-node 64 train" in job.shell, job.shell
-    # Evaluation and the label jobs still take one GPU of one node.
-    assert all(submit(j).endswith(" --gpus=1") for j in jobs if j.name in ("evaluate", "extract_concepts"))
+    # Evaluation still takes one GPU, label extraction one whole node (never 2: its chunks need no more).
+    assert all(submit(j).endswith(" --gpus=1") for j in jobs if j.name == "evaluate")
+    assert all(submit(j).endswith(" --gpus=8") and "--nodes=1" in submit(j) for j in jobs if j.name == "extract_concepts")
 
 
 def test_the_training_job_takes_its_cpus_memory_and_gpus_from_the_declared_node(tmp_path):

@@ -248,6 +248,8 @@ def test_throughput_leaves_out_evaluation_checkpoints_and_the_first_step(tmp_pat
     assert final["tokens_per_s"] == pytest.approx(31 * 1024 / sum(window_s), rel=1e-6)  # the run's average
     assert final["mfu"] is None  # no MFU on CPU
     assert 0.1 < final["peak_memory_gib"] < 24  # the peak resident set on a CPU (the CUDA peak on a GPU)
+    assert final["gpu_util"] is None  # NVML utilisation: GPUs only (nvidia-ml-py is installed here)
+    assert not any("train/gpu_util" in r for r in _metrics(cfg.run_dir))
 
 
 def test_seeds_vary_the_data_order_every_method_of_a_seed_shares_it_and_data_seed_fixes_it(tmp_path, tiny_data):

@@ -2,7 +2,7 @@
 # Snakefile): a moved environment or another path to the same config must not rerun finished jobs.
 from snakemake.exceptions import WorkflowError
 
-from cocomix.cluster import agent_cpus
+from cocomix.cluster import agent_cpus, extract_resources
 
 CONFIG = PLAN.config_path
 EXP = PLAN.exp
@@ -19,3 +19,5 @@ def _cores():
 
 
 GPU_THREADS = PLAN.gpu_job_threads(_cores(), requested(workflow, None, "gpu"))
+# Label extraction runs over every GPU of its node (cocomix/cluster.py: extract_resources).
+EXTRACT_RESOURCES = extract_resources(NODE, local_gpu_slots(), requested(workflow, None, "gpu"))

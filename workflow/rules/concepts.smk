@@ -34,16 +34,18 @@ rule extract_concepts:
     params:
         overrides=lambda wc: PLAN.extract_overrides(wc.variant),
         fingerprint=lambda wc: PLAN.labels_fingerprint(wc.variant),
+        # over all the job's GPUs: torchrun through cocomix.launch, chunks dealt round-robin
+        launcher=lambda wc, resources: PLAN.launcher(resources.gpu),
     log:
         f"{EXP}/logs/extract_concepts/{{variant}}.log",
     benchmark:
         f"{EXP}/benchmarks/extract_concepts/{{variant}}.tsv"
     wildcard_constraints:
         variant="[^/]+",
-    threads: GPU_THREADS
+    threads: NODE.cpus if NODE else GPU_THREADS
     priority: PLAN.teacher_priority  # on the teacher's chain: every label-reading run waits for it
     resources:
-        gpu=1,
+        **EXTRACT_RESOURCES,
     shell:
-        "OMP_NUM_THREADS={threads} {COCOMIX} extract-concepts --config {CONFIG} --no-progress {params.overrides} "
-        "> {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {OFFLINE} {params.launcher} extract-concepts --config {CONFIG} --no-progress "
+        "{params.overrides} > {log} 2>&1"
