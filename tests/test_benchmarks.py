@@ -42,3 +42,19 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     mem = result["memory"]
     assert set(mem) == {"ntp_386M", "cocomix_386M", "ntp_1.38B", "cocomix_1.38B"}
     assert all(r["lower_bound_gb"] > 0 and r["peak_memory_gb"] is None and r["loss"] > 0 for r in mem.values())
+
+
+@pytest.mark.slow
+def test_label_precision_measures_bf16_against_fp32_labels(tmp_path, concept_cache):
+    _, overrides = concept_cache
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/label_precision.py"), "--blocks", "64",
+                           "--out", str(tmp_path), *overrides], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [path] = tmp_path.glob("label_precision-*.json")
+    result = json.loads(path.read_text())
+    assert result["blocks"] == 64 and result["positions"] == 64 * 63  # the last position of a block has none
+    rows = result["precisions"]
+    assert set(rows) == {"fp32", "bf16"} and result["tf32"].startswith("not measured")  # no TF32 on a CPU
+    assert {k: rows["fp32"][k] for k in ("exact", "top1", "overlap")} == {"exact": 1.0, "top1": 1.0, "overlap": 1.0}
+    assert 0.5 < rows["bf16"]["exact"] <= rows["bf16"]["overlap"] <= 1.0
