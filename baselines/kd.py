@@ -29,7 +29,7 @@ from cocomix.data.shards import check_tokenizer_matches
 from cocomix.device import autocast
 from cocomix.flops import forward_flops_per_token
 from cocomix.methods.base import Batch, Method, register
-from cocomix.teacher import load_teacher, teacher_dir
+from cocomix.teacher import load_teacher, teacher_dir, teacher_training_flops
 
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
@@ -89,7 +89,7 @@ class KD(Method):
         return frozenset({"teacher"})
 
     def setup(self, trainer) -> None:
-        cfg = trainer.cfg
+        self.cfg = cfg = trainer.cfg
         self.lam, self.temperature = cfg.kd.lam, cfg.kd.temperature
         self.seq_len = cfg.train.block_size
         self.vocab_size = trainer.model.config.real_vocab_size  # the KL's ids: padding columns are left out
@@ -109,3 +109,6 @@ class KD(Method):
     def teacher_flops_per_token(self) -> float:
         """One teacher forward per student token (no backward: the teacher is frozen)."""
         return float(forward_flops_per_token(self.teacher, self.seq_len))
+
+    def one_off_flops(self) -> dict[str, tuple[float | None, str]]:
+        return {"teacher_training": teacher_training_flops(self.cfg)}

@@ -361,10 +361,16 @@ class TeacherConfig(Section):
     DAG's own 'teacher' run, or `path` naming a run), use its checkpoint written at this many tokens
     instead of its latest: a weaker teacher. The teacher run must have written it
     (`checkpoint.every_tokens` of `dag.teacher`, and `keep_last: 0` or enough)."""
+    training_flops: float | None = None
+    """The training FLOPs of a given teacher (one this experiment does not train, e.g. GPT-2 124M:
+    about 6 x 124M x its tokens), for the compute ledger; null: listed as not counted. A teacher run
+    of this experiment is counted from its own metrics and ignores this."""
 
     def check(self, cfg: Config) -> None:
         _need(self.checkpoint_tokens is None or self.checkpoint_tokens > 0, "teacher.checkpoint_tokens",
               f"must be positive, got {self.checkpoint_tokens}")
+        _need(self.training_flops is None or self.training_flops > 0, "teacher.training_flops",
+              f"must be positive, got {self.training_flops}")
 
 
 @dataclass
@@ -978,7 +984,7 @@ def describe_config(cfg: Config) -> str:
 RUN_SECTIONS = ("experiment", "method", "seed", "data", "tokenizer", "model", "train", "eval")
 # ...less the keys that change how a run is executed or stored, not what it computes.
 EXECUTION_KEYS = ("train.resume", "train.compile", "train.log_every_steps", "train.allow_repeat", "train.memory_check",
-                  "train.parallel", "train.activation_checkpointing", "data.dir")
+                  "train.parallel", "train.activation_checkpointing", "teacher.training_flops", "data.dir")
 
 
 def fingerprint(cfg: Config, keys: tuple[str, ...] | list[str], drop: tuple[str, ...] = (),

@@ -30,7 +30,7 @@ COCOMIX = f"{OFFLINE} {sys.executable} -m cocomix.cli"
 # What the SAE and a label cache are computed from (their rules rerun when these change).
 SAE_KEYS = ("data", "tokenizer", "teacher", "sae", "train.block_size")
 LABEL_KEYS = ("data", "tokenizer", "teacher", "sae", "concept", "train.block_size")
-TABLES = ("main", "sample_efficiency", "ablations", "diagnostics", "teacher", "sae", "paired_downstream")
+TABLES = ("main", "sample_efficiency", "ablations", "diagnostics", "teacher", "sae", "compute", "paired_downstream")
 # `cocomix sweep` searches CoCoMix's settings: every trial is a CoCoMix run (cocomix/sweep.py).
 SWEEP_METHOD = "cocomix"
 # SLURM time limits of training jobs (Dag.runtime_minutes): the run's FLOPs at this fraction of an

@@ -12,6 +12,14 @@ leave it out, so we never fold it into the student's number):
     KD, KD + pause                   forward      the teacher's logits at every position
     CoCoMix (online labels)          forward + backward to the SAE layer + SAE (spec 1.2)
 
+and the one-off costs a run depends on, which the compute ledger (`compute` in final_metrics.json,
+`Method.one_off_flops`) lists apart because every run of an experiment that reads them shares them:
+
+    teacher_training     the teacher run's own training FLOPs (its flops_per_token x tokens; a given
+                         teacher: `teacher.training_flops` when the config states it, else not counted)
+    sae_training         `sae_training_flops_per_token` x sae.tokens (a given SAE, sae.path: not counted)
+    label_extraction     `concept_label_flops_per_token` x every labelled token (train + val blocks)
+
 Same convention as the student: a matmul weight costs 2 FLOPs per token forward; softmax,
 LayerNorm, GELU and losses are not counted; attention is counted over the full T x T square. The LM
 head counts its padded width (`config.vocab_size`, `model.vocab_multiple`): the matmul runs over the
@@ -61,3 +69,14 @@ def concept_label_flops_per_token(teacher, sae_layer: int, n_latents: int, seq_l
     backward = 2 * (above * block_params(teacher) + 2 * d + V * d) + 8 * above * d * seq_len
     return forward_flops_per_token(teacher, seq_len) + backward + encode + 2 * d * n_latents
 
+
+
+def sae_training_flops_per_token(teacher, sae_layer: int, n_latents: int, k: int, aux_k: int, seq_len: int) -> int:
+    """Training the TopK SAE (cocomix/sae.py) per activation token: the frozen teacher's forward up to
+    and including block `sae_layer` (no gradients), then the SAE's training step at 3x its forward
+    matmuls: the dense encode (2 d C) and the sparse decodes of the k active and aux_k AuxK latents
+    (2 d k, 2 d aux_k; a gather of columns, not a dense matmul)."""
+    d = teacher.config.n_embd
+    below = sae_layer + 1
+    teacher_forward = 2 * below * block_params(teacher) + 4 * below * d * seq_len
+    return teacher_forward + 3 * (2 * d * n_latents + 2 * d * k + 2 * d * aux_k)

@@ -21,9 +21,9 @@ import torch
 
 from cocomix.config import Config, ConfigError
 from cocomix.data import DataError
-from cocomix.checkpoints import list_checkpoints, read_meta
+from cocomix.checkpoints import find_checkpoints, is_checkpoint, list_checkpoints, read_meta
 from cocomix.files import read_json, update_sha256
-from cocomix.model import CocomixForCausalLM
+from cocomix.model import CocomixConfig, CocomixForCausalLM
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -74,6 +74,34 @@ def load_teacher(cfg: Config, device: torch.device | str = "cpu") -> CocomixForC
         raise DataError(f"teacher {path}: a '{model.config.slot}'-slot model; the teacher must be a plain LM")
     model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
     return model
+
+
+def teacher_shape(cfg: Config) -> CocomixForCausalLM:
+    """The teacher's architecture without its weights (the meta device): what FLOP counts read."""
+    path = teacher_dir(cfg)
+    model_type = read_json(path / "config.json").get("model_type")
+    with torch.device("meta"):
+        if model_type == "gpt2":
+            from transformers import GPT2Config, GPT2LMHeadModel  # lazy: only GPT-2 teachers
+
+            return CocomixForCausalLM.from_gpt2(GPT2LMHeadModel(GPT2Config.from_pretrained(path)))
+        return CocomixForCausalLM(CocomixConfig.from_pretrained(path))
+
+
+def teacher_training_flops(cfg: Config) -> tuple[float | None, str]:
+    """(FLOPs, how they were counted) of training the teacher: a teacher run folder's (the DAG's own
+    'teacher', or `teacher.path` inside a run) checkpoint tokens x its flops_per_token; otherwise
+    `teacher.training_flops` as the config states it, or (None, "not counted")."""
+    path = teacher_dir(cfg)
+    run = find_checkpoints(path)[0] if is_checkpoint(path) else None  # the run folder holding it
+    if run is not None and (run / "final_metrics.json").is_file():
+        tokens = read_meta(path).get("tokens_seen")
+        per_token = read_json(run / "final_metrics.json").get("flops_per_token")
+        if tokens and per_token:
+            return float(tokens) * float(per_token), f"counted: teacher run {run.name}, {tokens:,} tokens"
+    if cfg.teacher.training_flops is not None:
+        return float(cfg.teacher.training_flops), "given: teacher.training_flops"
+    return None, "not counted (a given teacher; teacher.training_flops states it)"
 
 
 def teacher_hash(cfg: Config) -> str:

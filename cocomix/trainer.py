@@ -318,6 +318,20 @@ class Trainer:
         out["val/ppl"] = math.exp(min(out["val/loss"], 50.0))
         return out
 
+    def compute_ledger(self) -> dict:
+        """What the run cost, apart (cocomix/flops.py): `compute/student_flops` (training FLOPs of the
+        student over the tokens seen), `compute/online_teacher_flops` (KD's teacher, online labels),
+        and the one-off items the run shares with its experiment (`compute/teacher_training_flops`,
+        `compute/sae_training_flops`, `compute/label_extraction_flops`; null when not counted), with
+        `compute_notes` saying how each was counted."""
+        ledger = {"compute/student_flops": float(self.flops_per_token * self.tokens_seen),
+                  "compute/online_teacher_flops": float(self.accounting["teacher_flops_per_token"] * self.tokens_seen)}
+        notes = {}
+        for item, (flops, how) in self.method.one_off_flops().items():
+            ledger[f"compute/{item}_flops"] = flops
+            notes[item] = how
+        return {**ledger, "compute_notes": notes}
+
     # ---------------- the loop ----------------
 
     def train(self) -> dict[str, float]:
@@ -346,7 +360,7 @@ class Trainer:
             final = {"step": self.step, "tokens_seen": self.tokens_seen,
                      **(self.last_val or self.evaluate()),  # resumed from the final checkpoint: evaluate it
                      "checkpoint": str(list_checkpoints(self.run_dir)[-1]) if self.dist.is_main else "",
-                     **self.accounting}
+                     **self.accounting, **self.compute_ledger()}
             for cb in self.callbacks:
                 cb.on_end(self, final)
             if self.dist.is_main:

@@ -421,6 +421,22 @@ def test_every_method_trains_and_logs_the_same_metrics_to_mlflow(tmp_path, tiny_
             assert run.data.params[f"accounting.{key}"] == str(final[key]), (method, key)
         assert (final["teacher_flops_per_token"] > 0) == (method in ("kd", "kd_pause", "cocomix")), method
     assert finals["cocomix"]["active_params"] < finals["cocomix"]["params"]
+    # The compute ledger: the student and online teacher over the tokens seen, and the one-off items the
+    # run shares (the teacher's training from its own run's metrics; CoCoMix online: the SAE's too).
+    teacher_final = json.loads((tiny_teacher.parent.parent / "final_metrics.json").read_text())
+    teacher_flops = teacher_final["flops_per_token"] * json.loads((tiny_teacher / "checkpoint.json").read_text())["tokens_seen"]
+    for method, final in finals.items():
+        assert final["compute/student_flops"] == final["flops_per_token"] * final["tokens_seen"], method
+        assert final["compute/online_teacher_flops"] == final["teacher_flops_per_token"] * final["tokens_seen"], method
+        one_off = {k for k in final if k.startswith("compute/") and k.split("/")[1] not in ("student_flops", "online_teacher_flops")}
+        want = {"ntp": set(), "pause": set(), "kd": {"teacher_training"}, "kd_pause": {"teacher_training"},
+                "cocomix": {"teacher_training", "sae_training"}}[method]  # online labels: no extraction
+        assert one_off == {f"compute/{k}_flops" for k in want} and set(final["compute_notes"]) == want, method
+        if "teacher_training" in want:
+            assert final["compute/teacher_training_flops"] == teacher_flops
+            assert final["compute_notes"]["teacher_training"].startswith("counted: teacher run")
+    assert finals["cocomix"]["compute/sae_training_flops"] is None  # a given SAE (sae.path): not counted, said so
+    assert finals["cocomix"]["compute_notes"]["sae_training"] == "not counted (a given SAE, sae.path)"
 
 
 @pytest.mark.parametrize("method,extra", [("ntp", []), ("kd", []), ("pause", []), ("kd_pause", []), ("cocomix", []),

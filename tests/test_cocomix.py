@@ -3,6 +3,7 @@ official code, the NTP backbone, uncached forwards, hand-counted parameters and 
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -358,6 +359,24 @@ def test_cocomix_trains_from_cached_labels(concept_cache):
           f"concept loss {first['train/concept_loss']:.2f} -> {last['train/concept_loss']:.2f}, "
           f"ntp loss {first['train/ntp_loss']:.2f} -> {last['train/ntp_loss']:.2f}")
     assert accuracy > 20 * chance and accuracy > 1.5 * majority
+    # The compute ledger's one-off items, by hand: the teacher run's training, the SAE's (the teacher's
+    # forward through block sae.layer, then 3 x (dense encode + the k and aux_k sparse decodes)) over
+    # sae.tokens, and extraction over every train and val block of the cache (cocomix/flops.py).
+    from cocomix.flops import block_params, concept_label_flops_per_token
+    from cocomix.teacher import teacher_dir, teacher_shape
+
+    teacher, T, layer, C = teacher_shape(cfg), cfg.train.block_size, cfg.sae.layer, cfg.sae.n_latents
+    d = teacher.config.n_embd
+    sae_per_token = (2 * (layer + 1) * block_params(teacher) + 4 * (layer + 1) * d * T
+                     + 3 * (2 * d * C + 2 * d * cfg.sae.k + 2 * d * cfg.sae.aux_k))
+    assert final["compute/sae_training_flops"] == sae_per_token * cfg.sae.tokens
+    cache = json.loads((Path(cfg.concept_dir) / "manifest.json").read_text())
+    labelled = (cache["splits"]["train"]["n_blocks"] + cache["splits"]["val"]["n_blocks"]) * T
+    assert labelled == 12_912 * 64
+    assert final["compute/label_extraction_flops"] == concept_label_flops_per_token(teacher, layer, C, T) * labelled
+    run = teacher_dir(cfg).parent.parent
+    assert final["compute/teacher_training_flops"] == json.loads((run / "final_metrics.json").read_text())["flops_per_token"] * 327_680
+    assert final["compute/online_teacher_flops"] == 0.0
     assert final["val/concept_acc_any"] >= accuracy
     assert math.isfinite(final["val/concept_loss"])
 

@@ -594,3 +594,38 @@ def test_models_without_an_interleaved_slot_have_no_readout_diagnostics():
     assert readout_diagnostics(CocomixForCausalLM(tiny_config()).eval(), ids) == {}
     add = tiny_config(slot="concept", insert_layer=1, slot_options={"n_concepts": 40, "k": 4, "mix": "add"})
     assert readout_diagnostics(CocomixForCausalLM(add).eval(), ids) == {}
+
+
+@pytest.mark.parametrize("slot", ["none", "concept"])
+def test_flops_per_token_matches_torchs_flop_counter_on_a_training_step(slot):
+    """An independent count: torch.utils.flop_counter.FlopCounterMode over a real forward + backward
+    (eager attention, so its bmm are counted) equals flops_per_token less the one convention it does not
+    share: cocomix/flops.py charges 6 FLOPs a token to every parameter, biases and LayerNorm gains
+    included (PaLM / nanoGPT), where the counter sees only matmuls. The teacher's forward, a third."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cocomix.flops import forward_flops_per_token
+
+    torch.manual_seed(0)
+    extra = {} if slot == "none" else CONCEPT
+    model = CocomixForCausalLM(tiny_config(**extra)).train()
+    model.set_attn_implementation("eager")
+    ids = random_ids(2, 16)
+    tokens = ids.numel()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = model(ids, labels=ids)
+        loss = out.loss + (out.concept_logits.square().mean() if out.concept_logits is not None else 0)
+        loss.backward()
+    # Biases and LayerNorm weights (the blocks above the slot's insertion run over 2 streams a token);
+    # and the concept slot's k gathered compression rows, which spec 1.7 counts as a matmul and the
+    # counter sees as an index.
+    upper = {id(p) for b in model.transformer.h[model.config.insert_layer:] for p in b.parameters()} if model.slot else set()
+    vectors = sum(p.numel() * (2 if id(p) in upper else 1) for p in model.parameters() if p.dim() == 1)
+    gathered = model.slot.k * model.config.n_embd if model.slot is not None else 0
+    assert counter.get_total_flops() == (model.flops_per_token(16) - 6 * vectors - 6 * gathered) * tokens
+    if slot == "none":
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(ids)
+        assert counter.get_total_flops() == (forward_flops_per_token(model, 16) - 2 * vectors) * tokens

@@ -67,6 +67,18 @@ def _metrics(label: str, seed: int, tokens: int) -> dict[str, float]:
     return out
 
 
+# The compute ledger's one-off items (cocomix/flops.py) as a run of each method reports them.
+ONE_OFF = {"teacher_training": 4.0e15, "sae_training": 1.0e14, "label_extraction": 3.0e14}
+
+
+def _ledger(method: str) -> dict:
+    tokens = TOKENS[-1]
+    out = {"compute/student_flops": 6.0e6 * tokens, "compute/online_teacher_flops": (2.0e6 if method == "kd" else 0.0) * tokens}
+    items = {"kd": ["teacher_training"], "cocomix": list(ONE_OFF)}.get(method, [])
+    out.update({f"compute/{i}_flops": ONE_OFF[i] for i in items})
+    return {**out, "compute_notes": {i: "counted" for i in items}}
+
+
 def build_experiment(root: Path) -> Path:
     """An experiment config and every planned run's folder, written with the harness's own writers."""
     from cocomix.config import dump_config, load_config
@@ -94,7 +106,7 @@ def build_experiment(root: Path) -> Path:
             "step": 40, "tokens_seen": TOKENS[-1], "val/loss": FINAL_LOSS[(label, spec.seed)],
             "val/ppl": math.exp(FINAL_LOSS[(label, spec.seed)]), "mlflow_run_id": f"id-{spec.name}",
             "flops_per_token": 6.0e6, "teacher_flops_per_token": 2.0e6 if spec.method == "kd" else 0,
-            **_diagnostics(label, spec.seed, TOKENS[-1])})
+            **_ledger(spec.method), **_diagnostics(label, spec.seed, TOKENS[-1])})
     exp = load_config(config).experiment_dir
     atomic_write_json(exp / "runs" / "teacher" / "final_metrics.json", {
         "step": 80, "tokens_seen": 2 * TOKENS[-1], "val/loss": TEACHER_LOSS, "mlflow_run_id": "id-teacher"})
@@ -260,8 +272,8 @@ def test_differences_to_ntp_and_cocomix_are_paired_by_seed(experiment):
 
 def _tex_tables(exp_dir: Path) -> dict[str, str]:
     paths = sorted((exp_dir / "tables").glob("*.tex"))
-    assert [p.stem for p in paths] == ["ablations", "diagnostics", "main", "paired_downstream", "sae", "sample_efficiency",
-                                         "teacher"]
+    assert [p.stem for p in paths] == ["ablations", "compute", "diagnostics", "main", "paired_downstream", "sae",
+                                         "sample_efficiency", "teacher"]
     return {p.stem: p.read_text() for p in paths}
 
 
@@ -298,7 +310,7 @@ def test_tex_tables_are_ascii_escaped_without_run_ids_and_fit_the_page(experimen
     for name, tex in tables.items():
         assert tex.isascii(), name
         assert "id-ntp" not in tex and "untracked" not in tex and "mlflow" not in tex, name
-        assert (r"$\pm$" in tex or name == "sae") and "±" not in tex, name  # one SAE: nothing has a spread
+        assert (r"$\pm$" in tex or name in ("sae", "compute")) and "±" not in tex, name  # counts: no spread
         body = tex.split("\n", 1)[1].replace(" & ", " ")  # after the comment line, without column separators
         body = re.sub(r"\\[_%&#$]|\$[^$]*\$|\}%$", "", body, flags=re.M)  # escapes, math, a line-end comment
         assert not re.search(r"[_%&#]", body), (name, re.findall(r".{20}[_%&#].{20}", body))  # none raw
@@ -518,3 +530,28 @@ def test_paired_downstream_differences_match_scipys_binomial_test_and_bootstrap(
     from cocomix.data import DataError
     with pytest.raises(DataError, match=r"lm_eval_samples.json.gz: does not match the sha256 its eval.json recorded"):
         paired_downstream_table(runs)
+
+
+def test_compute_table_amortises_each_one_off_item_over_the_runs_that_read_it(experiment):
+    from evals.report.runs import load_runs
+    from cocomix.plan import plan_runs
+
+    config, exp_dir = experiment
+    header, rows = _md_rows(exp_dir / "tables" / "compute.md")
+    cells = {r[0]: dict(zip(header, r)) for r in rows}
+    specs = plan_runs(config)
+    readers = {"teacher_training": sum(s.method in ("kd", "cocomix") for s in specs),  # ablations are CoCoMix runs
+               "sae_training": sum(s.method == "cocomix" for s in specs)}
+    readers["label_extraction"] = readers["sae_training"]
+    tokens = TOKENS[-1]
+    ntp = 6.0e6 * tokens
+    kd = 8.0e6 * tokens + ONE_OFF["teacher_training"] / readers["teacher_training"]
+    cocomix = ntp + sum(ONE_OFF[i] / readers[i] for i in ONE_OFF)
+    for label, total, online in (("ntp", ntp, 0.0), ("kd", kd, 2.0e6 * tokens), ("cocomix", cocomix, 0.0)):
+        row = cells[f"{label} (base)"]
+        assert float(row["amortised"]) == pytest.approx(total, rel=1e-3), label
+        assert float(row["online teacher"]) == pytest.approx(online) if online else row["online teacher"] == "0"
+        assert row["vs NTP"] == f"{total / ntp:.2f}x"
+    assert cells["ntp (base)"]["teacher training"] == "" and cells["kd (base)"]["label extraction"] == ""
+    assert float(cells["cocomix (base)"]["label extraction"]) == ONE_OFF["label_extraction"]
+    assert len(load_runs(config)) == len(specs)

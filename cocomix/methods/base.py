@@ -136,3 +136,9 @@ class Method:
     def teacher_flops_per_token(self) -> float:
         """Training FLOPs per token spent outside the student (an online teacher), reported apart."""
         return 0.0
+
+    def one_off_flops(self) -> dict[str, tuple[float | None, str]]:
+        """The one-off work this run depends on and shares with the experiment's other runs that read
+        it (cocomix/flops.py): {item: (FLOPs or None when not counted, how)}. Called after setup();
+        none for a method without a teacher."""
+        return {}

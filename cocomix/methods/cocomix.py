@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from cocomix.concepts import LabelCache, concept_labels, label_precision
 from cocomix.config import Config, ConfigError
 from cocomix.files import read_json
-from cocomix.flops import block_params, concept_label_flops_per_token
+from cocomix.flops import block_params, concept_label_flops_per_token, sae_training_flops_per_token
 from cocomix.methods.base import Batch, Method, register
 from cocomix.sae import load_sae
 from cocomix.slots import normalize_per_token
-from cocomix.teacher import load_teacher, run_teacher, teacher_dir
+from cocomix.teacher import load_teacher, run_teacher, teacher_dir, teacher_shape, teacher_training_flops
 
 
 def concept_loss(logits: torch.Tensor, labels: torch.Tensor, per_block: bool = False) -> torch.Tensor:
@@ -170,6 +170,29 @@ class CoCoMix(Method):
                                                        self.cfg.concept.scoring))
         below, d = layer + 1, self.teacher.config.n_embd  # blocks 0..layer, forward only
         return float(2 * below * block_params(self.teacher) + 4 * below * d * T)
+
+
+    def one_off_flops(self) -> dict[str, tuple[float | None, str]]:
+        """The teacher's training, the SAE's and, with cached labels, their extraction (every train and
+        val block of the cache); none when the run reads no teacher (concept.lam=0)."""
+        cfg = self.cfg
+        if self.teacher is None and self.label_cache is None:
+            return {}
+        out = {"teacher_training": teacher_training_flops(cfg)}
+        needs_sae = self.sae is not None or self.label_cache is not None
+        if not needs_sae:
+            return out
+        shape, T, layer = teacher_shape(cfg), cfg.train.block_size, cfg.sae.layer
+        if cfg.sae.path:
+            out["sae_training"] = (None, "not counted (a given SAE, sae.path)")
+        else:
+            per = sae_training_flops_per_token(shape, layer, cfg.sae.n_latents, cfg.sae.k, cfg.sae.aux_k, T)
+            out["sae_training"] = (float(per * cfg.sae.tokens), f"counted: {cfg.sae.tokens:,} activation tokens")
+        if self.label_cache is not None:
+            tokens = sum(int(e["n_blocks"]) for e in self.label_cache.manifest["splits"].values()) * T
+            per = concept_label_flops_per_token(shape, layer, cfg.sae.n_latents, T, cfg.concept.scoring)
+            out["label_extraction"] = (float(per * tokens), f"counted: {tokens:,} labelled tokens (train + val)")
+        return out
 
 
 def _teacher_width(cfg: Config) -> int:

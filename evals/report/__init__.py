@@ -62,6 +62,7 @@ from cocomix.files import clear_stale_tmp
 from cocomix.tracking import runs_heading
 
 from .curves import average_chance, delta_curves, downstream_curve, final_task_scores, seed_band
+from .compute import compute_table
 from .paired import paired_downstream_table
 from .plots import plot_curves
 from .runs import CHANCE, Run, diagnostic_curves, group, load_eval_jsons, load_runs, read_json
@@ -114,6 +115,8 @@ def report(config_path: str | Path) -> Path:
          f"{exp}: the teacher against the students, final held-out loss"),
         ("sae", sae_table(read_json(cfg.experiment_dir / "sae" / "metrics.json"), cfg),
          f"{exp}: the TopK SAE on the teacher's residual stream, reconstruction and concept recovery"),
+        ("compute", compute_table(runs),
+         f"{exp}: training FLOPs per run, student and teacher side apart, mean over seeds"),
         ("paired_downstream", paired_downstream_table(runs),
          f"{exp}: downstream accuracy differences to NTP paired over documents and seeds, final checkpoints"),
     ):

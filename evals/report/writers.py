@@ -136,7 +136,8 @@ def write_table(out_dir: Path, name: str, table: Table, caption: str) -> None:
     empty = {h for i, h in enumerate(header) if rows and all(isinstance(r[i], Cell) and r[i].missing for r in rows)}
     panels = [[h for h in panel if h not in empty] for panel in panels]
     numbers = {h for i, h in enumerate(header) if any(isinstance(r[i], Cell) for r in rows)}
-    panels = [panel for panel in panels if numbers & set(panel)] or panels[:1]
+    if numbers:  # a table of formatted strings only (compute: FLOPs) keeps every panel
+        panels = [panel for panel in panels if numbers & set(panel)] or panels[:1]
     for k, panel in enumerate(panels):
         keep = [header.index(h) for h in panel]
         align = "".join("r" if any(isinstance(r[i], Cell) for r in rows) else "l" for i in keep)  # numbers right

@@ -1,0 +1,84 @@
+"""The compute table: what every method's runs cost, student and teacher side apart (the ledger each
+run's final_metrics.json carries, `Trainer.compute_ledger`; conventions in cocomix/flops.py)."""
+
+from __future__ import annotations
+
+from .runs import Run, group, label_order
+from .writers import MISSING, Table, tex_escape
+
+ONE_OFF = ("teacher_training", "sae_training", "label_extraction")  # shared by the runs that read them
+
+
+def flops(value: float | None) -> str:
+    return MISSING if value is None else f"{value:.3g}"
+
+
+def shares(runs: list[Run]) -> dict[tuple[str, float], int]:
+    """How many of the experiment's runs read each one-off item, told apart by its FLOPs (the activation
+    ablation's label cache is another extraction than the attribution cache, and costs another amount):
+    {(item, FLOPs): runs}; its FLOPs are split among them."""
+    out: dict[tuple[str, float], int] = {}
+    for r in runs:
+        for item in ONE_OFF:
+            value = r.final.get(f"compute/{item}_flops")
+            if value is not None:
+                out[(item, value)] = out.get((item, value), 0) + 1
+    return out
+
+
+def amortised(run: Run, share: dict[tuple[str, float], int]) -> float | None:
+    """Student + online teacher + this run's equal share of every counted one-off item."""
+    f = run.final
+    if "compute/student_flops" not in f:
+        return None
+    total = f["compute/student_flops"] + f["compute/online_teacher_flops"]
+    for item in ONE_OFF:
+        value = f.get(f"compute/{item}_flops")
+        if value is not None:
+            total += value / share[(item, value)]
+    return total
+
+
+def compute_table(runs: list[Run]) -> Table:
+    """Per method and scale (mean over seeds): tokens, the student's training FLOPs, the online teacher's
+    (KD, online labels), the one-off items the run reads (the teacher's training, the SAE's, label
+    extraction; "not counted" when the run's config cannot say), the per-run total and the total with
+    the one-off items amortised over the runs of the experiment that read them."""
+    header = ["method", "seeds", "tokens", "student", "online teacher", "teacher training",
+              "SAE training", "label extraction", "per run", "amortised", "vs NTP"]
+    share = shares(runs)
+    rows: list[list] = []
+    ntp_total: dict[str, float] = {}
+    order = label_order({label for _, label in group(runs)})
+    groups = sorted(group(runs).items(), key=lambda kv: (kv[0][0], order.index(kv[0][1])))
+    for (scale, label), rs in groups:
+        if any("compute/student_flops" not in r.final for r in rs):
+            rows.append([f"{label} ({scale})", str(len(rs))] + [MISSING] * (len(header) - 2))
+            continue
+        mean = lambda key: sum(r.final[key] for r in rs) / len(rs)  # noqa: E731
+        one_off = []
+        for item in ONE_OFF:
+            values = [r.final.get(f"compute/{item}_flops") for r in rs]
+            noted = any(item in (r.final.get("compute_notes") or {}) for r in rs)
+            one_off.append("not counted" if noted and values[0] is None else
+                           ("" if not noted else flops(values[0])))
+        per_run = mean("compute/student_flops") + mean("compute/online_teacher_flops")
+        total = sum(amortised(r, share) for r in rs) / len(rs)
+        if label == "ntp":
+            ntp_total[scale] = total
+        rows.append([f"{label} ({scale})", str(len(rs)), f"{int(mean('tokens_seen')):,}", flops(mean("compute/student_flops")),
+                     flops(mean("compute/online_teacher_flops")), *one_off, flops(per_run), flops(total), total])
+    for row in rows:  # the last column: the amortised total relative to NTP's at that scale
+        scale = row[0].rsplit("(", 1)[-1].rstrip(")")
+        if isinstance(row[-1], float):
+            row[-1] = f"{row[-1] / ntp_total[scale]:.2f}x" if scale in ntp_total else MISSING
+    counts = ", ".join(f"{item.replace('_', ' ')} ({value:.3g}) over {n} run(s)" for (item, value), n in share.items())
+    note = ("Training FLOPs: the student's, the online teacher's (KD, online labels), the one-off items; per run: "
+            "student + online teacher; amortised: per run plus the run's share of the one-off items. FLOPs by cocomix/flops.py's convention (6 per parameter a token for training, attention over the full "
+            "T x T square); the paper's FLOPs count the student only (spec 4.5). One-off items are shared: the "
+            "amortised total adds each run's equal share of every counted item, an item being one amount read by several runs" + (f" ({counts})" if counts else "")
+            + "; \"not counted\" marks a given teacher without teacher.training_flops or a given SAE (sae.path), "
+            "which the amortised total then leaves out; an empty cell: the method reads no such item.")
+    panels = [header[:5] + ["per run"],
+              [header[0], "teacher training", "SAE training", "label extraction", "amortised", "vs NTP"]]
+    return Table(header, rows, {}, [note], [tex_escape(note)], tex_panels=panels)
