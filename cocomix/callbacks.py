@@ -439,13 +439,11 @@ class Checkpointer(Callback):
         the optimizer state as a torch.distributed.checkpoint folder that every process writes its shards
         of, into the temporary folder rank 0 names; rank 0 then completes, seals and renames it."""
         weights = parallel.full_weights(trainer.model)  # a collective: every process, every time
-        exists = [final.exists()]
-        tmp = [str(ckpt.temporary(final)) if trainer.dist.is_main else None]
-        if trainer.dist.world_size > 1:
-            dist.broadcast_object_list(exists, src=0)
-            dist.broadcast_object_list(tmp, src=0)
-        if not exists[0]:
-            tmp_path = Path(tmp[0])
+        todo = [None if final.exists() else str(ckpt.temporary(final))] if trainer.dist.is_main else [None]
+        if trainer.dist.world_size > 1:  # rank 0's answer: the folder to write in, None when already saved
+            dist.broadcast_object_list(todo, src=0)
+        if todo[0] is not None:
+            tmp_path = Path(todo[0])
             if trainer.dist.is_main:
                 ckpt.clear_temporary(tmp_path)
             barrier(trainer.dist)
@@ -457,8 +455,9 @@ class Checkpointer(Callback):
                     ckpt.clear_temporary(tmp_path)
                 raise
             if trainer.dist.is_main:
-                ckpt.write(final, trainer.model if weights is None else parallel.empty_twin(trainer.model), trainer.data_dir / "tokenizer",
-                           self.trainer_state(trainer, rngs), None, self.meta(trainer), weights=weights)
+                writer = trainer.model if weights is None else parallel.empty_twin(trainer.model)
+                ckpt.write(final, writer, trainer.data_dir / "tokenizer", self.trainer_state(trainer, rngs), None,
+                           self.meta(trainer), weights=weights)
                 c = trainer.cfg.checkpoint
                 ckpt.prune(trainer.run_dir, c.keep_last, c.keep_optimizer)
         barrier(trainer.dist)

@@ -69,13 +69,13 @@ def train_resources(node: Node | None, nodes: int | None) -> dict[str, object]:
             "cpus_per_task": node.cpus // node.gpus, "mem_mb": node.mem_mb, "mpi": "srun"}
 
 
-def extract_resources(node: Node | None, visible_gpus: int, allowed_gpus: int | None) -> dict[str, object]:
+def extract_resources(node: Node | None, visible_gpus: int | None, allowed_gpus: int | None) -> dict[str, object]:
     """The label-extraction job's resources: every GPU of its node (one process per GPU under torchrun,
     cocomix/concepts.py). With a declared node: one whole node; else the visible GPUs, no more than
     `--resources gpu=N` allows; one slot on a machine without GPUs."""
     if node is not None:
         return train_resources(node, 1)
-    gpus = max(1, visible_gpus)
+    gpus = max(1, visible_gpus or 0)  # None: no GPU visible (local_gpu_slots)
     return {"gpu": min(gpus, allowed_gpus) if allowed_gpus else gpus}
 
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from contextlib import nullcontext
@@ -136,16 +137,29 @@ def gpu_utilization(device: torch.device) -> float | None:
     NVML cannot start (no driver). The device is found by its UUID, whatever CUDA_VISIBLE_DEVICES says."""
     if device.type != "cuda":
         return None
+    handle = _nvml_handle(device.index if device.index is not None else torch.cuda.current_device())
+    if handle is None:
+        return None
+    import pynvml  # lazy: present, since a handle exists
+
+    try:
+        return float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+    except pynvml.NVMLError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _nvml_handle(index: int):
+    """NVML's handle of CUDA device `index`, looked up once (None: no nvidia-ml-py, or NVML cannot start)."""
     try:
         import pynvml  # lazy: an optional extra
     except ImportError:
         return None
     try:
         pynvml.nvmlInit()
-        uuid = str(torch.cuda.get_device_properties(device).uuid)
-        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
-        return float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-    except (pynvml.NVMLError, AttributeError, RuntimeError):
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+        return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+    except (pynvml.NVMLError, AttributeError, RuntimeError, AssertionError):
         return None
 
 

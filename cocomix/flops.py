@@ -70,7 +70,6 @@ def concept_label_flops_per_token(teacher, sae_layer: int, n_latents: int, seq_l
     return forward_flops_per_token(teacher, seq_len) + backward + encode + 2 * d * n_latents
 
 
-
 def sae_training_flops_per_token(teacher, sae_layer: int, n_latents: int, k: int, aux_k: int, seq_len: int) -> int:
     """Training the TopK SAE (cocomix/sae.py) per activation token: the frozen teacher's forward up to
     and including block `sae_layer` (no gradients), then the SAE's training step at 3x its forward

@@ -48,12 +48,10 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
-def prepare(model: torch.nn.Module, parallel: str, activation_checkpointing: bool, bf16: bool, d: Dist,
-            device: torch.device) -> torch.nn.Module:
-    """Set up `model` in place for `train.parallel` (FSDP: shard it, before the optimizer is built over
-    its parameters) and `train.activation_checkpointing`; return the module the forward passes run
-    through: the model itself, or under DDP with several processes its DDP wrapper (built by `wrap_ddp`
-    after resuming)."""
+def prepare(model: torch.nn.Module, parallel: str, activation_checkpointing: bool, bf16: bool, d: Dist) -> None:
+    """Set up `model` in place for `train.parallel` (FSDP on several processes: shard it, before the
+    optimizer is built over its parameters; DDP wraps it later, `wrap_ddp`, after resuming) and
+    `train.activation_checkpointing`."""
     if activation_checkpointing:
         with warnings.catch_warnings():  # transformers 5.24 renamed it (a FutureWarning)
             warnings.simplefilter("ignore", FutureWarning)
@@ -68,7 +66,6 @@ def prepare(model: torch.nn.Module, parallel: str, activation_checkpointing: boo
         for name in FORWARD_METHODS:
             if hasattr(model, name):
                 register_fsdp_forward_method(model, name)
-    return model
 
 
 def wrap_ddp(model: torch.nn.Module, d: Dist, device: torch.device, find_unused: bool) -> torch.nn.Module:

@@ -202,8 +202,7 @@ class Trainer:
         check_tokenizer_matches(self.data_dir, cfg.tokenizer.path or self.data_dir / "tokenizer",
                                 self.model.config.real_vocab_size)  # padding rows are never a token
         # FSDP shards the model here, before the optimizer is built over its (sharded) parameters.
-        parallel.prepare(self.model, t.parallel, t.activation_checkpointing, use_bf16(self.device, t.precision),
-                         self.dist, self.device)
+        parallel.prepare(self.model, t.parallel, t.activation_checkpointing, use_bf16(self.device, t.precision), self.dist)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),  # one group: decay on all parameters, as the official code
             lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay,

@@ -323,7 +323,10 @@ def test_gpu_utilization_is_none_without_a_gpu_or_its_driver():
     import pynvml
     from cocomix.device import gpu_utilization
 
-    with pytest.raises(pynvml.NVMLError):
+    try:
         pynvml.nvmlInit()
+        pytest.skip("NVML starts here (a GPU driver): the no-driver path cannot be checked")
+    except pynvml.NVMLError:
+        pass
     assert gpu_utilization(torch.device("cpu")) is None
     assert gpu_utilization(torch.device("cuda", 0)) is None

@@ -226,3 +226,14 @@ def test_sigusr1_to_every_process_of_a_launched_job_checkpoints_one_step_and_the
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0 and f"checkpoints/step_{step:07d}" in rerun.stdout, rerun.stderr[-3000:]
     assert json.loads((run_dir / "final_metrics.json").read_text())["step"] == 40
+
+
+def test_label_extraction_takes_every_gpu_of_its_node_and_one_slot_without_gpus():
+    # Without a GPU, local_gpu_slots() is None: the DAG's extraction job asked max(1, None) and every
+    # real DAG run on a CPU failed at planning (TypeError in workflow/rules/common.smk).
+    from cocomix.cluster import Node, extract_resources
+
+    assert extract_resources(None, None, None) == {"gpu": 1}
+    assert extract_resources(None, 8, None) == {"gpu": 8} and extract_resources(None, 8, 4) == {"gpu": 4}
+    assert extract_resources(Node(8, 64, 480000), None, None) == {"nodes": 1, "gpu": 8, "cpus_per_task": 64,
+                                                                 "mem_mb": 480000}

@@ -171,7 +171,6 @@ class CoCoMix(Method):
         below, d = layer + 1, self.teacher.config.n_embd  # blocks 0..layer, forward only
         return float(2 * below * block_params(self.teacher) + 4 * below * d * T)
 
-
     def one_off_flops(self) -> dict[str, tuple[float | None, str]]:
         """The teacher's training, the SAE's and, with cached labels, their extraction (every train and
         val block of the cache); none when the run reads no teacher (concept.lam=0)."""

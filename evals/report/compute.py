@@ -47,31 +47,26 @@ def compute_table(runs: list[Run]) -> Table:
     header = ["method", "seeds", "tokens", "student", "online teacher", "teacher training",
               "SAE training", "label extraction", "per run", "amortised", "vs NTP"]
     share = shares(runs)
+    groups = group(runs)
+    order = label_order({label for _, label in groups})
+    totals = {key: sum(amortised(r, share) for r in rs) / len(rs) for key, rs in groups.items()
+              if all("compute/student_flops" in r.final for r in rs)}
     rows: list[list] = []
-    ntp_total: dict[str, float] = {}
-    order = label_order({label for _, label in group(runs)})
-    groups = sorted(group(runs).items(), key=lambda kv: (kv[0][0], order.index(kv[0][1])))
-    for (scale, label), rs in groups:
-        if any("compute/student_flops" not in r.final for r in rs):
+    for (scale, label), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1]))):
+        if (scale, label) not in totals:
             rows.append([f"{label} ({scale})", str(len(rs))] + [MISSING] * (len(header) - 2))
             continue
         mean = lambda key: sum(r.final[key] for r in rs) / len(rs)  # noqa: E731
         one_off = []
         for item in ONE_OFF:
-            values = [r.final.get(f"compute/{item}_flops") for r in rs]
+            value = rs[0].final.get(f"compute/{item}_flops")  # one amount for every seed
             noted = any(item in (r.final.get("compute_notes") or {}) for r in rs)
-            one_off.append("not counted" if noted and values[0] is None else
-                           ("" if not noted else flops(values[0])))
-        per_run = mean("compute/student_flops") + mean("compute/online_teacher_flops")
-        total = sum(amortised(r, share) for r in rs) / len(rs)
-        if label == "ntp":
-            ntp_total[scale] = total
+            one_off.append("" if not noted else ("not counted" if value is None else flops(value)))
+        ntp = totals.get((scale, "ntp"))
         rows.append([f"{label} ({scale})", str(len(rs)), f"{int(mean('tokens_seen')):,}", flops(mean("compute/student_flops")),
-                     flops(mean("compute/online_teacher_flops")), *one_off, flops(per_run), flops(total), total])
-    for row in rows:  # the last column: the amortised total relative to NTP's at that scale
-        scale = row[0].rsplit("(", 1)[-1].rstrip(")")
-        if isinstance(row[-1], float):
-            row[-1] = f"{row[-1] / ntp_total[scale]:.2f}x" if scale in ntp_total else MISSING
+                     flops(mean("compute/online_teacher_flops")), *one_off,
+                     flops(mean("compute/student_flops") + mean("compute/online_teacher_flops")),
+                     flops(totals[(scale, label)]), f"{totals[(scale, label)] / ntp:.2f}x" if ntp else MISSING])
     counts = ", ".join(f"{item.replace('_', ' ')} ({value:.3g}) over {n} run(s)" for (item, value), n in share.items())
     note = ("Training FLOPs: the student's, the online teacher's (KD, online labels), the one-off items; per run: "
             "student + online teacher; amortised: per run plus the run's share of the one-off items. FLOPs by cocomix/flops.py's convention (6 per parameter a token for training, attention over the full "
