@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cocomix.config import ConfigError
+from cocomix.config import ConfigError, SweepParam
 from cocomix.data.shards import check_tokenizer_matches
 from cocomix.device import autocast
 from cocomix.flops import forward_flops_per_token
@@ -87,6 +87,11 @@ class KD(Method):
 
     def artifacts(self, cfg) -> frozenset[str]:
         return frozenset({"teacher"})
+
+    def tune_space(self, cfg) -> dict:
+        """The learning rate and warm-up, lambda_KD (0.02 to 1, log) and the temperature (0.5 to 4, log)."""
+        return {**super().tune_space(cfg), "kd.lam": SweepParam("float", 0.02, 1.0, log=True),
+                "kd.temperature": SweepParam("float", 0.5, 4.0, log=True)}
 
     def setup(self, trainer) -> None:
         self.cfg = cfg = trainer.cfg

@@ -15,6 +15,7 @@ active parameters; `config/paper.yaml`); KD + Pause uses the same `kd.lam` as KD
 
 from baselines.kd import KD
 from baselines.ntp import NTP
+from cocomix.config import SweepParam
 from cocomix.methods.base import register
 
 
@@ -26,6 +27,11 @@ class PauseSlot:
 
     def slot_options(self, cfg) -> dict:
         return {"readout": cfg.pause.readout}
+
+    def tune_space(self, cfg) -> dict:
+        """The learning rate and warm-up (and KD's knobs for kd_pause), and where the pauses enter. The
+        number of pauses is not a knob: one pause slot follows every token, as CoCoMix's concept slot."""
+        return {**super().tune_space(cfg), "concept.insert_layer": SweepParam("int", 1, max(1, cfg.model.n_layer - 1))}
 
 
 @register

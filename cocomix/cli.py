@@ -83,12 +83,27 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     extra = []
+    if args.tuned:  # a tuning study's values first: the run's own overrides (an ablation's) win over them
+        from cocomix.tune import tuned_overrides  # lazy: only for tuned runs
+
+        extra += tuned_overrides(args.tuned)
     if args.method:
         extra.append(f"method={args.method}")
     if args.seed is not None:
         extra.append(f"seed={args.seed}")
     cfg = _load(args, extra)
     method = _check_method(cfg)
+    if args.match_flops:  # a compute-matched arm: its budget spends the matched run's FLOPs
+        from cocomix.compute import matched_tokens, matched_total, student_flops_per_token  # lazy: torch
+
+        over = [p for p in args.amortise_over.split(",") if p] if args.amortise_over else None
+        total = matched_total(args.match_flops, over)
+        tokens = matched_tokens(cfg, total, student_flops_per_token(cfg))
+        cfg = load_config(args.config, extra + list(args.overrides) + [f"train.tokens={tokens}"])
+        print(f"compute-matched: {tokens:,} tokens, {total:.4g} FLOPs ({'amortised' if over else 'per step'}) "
+              f"of {args.match_flops}", flush=True)
+    elif args.amortise_over:
+        raise ConfigError("--amortise-over: only with --match-flops")
     from cocomix.trainer import train  # lazy: torch after the config is valid
 
     _no_hf_bars()
@@ -178,7 +193,7 @@ def cmd_track_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    cfg = _load(args, ["method=cocomix"])
+    cfg = _load(args, [f"method={_load(args).sweep.method}"])  # its trials' method (method_overrides apply)
     _check_method(cfg)
     from cocomix.sweep import run_worker, sweep  # lazy: optuna after the config is valid
 
@@ -191,6 +206,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             if s.get("best_trial") is not None else "no complete trial yet")
     print(f"sweep {s['study']}: {s['complete']} complete, {s['pruned']} pruned, {s['failed']} failed, "
           f"{s['running']} running, {s['waiting']} queued; {best}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    load_config(args.config)  # a bad experiment config fails before optuna and torch load
+    from cocomix.tune import tune  # lazy: optuna after the config is valid
+
+    for method, r in tune(args.config, [args.method] if args.method else None).items():
+        best = (f"best trial {r['best_trial']}: tuning loss {r['best_value']:.4f} {r['params']}"
+                if r["best_trial"] is not None else "no complete trial")
+        at = f" (defaults {r['defaults_value']:.4f})" if r.get("defaults_value") is not None else ""
+        print(f"tune {method}: {r['complete']}/{r['trials']} complete; {best}{at}")
     return 0
 
 
@@ -329,6 +356,14 @@ def _add_training_parsers(sub) -> None:
     p.add_argument("--eval", action="store_true",
                    help="then evaluate every checkpoint of the run, as `cocomix eval <run dir>` (one process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tuned", default=None, metavar="BEST_JSON",
+                   help="train with a tuning study's values (<experiment>/tuning/<method>/best.json, `cocomix tune`); "
+                        "the overrides given here win over them")
+    p.add_argument("--match-flops", default=None, metavar="FINAL_METRICS",
+                   help="set train.tokens so this run spends the FLOPs of that finished run (compute-matched arm)")
+    p.add_argument("--amortise-over", default=None, metavar="FILES",
+                   help="with --match-flops: comma-separated final_metrics.json of every run sharing the one-off "
+                        "items (teacher, SAE, labels); match the amortised total instead of the per-step one")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("train-sae", help="train the TopK SAE on the teacher's residual stream -> <experiment>/sae/")
@@ -382,6 +417,14 @@ def _add_sweep_parser(sub) -> None:
     p.add_argument("--worker-index", type=int, default=int(os.environ.get("SLURM_PROCID", "0")),
                    help="offsets the sampler seed (default $SLURM_PROCID or 0)")
     p.set_defaults(func=cmd_sweep)
+
+
+def _add_tune_parser(sub) -> None:
+    p = sub.add_parser("tune", help="equal tuning: one Optuna study per method of dag.methods on the tuning split "
+                                    "-> <experiment>/tuning/<method>/best.json")
+    p.add_argument("--config", "-c", required=True, help="the experiment config")
+    p.add_argument("--method", default=None, help="tune this method only (default: every method of dag.methods)")
+    p.set_defaults(func=cmd_tune)
 
 
 def _add_params_parser(sub) -> None:
@@ -457,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_parsers(sub)
     _add_results_parsers(sub)
     _add_sweep_parser(sub)
+    _add_tune_parser(sub)
     _add_params_parser(sub)
     _add_plan_parser(sub)
     _add_inspect_parser(sub)

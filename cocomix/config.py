@@ -325,9 +325,17 @@ class EvalConfig(Section):
     task_seed: int = 0
     """Seed of the generated synthetic task documents: one set for every run and seed, so seeds and
     methods are scored on the same documents (their differences pair)."""
+    split: Literal["val", "tune"] = "val"
+    """What the in-training held-out loss (`val/*`) reads: `val`, the validation split the tables report,
+    or `tune`, the tuning split: the last `tune_blocks` blocks of the training split, which the run then
+    leaves out of training together with the one block before them (a gap, so that no training block
+    ends where a tuning block begins). Tuning trials (`cocomix tune`) use `tune`: they never read `val`."""
+    tune_blocks: int = 64
+    """Blocks of the tuning split (`split: tune`); at most a quarter of the training split."""
 
     def check(self, cfg: Config) -> None:
         _need(self.every_tokens > 0, "eval.every_tokens", "must be positive")
+        _need(self.tune_blocks >= 1, "eval.tune_blocks", f"must be at least 1, got {self.tune_blocks}")
 
 
 @dataclass
@@ -565,6 +573,9 @@ class SweepConfig(Section):
     """Optuna search over CoCoMix's design choices (`cocomix sweep`, cocomix/sweep.py). Every trial
     is a `cocomix` run of `tokens` tokens scored by its final held-out loss."""
 
+    method: str = "cocomix"
+    """The method every trial trains (a name in the registry); `cocomix tune` runs one study per method.
+    For cocomix, concept.insert_layer and concept.k are always searched."""
     study: str | None = None
     """Default: <experiment>-sweep. Rerunning with the same name continues the study."""
     storage: str | None = None
@@ -600,6 +611,37 @@ class SweepConfig(Section):
 
 
 @dataclass
+class TuneConfig(Section):
+    """Equal tuning of every method (`cocomix tune`, cocomix/tune.py): one Optuna study per method of
+    `dag.methods`, each with the same trials, tokens per trial, sampler and seed, over the method's own
+    knobs (`Method.tune_space`), scored on the tuning split (`eval.split: tune`), never on validation."""
+
+    n_trials: int = 6
+    """Trials per method (complete, pruned or failed); every method gets the same number."""
+    tokens: int | None = None
+    """Training tokens per trial; default train.tokens."""
+    seed: int = 0
+    """Sampler seed, the same for every method's study."""
+    sampler: Literal["tpe", "random"] = "tpe"
+    """Optuna sampler of every study (TPE after `n_startup_trials` random trials, or random)."""
+    n_startup_trials: int = 3
+    """Random trials before TPE models the space."""
+    pruner: Literal["median", "none"] = "none"
+    """none: every trial runs its whole budget (the fairest use of equal trials); median: stop a trial
+    whose tuning loss is worse than the median of earlier trials at the same point."""
+    defaults_first: bool = True
+    """The first trial of every study is the method's configured values (the paper's defaults), so a
+    tuned method is never worse on the tuning split than its defaults."""
+    space: dict[str, dict[str, SweepParam]] = field(default_factory=dict)
+    """Method -> dotted key -> range, replacing or adding to the method's default knobs key by key
+    (README, "Equal tuning"); a range with `low` = `high` fixes the key."""
+
+    def check(self, cfg: Config) -> None:
+        _need(self.n_trials >= 1, "tune.n_trials", f"must be at least 1, got {self.n_trials}")
+        _need(self.tokens is None or self.tokens > 0, "tune.tokens", "must be positive")
+
+
+@dataclass
 class DagConfig(Section):
     """What `snakemake` runs for this experiment (see `cocomix/dag.py` and the Snakefile)."""
 
@@ -625,6 +667,14 @@ class DagConfig(Section):
     one start-up of torch, transformers and lm-eval); false: a separate `evaluate` job per run."""
     teacher: dict[str, Any] = field(default_factory=dict)
     """Dotted overrides for the teacher, an NTP run named 'teacher', trained when teacher.path is unset."""
+    compute_matched: bool = False
+    """Add NTP arms whose token budgets match each other method's training FLOPs, per seed: `ntp=<method>`
+    (student + online teacher, the per-step cost) and `ntp=<method>+` (plus its share of the teacher's
+    training, the SAE's and label extraction, amortised over the runs that read them). Each arm's budget
+    is read from its method's run when the arm starts (cocomix/compute.py)."""
+    tuned: bool = False
+    """Every main run uses the values its method's tuning study chose (`tune`, `cocomix tune`; the DAG
+    runs the studies first); ablations take CoCoMix's, under their own overrides."""
 
     def check(self, cfg: Config) -> None:
         for name, seeds in self.method_seeds.items():
@@ -693,6 +743,8 @@ class Config:
     """The experiment grid `snakemake` runs: methods x scales x seeds, ablations, evaluation."""
     sweep: SweepConfig = field(default_factory=SweepConfig)
     """The Optuna search of `cocomix sweep`."""
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    """Equal tuning of every method (`cocomix tune`)."""
 
     def check(self, cfg: Config) -> None:
         """The top-level keys (`cfg` is this config)."""

@@ -20,7 +20,8 @@ from cocomix.config import Config, ConfigError, fingerprint, load_config, split_
 from cocomix.device import estimate_training_memory
 from cocomix.methods import get_method, run_fingerprint
 from cocomix.plan import RunSpec, plan_runs, teacher_spec
-from cocomix.sweep import study_name
+from cocomix.sweep import study_key, study_name
+from cocomix.tune import method_config, study_config
 
 # Every job runs offline: a wrong local path must fail at once, not retry the hub for minutes.
 OFFLINE = "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1"
@@ -30,9 +31,14 @@ COCOMIX = f"{OFFLINE} {sys.executable} -m cocomix.cli"
 # What the SAE and a label cache are computed from (their rules rerun when these change).
 SAE_KEYS = ("data", "tokenizer", "teacher", "sae", "train.block_size")
 LABEL_KEYS = ("data", "tokenizer", "teacher", "sae", "concept", "train.block_size")
-TABLES = ("main", "sample_efficiency", "ablations", "diagnostics", "teacher", "sae", "compute", "paired_downstream")
+TABLES = ("main", "sample_efficiency", "ablations", "diagnostics", "teacher", "sae", "compute", "paired_downstream", "tuning")
 # `cocomix sweep` searches CoCoMix's settings: every trial is a CoCoMix run (cocomix/sweep.py).
 SWEEP_METHOD = "cocomix"
+# Ablations train with CoCoMix's tuned values (dag.tuned), under their own overrides.
+TUNE_ABLATION_METHOD = "cocomix"
+# A compute-matched arm's FLOPs for time limits and `cocomix plan`, as a multiple of its method's student
+# FLOPs: its budget is set at launch (cocomix/compute.py); online labels cost about 3-3.5x (flops.py).
+ARM_FLOPS_BOUND = 4.0
 # SLURM time limits of training jobs (Dag.runtime_minutes): the run's FLOPs at this fraction of an
 # H100/H200's dense bf16 peak, times RUNTIME_SAFETY, plus RUNTIME_EXTRA_MIN for start-up, evaluations
 # and checkpoints, at most RUNTIME_MAX_MIN (a job stopped at its limit is resubmitted and resumes).
@@ -108,9 +114,66 @@ class Dag:
 
     def train_inputs(self, run: str) -> list[str]:
         """The data, and the artifacts the run's method needs (teacher, SAE, label cache) where the
-        DAG makes them: a label cache stands for the teacher and SAE it is extracted with."""
+        DAG makes them: a label cache stands for the teacher and SAE it is extracted with. With
+        `dag.tuned`, its method's tuning result; a compute-matched arm, the runs its budget is read from."""
         cfg = self.config(run)
+        files = [self.data_manifest()] + self.artifact_inputs(cfg, self.artifacts(cfg))
+        if self.tuned_method(run):
+            files.append(self.tune_output(self.tuned_method(run)))
+        return files + self.matched_inputs(run)
+
+    # ---- equal tuning (cocomix/tune.py) and compute-matched arms (cocomix/compute.py) ----
+
+    def tuned_method(self, run: str) -> str | None:
+        """The method whose tuned values `run` trains with (`dag.tuned`): its own; CoCoMix's for an
+        ablation; NTP's for a compute-matched arm; None when not tuned."""
+        if not self.base.dag.tuned or run == "teacher":
+            return None
+        spec = self.spec(run)
+        return TUNE_ABLATION_METHOD if spec.ablation else spec.method
+
+    def tune_output(self, method: str) -> str:
+        return f"{self.exp}/tuning/{method}/best.json"
+
+    def tune_inputs(self, method: str) -> list[str]:
+        """What the method's trials read: the data, and its teacher, SAE or label cache."""
+        cfg = method_config(self.config_path, method)
         return [self.data_manifest()] + self.artifact_inputs(cfg, self.artifacts(cfg))
+
+    def tune_fingerprint(self, method: str) -> str:
+        """The study's key (cocomix/sweep.py `study_key`): its base config, budget and search space."""
+        cfg = study_config(self.config_path, method)
+        return study_key(cfg, cfg.sweep.space)
+
+    def tuned_methods(self) -> list[str]:
+        return list(self.base.dag.methods) if self.base.dag.tuned else []
+
+    def one_off_readers(self) -> list[str]:
+        """Runs that read a one-off item (teacher, SAE, labels): those an amortised total is shared by."""
+        return [n for n, r in self.runs.items() if r.arm is None and self.artifacts(self.config(n))]
+
+    def matched_inputs(self, run: str) -> list[str]:
+        """A compute-matched arm waits for the run it matches, and an amortised arm for every run that
+        shares its one-off items (their number divides them)."""
+        spec = self.spec(run)
+        if spec.arm is None:
+            return []
+        final = f"{self.exp}/runs/{{}}/final_metrics.json"
+        readers = self.one_off_readers() if spec.arm.endswith("+") else []
+        return [final.format(spec.matched_run)] + [final.format(n) for n in readers if n != spec.matched_run]
+
+    def run_flags(self, run: str) -> str:
+        """`cocomix train` flags of one run: `--tuned` (dag.tuned) and an arm's `--match-flops`."""
+        flags = []
+        if self.tuned_method(run):
+            flags.append(f"--tuned {self.tune_output(self.tuned_method(run))}")
+        spec = self.spec(run)
+        if spec.arm is not None:
+            inputs = self.matched_inputs(run)
+            flags.append(f"--match-flops {inputs[0]}")
+            if spec.arm.endswith("+"):
+                flags.append("--amortise-over " + ",".join(inputs))
+        return " ".join(flags)
 
     def artifact_inputs(self, cfg: Config, artifacts) -> list[str]:
         files = []
@@ -169,6 +232,9 @@ class Dag:
         with torch.device("meta"):
             model = get_method(cfg.method).build_model(cfg, vocab, 0)
         self._flops[run] = float(model.flops_per_token(cfg.train.block_size) * cfg.train.tokens)
+        spec = self.spec(run) if run != "teacher" else None
+        if spec is not None and spec.arm is not None:  # its budget is set at launch: bound it for time limits
+            self._flops[run] = ARM_FLOPS_BOUND * self.training_flops(spec.matched_run)
         self._params[run] = (sum(p.numel() for p in model.parameters()), model.config.vocab_size)
         return self._flops[run]
 
@@ -263,7 +329,7 @@ class Dag:
         files += [f for f in self.teacher_inputs() + self.sae_inputs() if f in built]
         if self.base.dag.evaluate:
             files += [f"{self.exp}/runs/{name}/eval_summary.json" for name in self.runs]
-        return files
+        return files + [self.tune_output(m) for m in self.tuned_methods()]
 
     def report_outputs(self) -> list[str]:
         tables = [f"{self.exp}/tables/{t}.{ext}" for t in TABLES for ext in ("md", "tex", "csv")]

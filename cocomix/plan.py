@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cocomix.config import Config, ConfigError, load_config
-from cocomix.methods import method_names
+from cocomix.methods import get_method, method_names
 
 # Ablations are CoCoMix runs with a few overrides (`dag.ablations`, the paper's Fig. 6).
 ABLATION_METHOD = "cocomix"
@@ -28,6 +28,14 @@ class RunSpec:
     overrides: tuple[str, ...]
     """Command-line overrides that turn the experiment config into this run's config."""
     ablation: str | None = None
+    arm: str | None = None
+    """A compute-matched NTP arm (`dag.compute_matched`): the method whose FLOPs its token budget matches,
+    with a trailing '+' when the teacher's training, the SAE's and label extraction are amortised in."""
+
+    @property
+    def matched_run(self) -> str | None:
+        """The run whose FLOPs this arm's budget matches (its method at the same scale and seed)."""
+        return None if self.arm is None else f"{self.arm.rstrip('+')}-{self.scale or 'base'}-s{self.seed}"
 
     def config(self, config_path: str | Path) -> Config:
         return load_config(config_path, list(self.overrides))
@@ -41,6 +49,44 @@ def run_spec(method: str, scale: str | None, seed: int, ablation: str | None = N
     if ablation:  # MLflow tag `ablation` (runs that are not ablations: "none"); not in the fingerprint
         overrides.append(f"tracking.tags.ablation={ablation}")
     return RunSpec(name, method, scale, seed, tuple(overrides) + tuple(extra), ablation)
+
+
+def best_path(cfg: Config, method: str) -> Path:
+    """<experiment>/tuning/<method>/best.json: what `cocomix tune` chose for a method (cocomix/tune.py),
+    which `cocomix train --tuned` applies to its runs (`dag.tuned`)."""
+    return cfg.experiment_dir / "tuning" / method / "best.json"
+
+
+def arm_spec(method: str, scale: str | None, seed: int, amortised: bool) -> RunSpec:
+    """The NTP run `ntp@<method>[+]-<scale>-s<seed>` whose budget matches that run's FLOPs (set at launch)."""
+    arm = method + ("+" if amortised else "")
+    name = f"ntp@{arm}-{scale or 'base'}-s{seed}"
+    overrides = ["method=ntp", f"seed={seed}", f"run_name={name}", f"tracking.tags.matches={arm}"]
+    return RunSpec(name, "ntp", scale, seed, tuple(overrides + ([f"scale={scale}"] if scale else [])), arm=arm)
+
+
+def compute_matched_arms(base: Config, config_path: str | Path, runs: list[RunSpec]) -> list[RunSpec]:
+    """`dag.compute_matched`: for every main run of a method other than NTP, at each seed NTP also runs,
+    the NTP arm at its per-step FLOPs, and (a method that reads a teacher, an SAE or labels) the arm at
+    its FLOPs with the one-off items amortised. The amortised arms need the teacher's training FLOPs: a
+    given teacher (teacher.path) must state them (teacher.training_flops)."""
+    ntp_seeds = {(r.scale, r.seed) for r in runs if r.method == "ntp" and r.ablation is None}
+    if not ntp_seeds:
+        raise ConfigError("config key 'dag.compute_matched': the arms are NTP runs paired with NTP's seeds; "
+                          "dag.methods has no ntp")
+    arms = []
+    for r in runs:
+        if r.method == "ntp" or r.ablation is not None or (r.scale, r.seed) not in ntp_seeds:
+            continue
+        arms.append(arm_spec(r.method, r.scale, r.seed, amortised=False))
+        cfg = r.config(config_path)
+        if get_method(r.method).artifacts(cfg):
+            if cfg.teacher.path and cfg.teacher.training_flops is None:
+                raise ConfigError(f"config key 'dag.compute_matched': the amortised arm of {r.name} needs the teacher's "
+                                  f"training FLOPs, and {cfg.teacher.path} is a given teacher; set "
+                                  "teacher.training_flops (spec 4.5 for GPT-2) or turn the option off")
+            arms.append(arm_spec(r.method, r.scale, r.seed, amortised=True))
+    return arms
 
 
 def check_method_names(base: Config) -> None:
@@ -68,6 +114,8 @@ def plan_runs(config_path: str | Path) -> list[RunSpec]:
         seeds = base.dag.seeds if base.dag.ablation_seeds is None else base.dag.ablation_seeds
         ab_scales = scales if base.dag.ablation_scales is None else base.dag.ablation_scales
         runs += [run_spec(ABLATION_METHOD, sc, s, ablation=name, extra=extra) for sc in ab_scales for s in seeds]
+    if base.dag.compute_matched:
+        runs += compute_matched_arms(base, config_path, runs)
     names = [r.name for r in runs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -90,9 +90,10 @@ def storage_url(cfg: Config) -> str:
 def search_space(cfg: Config) -> dict[str, SweepParam]:
     """`sweep.space` plus default ranges for the required keys, each checked against the config."""
     space = dict(cfg.sweep.space)
-    if "concept.insert_layer" not in space:
+    cocomix = cfg.sweep.method == "cocomix"  # the required keys are CoCoMix's design choices
+    if cocomix and "concept.insert_layer" not in space:
         space["concept.insert_layer"] = SweepParam("int", 1, max(1, cfg.model.n_layer - 1))
-    if "concept.k" not in space:
+    if cocomix and "concept.k" not in space:
         k = cfg.concept.k
         space["concept.k"] = SweepParam("int", max(1, k // 4), min(cfg.sae.n_latents, 4 * k), log=True)
     tree = cfg.to_dict()
@@ -137,9 +138,9 @@ def _flat_tree(cfg: Config) -> dict[str, Any]:
 
 def trial_config(cfg: Config, params: dict[str, Any], number: int, run_dir: str | None = None,
                  parent_run_id: str | None = None) -> Config:
-    """The CoCoMix run of one trial: the base config, the trial's parameters, the sweep's budget."""
+    """The run of one trial (method `sweep.method`): the base config, the trial's parameters, the sweep's budget."""
     tree = _flat_tree(cfg)
-    tree["method"] = "cocomix"
+    tree["method"] = cfg.sweep.method
     tree["train"]["tokens"] = budget(cfg)
     for key, value in params.items():
         _set_dotted(tree, key, value)
@@ -153,24 +154,26 @@ def trial_config(cfg: Config, params: dict[str, Any], number: int, run_dir: str 
 def best_config_tree(cfg: Config, params: dict[str, Any]) -> dict[str, Any]:
     """What best_config.yaml holds: the base config (its own train.tokens) with the best parameters."""
     tree = _flat_tree(cfg)
-    tree["method"] = "cocomix"
+    tree["method"] = cfg.sweep.method
     for key, value in params.items():
         _set_dotted(tree, key, value)
-    tree["run_name"] = f"cocomix-best-{study_name(cfg)}"
+    tree["run_name"] = f"{cfg.sweep.method}-best-{study_name(cfg)}"
     tree["runs_dir"] = None
     config_from_dict(tree)  # must load as it is
     return tree
 
 
 def study_key(cfg: Config, space: dict[str, SweepParam]) -> str:
-    """What a study's trials must share to be comparable: every config section a CoCoMix run reads
+    """What a study's trials must share to be comparable: every config section a trial's run reads
     (minus the searched keys and where things are stored), the budget and the search space. `method`
-    is left out: the base config may name any method, every trial is CoCoMix."""
+    is left out: the base config may name any method, every trial is `sweep.method`'s."""
     from cocomix.methods import get_method  # lazy: torch/transformers; the Snakefile imports sweep
 
-    sections = [k for k in RUN_SECTIONS + get_method("cocomix").reads if k != "method"]
-    return fingerprint(cfg, sections, drop=(*space, "train.tokens"),
-                       extra={"budget": budget(cfg), "space": {k: vars(v) for k, v in sorted(space.items())}})
+    sections = [k for k in RUN_SECTIONS + get_method(cfg.sweep.method).reads if k != "method"]
+    extra = {"budget": budget(cfg), "space": {k: vars(v) for k, v in sorted(space.items())}}
+    if cfg.sweep.method != "cocomix":  # (a CoCoMix study's key is as it was before sweep.method existed)
+        extra["method"] = cfg.sweep.method
+    return fingerprint(cfg, sections, drop=(*space, "train.tokens"), extra=extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +338,7 @@ def _parent_tracker(cfg: Config, **kw):
 
 def _create_parent_run(cfg: Config, space: dict[str, SweepParam]) -> str | None:
     # Created (or found) like any run, with the config as params.
-    tracker = _parent_tracker(cfg, tags={"sweep": study_name(cfg), "method": "cocomix"},
+    tracker = _parent_tracker(cfg, tags={"sweep": study_name(cfg), "method": cfg.sweep.method},
                               params={f"sweep.space.{k}": json.dumps(vars(v)) for k, v in space.items()})
     run_id = tracker.run_id if tracker.active else None
     tracker.close()
@@ -372,7 +375,7 @@ def _suggest(trial, space: dict[str, SweepParam]) -> dict[str, Any]:
 def _ensure_labels(cfg: Config) -> None:
     """The label cache a trial reads; a trial with another concept.k_attr (or scoring) extracts its
     own once, under a lock so that concurrent workers do not extract it twice."""
-    if cfg.concept.labels != "cached" or cfg.concept.target != "concepts":
+    if cfg.method != "cocomix" or cfg.concept.labels != "cached" or cfg.concept.target != "concepts" or cfg.concept.lam == 0:
         return
     if (cfg.concept_dir / "manifest.json").is_file():
         return
@@ -594,7 +597,8 @@ def write_outputs(cfg: Config, study) -> dict[str, Any]:
     md += ["| " + " | ".join(r) + " |" for r in rows]
     atomic_write_text(out / "trials.md", "\n".join(md) + "\n")
     counts = _counts(study)
-    summary: dict[str, Any] = {"study": study_name(cfg), "storage": storage_url(cfg), **counts}
+    summary: dict[str, Any] = {"study": study_name(cfg), "storage": storage_url(cfg), **counts,
+                               "values": {str(t.number): t.value for t in study.trials if t.state.name == "COMPLETE"}}
     files = [out / "trials.csv", out / "trials.md"]
     if counts["complete"]:
         best = study.best_trial

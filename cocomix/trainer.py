@@ -33,7 +33,7 @@ from cocomix.callbacks import (Callback, Checkpointer, EarlyStop, Evaluator, NaN
                                Tracking, TrainingError, TrainMetrics)
 from cocomix.config import MAX_EPOCHS, Config, ConfigError, split_batch
 from cocomix.data import DataError
-from cocomix.data.shards import BlockOrder, TokenBlocks, check_tokenizer_matches, load_manifest
+from cocomix.data.shards import BlockOrder, BlockRange, TokenBlocks, check_tokenizer_matches, load_manifest
 from cocomix.device import (Dist, autocast, available_memory, estimate_training_memory, gib, peak_flops,
                             setup_distributed, sync, use_bf16)
 from cocomix.diagnostics import readout_diagnostics
@@ -97,6 +97,15 @@ def train_step(model: torch.nn.Module, method: Method, optimizer: torch.optim.Op
     return result
 
 
+def tuning_split(train: TokenBlocks, n: int) -> tuple[BlockRange, BlockRange]:
+    """(training blocks, tuning blocks) of `eval.split: tune`: the last `n` blocks of the training split
+    are the tuning split; the block before them is left out too (a gap), the rest is trained on."""
+    if n > len(train) // 4:
+        raise ConfigError(f"config key 'eval.tune_blocks': a tuning split of {n} blocks is more than a quarter of "
+                          f"the {len(train)} training blocks of {train.data_dir}; expected at most {len(train) // 4}")
+    return BlockRange(train, 0, len(train) - n - 1), BlockRange(train, len(train) - n, len(train))
+
+
 class Trainer:
     def __init__(self, cfg: Config, method: Method | None = None, progress: bool = True,
                  on_eval: Callable[[int, dict[str, float]], None] | None = None,
@@ -143,9 +152,13 @@ class Trainer:
     def _build_data(self) -> None:
         t, data_dir = self.cfg.train, self.data_dir
         # sha256 of every shard on the main process; sizes only elsewhere (same files).
-        self.manifest = load_manifest(data_dir, verify=True if self.dist.is_main else "size")
+        splits = ("train",) if self.cfg.eval.split == "tune" else None  # tuning: the validation split is never read
+        self.manifest = load_manifest(data_dir, verify=True if self.dist.is_main else "size", splits=splits)
         self.train_blocks = TokenBlocks(data_dir, "train", t.block_size, verify=False)  # verified just above
-        self.val_blocks = TokenBlocks(data_dir, "val", t.block_size, verify=False)
+        if self.cfg.eval.split == "tune":  # never opens the validation split
+            self.train_blocks, self.val_blocks = tuning_split(self.train_blocks, self.cfg.eval.tune_blocks)
+        else:
+            self.val_blocks = TokenBlocks(data_dir, "val", t.block_size, verify=False)
         for split, blocks in (("train", self.train_blocks), ("val", self.val_blocks)):
             if len(blocks) == 0:
                 raise DataError(f"{data_dir}: the {split} split has fewer tokens than one block of {t.block_size}")
@@ -263,7 +276,8 @@ class Trainer:
         per_rank = t.global_batch_size // self.dist.world_size
         mine = indices[self.dist.rank * per_rank : (self.dist.rank + 1) * per_rank]
         m = self.micro_batch_size
-        batches = [Batch(self.train_blocks.get_batch(idx), self.method.extras("train", idx))
+        blocks = self.train_blocks
+        batches = [Batch(blocks.get_batch(idx), self.method.extras(blocks.split, blocks.offset + idx))
                    for idx in (mine[i : i + m] for i in range(0, per_rank, m))]
         return [b.pin_memory() for b in batches] if self.device.type == "cuda" else batches
 
@@ -297,7 +311,8 @@ class Trainer:
             idx, weight = mine[i : i + ev.batch_size], 1.0
             if len(idx) == 0:
                 idx, weight = np.zeros(1, dtype=np.int64), 0.0
-            batch = Batch(self.val_blocks.get_batch(idx), self.method.extras("val", idx)).to(self.device)
+            val = self.val_blocks  # the validation split, or the tuning split (blocks of the training split)
+            batch = Batch(val.get_batch(idx), self.method.extras(val.split, val.offset + idx)).to(self.device)
             with self.autocast:
                 logits = self.model(input_ids=batch.input_ids, use_cache=False).logits
             per_block = {"loss": token_nll(logits, batch.input_ids).mean(dim=1),
@@ -356,7 +371,7 @@ class Trainer:
                         with self.untimed():
                             last = self.save_checkpoint()
                     raise Terminated(signum, self.step, last)
-            final = {"step": self.step, "tokens_seen": self.tokens_seen,
+            final = {"step": self.step, "tokens_seen": self.tokens_seen, "eval_split": self.cfg.eval.split,
                      **(self.last_val or self.evaluate()),  # resumed from the final checkpoint: evaluate it
                      "checkpoint": str(list_checkpoints(self.run_dir)[-1]) if self.dist.is_main else "",
                      **self.accounting, **self.compute_ledger()}

@@ -20,10 +20,10 @@ LAYERS = {
     "data": ["cocomix.data", "cocomix.checkpoints", "cocomix.tracking"],
     "model": ["cocomix.model", "cocomix.slots", "cocomix.flops", "cocomix.params", "cocomix.device",
               "cocomix.teacher", "cocomix.sae", "cocomix.concepts", "cocomix.diagnostics", "cocomix.parallel"],
-    "methods": ["cocomix.methods", "cocomix.plan", "baselines"],
+    "methods": ["cocomix.methods", "cocomix.plan", "cocomix.compute", "baselines"],
     "trainer": ["cocomix.trainer", "cocomix.callbacks"],
     "evals": ["evals", "cocomix.interpret", "cocomix.steering", "cocomix.export"],
-    "top": ["cocomix.launch", "cocomix.dag", "cocomix.sweep", "cocomix.cli", "cocomix.__main__",
+    "top": ["cocomix.launch", "cocomix.dag", "cocomix.sweep", "cocomix.tune", "cocomix.cli", "cocomix.__main__",
             "cocomix"],  # the package's __init__: registers the model type once transformers is imported
 }
 RANK = {name: i for i, name in enumerate(LAYERS)}

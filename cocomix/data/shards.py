@@ -382,8 +382,9 @@ def _write_stamp(data_dir: Path, manifest_sha: str, records: dict[str, Any]) -> 
                       "the shards will be hashed again at the next start", stacklevel=3)
 
 
-def load_manifest(data_dir: str | Path, verify: bool | str = True) -> dict[str, Any]:
-    """Read `manifest.json`; with `verify` check every shard's size (and sha256).
+def load_manifest(data_dir: str | Path, verify: bool | str = True, splits: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Read `manifest.json`; with `verify` check every shard's size (and sha256), or only those of
+    `splits` (a tuning trial never opens the validation split: `eval.split: tune`).
 
     verify: True (size + sha256, hashing only files changed since their last verification),
     "full" (size + sha256 of every file, ignoring the stamp), "size" (size only) or False.
@@ -419,7 +420,11 @@ def load_manifest(data_dir: str | Path, verify: bool | str = True) -> dict[str, 
         manifest_sha = hashlib.sha256(raw).hexdigest()
         trusted = _read_stamp(data_dir, manifest_sha) if verify is True else None
         records: dict[str, Any] = {}
-        for split in m["splits"].values():
+        for name, split in m["splits"].items():
+            if splits is not None and name not in splits:  # unread: its stamp records stay as they were
+                records.update({e["file"]: trusted[e["file"]] for shard in split["shards"]
+                                for e in (shard, shard.get("concepts")) if e is not None and trusted and e["file"] in trusted})
+                continue
             for shard in split["shards"]:
                 for entry in (shard, shard.get("concepts")):
                     if entry is not None:
@@ -470,6 +475,8 @@ class TokenBlocks:
     Blocks never cross shard boundaries; a shard's tail shorter than a block is dropped. Blocks
     may span document boundaries (the EOS token marks them), as in nanoGPT.
     """
+
+    offset = 0  # block i is block i of `split` (see BlockRange)
 
     def __init__(self, data_dir: str | Path, split: str, block_size: int, verify: bool | str = "size"):
         self.data_dir = Path(data_dir)
@@ -567,3 +574,37 @@ class BlockOrder:
             position += len(chunk)
             count -= len(chunk)
         return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+
+
+class BlockRange:
+    """Blocks [start, stop) of a `TokenBlocks`, numbered from 0: the tuning split and the training blocks
+    before it (`eval.split: tune`). `split` and `offset` place them in the underlying split, where a
+    label cache indexes them (block i here is block offset + i of `split`)."""
+
+    def __init__(self, blocks: TokenBlocks, start: int, stop: int):
+        if not 0 <= start <= stop <= len(blocks):
+            raise IndexError(f"blocks {start}..{stop} out of range for {len(blocks)} blocks ({blocks.split})")
+        self.blocks, self.offset, self.stop = blocks, start, stop
+        self.split, self.block_size, self.data_dir, self.manifest = blocks.split, blocks.block_size, blocks.data_dir, blocks.manifest
+
+    def __len__(self) -> int:
+        return self.stop - self.offset
+
+    @property
+    def has_concepts(self) -> bool:
+        return self.blocks.has_concepts
+
+    def _index(self, indices) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"block index out of range for {len(self)} blocks")
+        return idx + self.offset
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.blocks[int(self._index([i])[0])]
+
+    def get_batch(self, indices):
+        return self.blocks.get_batch(self._index(indices))
+
+    def get_concepts(self, indices) -> np.ndarray:
+        return self.blocks.get_concepts(self._index(indices))

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from cocomix.config import Config
+from cocomix.config import Config, SweepParam
 from cocomix.model import CocomixConfig, CocomixForCausalLM, padded_vocab_size
 
 # What a method may need built before it trains (the DAG maps each to the rule that makes it):
@@ -81,6 +81,16 @@ class Method:
     def slot_options(self, cfg: Config) -> dict:
         """The slot module's fields (its `Options` in cocomix/slots.py), from this method's config section."""
         return {}
+
+    def tune_space(self, cfg: Config) -> dict[str, SweepParam]:
+        """The knobs `cocomix tune` searches for this method (cocomix/tune.py), around the configured values:
+        every method's learning rate (x1/4 to x4, log) and warm-up steps (x1/4 to x4, log); subclasses
+        add their own. `tune.space.<method>` replaces or adds ranges key by key."""
+        t = cfg.train
+        lr = float(t.lr)
+        warmup = t.warmup_steps if t.warmup_steps is not None else max(1, t.tokens // (t.global_batch_size * t.block_size) // 300)
+        return {"train.lr": SweepParam("float", lr / 4, lr * 4, log=True),
+                "train.warmup_steps": SweepParam("int", max(1, warmup // 4), max(2, 4 * warmup), log=True)}
 
     # ---- the model ----
 

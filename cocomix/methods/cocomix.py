@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from cocomix.concepts import LabelCache, concept_labels, label_precision
-from cocomix.config import Config, ConfigError
+from cocomix.config import Config, ConfigError, SweepParam
 from cocomix.files import read_json
 from cocomix.flops import block_params, concept_label_flops_per_token, sae_training_flops_per_token
 from cocomix.methods.base import Batch, Method, register
@@ -80,6 +80,15 @@ class CoCoMix(Method):
         if c.target != "concepts":
             return frozenset({"teacher"})  # the hidden-state target is the teacher's, computed online
         return frozenset({"labels"}) if c.labels == "cached" else frozenset({"teacher", "sae"})
+
+    def tune_space(self, cfg: Config) -> dict[str, SweepParam]:
+        """The learning rate and warm-up, lambda (0.01 to 1, log), the TopK k of the compressed prediction
+        (the sweep's range, concept.k/4 to 4 concept.k, log) and the insertion layer (1 to n_layer - 1).
+        concept.k_attr is left out: another k_attr is another label cache, extracted again."""
+        k = cfg.concept.k
+        return {**super().tune_space(cfg), "concept.lam": SweepParam("float", 0.01, 1.0, log=True),
+                "concept.k": SweepParam("int", max(1, k // 4), max(max(1, k // 4), min(cfg.sae.n_latents, 4 * k)), log=True),
+                "concept.insert_layer": SweepParam("int", 1, max(1, cfg.model.n_layer - 1))}
 
     def slot_for(self, cfg: Config) -> str:
         # the concept head, or the hidden-state regressor of the direct-hidden-state ablation

@@ -65,6 +65,7 @@ from .curves import average_chance, delta_curves, downstream_curve, final_task_s
 from .compute import compute_table
 from .paired import paired_downstream_table
 from .plots import plot_curves
+from .tuning import tuning_line, tuning_results, tuning_table
 from .runs import CHANCE, Run, diagnostic_curves, group, load_eval_jsons, load_runs, read_json
 from .stats import t95, tokens_to_reach
 from .tables import (DAGGER, ablation_table, diagnostics_table, main_table, sae_table, sample_efficiency_table,
@@ -100,8 +101,9 @@ def report(config_path: str | Path) -> Path:
     for folder in (tables, cfg.experiment_dir / "plots"):
         clear_stale_tmp(folder)  # what a killed report left
     exp = cfg.experiment
+    all_runs, runs = runs, [r for r in runs if r.arm is None]  # compute-matched arms: main and compute tables only
     for name, table, caption in (
-        ("main", main_table(runs), f"{exp}: held-out perplexity and downstream scores, mean over seeds ± standard "
+        ("main", main_table(all_runs, tuning_line(cfg, tuning_results(cfg))), f"{exp}: held-out perplexity and downstream scores, mean over seeds ± standard "
                                    "error (note below)"),
         ("sample_efficiency", sample_efficiency_table(runs),
          f"{exp}: tokens to reach the NTP run's final held-out loss (same scale and seed), mean ± 95% t-interval "
@@ -115,10 +117,11 @@ def report(config_path: str | Path) -> Path:
          f"{exp}: the teacher against the students, final held-out loss"),
         ("sae", sae_table(read_json(cfg.experiment_dir / "sae" / "metrics.json"), cfg),
          f"{exp}: the TopK SAE on the teacher's residual stream, reconstruction and concept recovery"),
-        ("compute", compute_table(runs),
+        ("compute", compute_table(all_runs),
          f"{exp}: training FLOPs per run, student and teacher side apart, mean over seeds"),
         ("paired_downstream", paired_downstream_table(runs),
          f"{exp}: downstream accuracy differences to NTP paired over documents and seeds, final checkpoints"),
+        ("tuning", tuning_table(cfg), f"{exp}: equal tuning of every method, on the tuning split"),
     ):
         if runs_heading(cfg):  # the run ids are another tracker's than MLflow's
             table.name_runs(runs_heading(cfg))

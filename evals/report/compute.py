@@ -3,10 +3,10 @@ run's final_metrics.json carries, `Trainer.compute_ledger`; conventions in cocom
 
 from __future__ import annotations
 
+from cocomix.compute import ONE_OFF, amortised_total, shares as run_shares
+
 from .runs import Run, group, label_order
 from .writers import MISSING, Table, tex_escape
-
-ONE_OFF = ("teacher_training", "sae_training", "label_extraction")  # shared by the runs that read them
 
 
 def flops(value: float | None) -> str:
@@ -14,29 +14,13 @@ def flops(value: float | None) -> str:
 
 
 def shares(runs: list[Run]) -> dict[tuple[str, float], int]:
-    """How many of the experiment's runs read each one-off item, told apart by its FLOPs (the activation
-    ablation's label cache is another extraction than the attribution cache, and costs another amount):
-    {(item, FLOPs): runs}; its FLOPs are split among them."""
-    out: dict[tuple[str, float], int] = {}
-    for r in runs:
-        for item in ONE_OFF:
-            value = r.final.get(f"compute/{item}_flops")
-            if value is not None:
-                out[(item, value)] = out.get((item, value), 0) + 1
-    return out
+    """How many of the experiment's runs read each one-off item, told apart by its FLOPs (cocomix/compute.py)."""
+    return run_shares([r.final for r in runs])
 
 
 def amortised(run: Run, share: dict[tuple[str, float], int]) -> float | None:
     """Student + online teacher + this run's equal share of every counted one-off item."""
-    f = run.final
-    if "compute/student_flops" not in f:
-        return None
-    total = f["compute/student_flops"] + f["compute/online_teacher_flops"]
-    for item in ONE_OFF:
-        value = f.get(f"compute/{item}_flops")
-        if value is not None:
-            total += value / share[(item, value)]
-    return total
+    return amortised_total(run.final, share)
 
 
 def compute_table(runs: list[Run]) -> Table:

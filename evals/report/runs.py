@@ -64,10 +64,11 @@ class Run:
     val_history: list[dict] = field(default_factory=list)  # every in-training evaluation record (val/*)
     eval_settings: dict | None = None  # what the final checkpoint's eval.json was made with
     final_eval: tuple[Path, dict] | None = None  # (its checkpoint folder, its eval.json record)
+    arm: str | None = None  # a compute-matched NTP arm: the method whose FLOPs it matches ('+': amortised)
 
     @property
     def label(self) -> str:
-        return self.ablation or self.method
+        return self.ablation or (f"ntp@{self.arm}" if self.arm else self.method)
 
     @property
     def training_flops_per_token(self) -> float | None:
@@ -129,7 +130,7 @@ def load_runs(config_path: str | Path) -> list[Run]:
         history = [rec for rec in MetricsLog(cfg.run_dir / "metrics.jsonl").read() if "val/loss" in rec]
         curve = [(rec["tokens_seen"], rec["val/loss"]) for rec in history]
         run = Run(spec.name, spec.method, spec.scale or "base", spec.seed, spec.ablation, cfg.run_dir,
-                  run_id_of(final), final, curve, val_history=history)
+                  run_id_of(final), final, curve, val_history=history, arm=spec.arm)
         evals_at = load_eval_jsons(cfg.run_dir, with_folders=True)
         evals = [r for _, r in evals_at]
         for ev in evals:

@@ -47,21 +47,36 @@ DELTA_NTP = "Δ loss vs NTP"
 MDE_NTP = "MDE vs NTP"  # the smallest true Δ the seeds' paired t-test finds at 80% power (stats.mde80)
 
 
-def main_table(runs: list[Run]) -> Table:
+DELTA_FLOPS, DELTA_FLOPS_ALL = "Δ at equal FLOPs", "Δ at equal FLOPs, amortised"
+FLOPS_NOTE = ("Δ at equal FLOPs: final held-out loss minus that of the NTP arm of the same seed whose token budget "
+              "spends the method's per-step FLOPs (student + online teacher; run ntp@<method>); amortised: the arm "
+              "ntp@<method>+ spends those plus the method's share of the teacher's training, the SAE's and label "
+              "extraction, each divided over the runs that read it (the compute table); mean ± 95% t-interval. "
+              "Rows ntp@...: those NTP arms (no Δ of their own).")
+
+
+def main_table(runs: list[Run], tuning: str | None = None) -> Table:
+    """`tuning`: the line saying how the methods were tuned (cocomix/tune.py), added to the notes."""
     extra = extra_accuracy_keys(runs)
-    header = (["scale", "method", "seeds", "held-out ppl", DELTA_NTP, MDE_NTP] + [c for c, _, _ in DOWNSTREAM]
+    main = [r for r in runs if r.ablation is None]
+    arms = group([r for r in main if r.arm is not None])
+    flops_cols = [DELTA_FLOPS] + ([DELTA_FLOPS_ALL] if any(k[1].endswith("+") for k in arms) else []) if arms else []
+    header = (["scale", "method", "seeds", "held-out ppl", DELTA_NTP, MDE_NTP] + flops_cols + [c for c, _, _ in DOWNSTREAM]
               + ["avg ppl", "avg acc"] + extra + ["mlflow runs"])
     rows, power = [], []
-    main = [r for r in runs if r.ablation is None]
     groups = group(main)
     for (scale, label), rs in groups.items():
         rs = sorted(rs, key=lambda r: r.seed)
         ntp = groups.get((scale, "ntp"))
-        delta = paired_delta(rs, ntp) if label != "ntp" else MISSING
-        mde = paired_mde(rs, ntp) if label != "ntp" else MISSING
-        if label != "ntp":
+        method_row = label != "ntp" and rs[0].arm is None
+        delta = paired_delta(rs, ntp) if method_row else MISSING
+        mde = paired_mde(rs, ntp) if method_row else MISSING
+        if method_row:
             power.append((scale, label, paired_diffs(rs, ntp)))
         cells: list[Cell | str] = [scale, label, str(len(rs)), Cell(*mean_std([heldout_ppl(r) for r in rs])), delta, mde]
+        for suffix in ("", "+")[:len(flops_cols)]:
+            arm = groups.get((scale, f"ntp@{label}{suffix}"))
+            cells.append(paired_delta(rs, arm) if method_row and arm else MISSING)
         for _, key, lower in DOWNSTREAM:
             cells.append(downstream_cell([run_downstream(r, key) for r in rs], 1 if lower else 100))
         cells.append(downstream_cell([run_avg_ppl(r) for r in rs]))
@@ -70,16 +85,16 @@ def main_table(runs: list[Run]) -> Table:
             cells.append(downstream_cell([run_downstream(r, key) for r in rs], 100))
         cells.append(ids(rs))
         rows.append(cells)
-    spread = {"held-out ppl": "std", DELTA_NTP: "ci95", **{h: "se" for h in header[6:-1]}}
+    spread = {"held-out ppl": "std", DELTA_NTP: "ci95", **{h: "se" for h in header[6 + len(flops_cols):-1]},
+              **{h: "ci95" for h in flops_cols}}
     # LaTeX: perplexities, the paper's accuracies, and Δ with its MDE beside other tasks' accuracies, each
     # panel about a line wide (all 15 columns in one row are twice that)
     keys = header[:3]
     ppl = ["held-out ppl"] + [c for c, _, lower in DOWNSTREAM if lower] + ["avg ppl"]
     acc = [c for c, _, lower in DOWNSTREAM if not lower] + ["avg acc"]
-    note = power_note(power)
-    return Table(header, rows, spread, MAIN_NOTES_MD + ([note] if note else []),
-                 MAIN_NOTES_TEX + ([tex_escape(note)] if note else []),
-                 tex_panels=[keys + ppl, keys[:2] + acc, keys[:2] + [DELTA_NTP, MDE_NTP] + extra])  # seeds: once
+    notes = [n for n in (power_note(power), FLOPS_NOTE if flops_cols else None, tuning) if n]
+    return Table(header, rows, spread, MAIN_NOTES_MD + notes, MAIN_NOTES_TEX + [tex_escape(n) for n in notes],
+                 tex_panels=[keys + ppl, keys[:2] + acc, keys[:2] + [DELTA_NTP, MDE_NTP] + flops_cols + extra])  # seeds: once
 
 
 def sample_efficiency_table(runs: list[Run]) -> Table:

@@ -23,3 +23,30 @@ rule sweep:
         gpu=PLAN.sweep_workers(),
     shell:
         "OMP_NUM_THREADS={params.omp} {COCOMIX} sweep --config {CONFIG} > {log} 2>&1"
+
+
+# Equal tuning (cocomix/tune.py): with dag.tuned every main run of a method waits for its study, and
+# trains with the values it chose. Also by name: snakemake tuning/<method>/best.json targets, or
+# `cocomix tune --config ...` for every method.
+rule tune:
+    """One method's tuning study: tune.n_trials trials of tune.tokens tokens, scored on the tuning split
+    (eval.split: tune), never on validation -> <experiment>/tuning/<method>/best.json."""
+    # lint: no conda/container and COCOMIX/CONFIG in the shell on purpose (notes in the Snakefile)
+    input:
+        lambda wc: PLAN.tune_inputs(wc.method),
+    output:
+        f"{EXP}/tuning/{{method}}/best.json",
+    params:
+        fingerprint=lambda wc: PLAN.tune_fingerprint(wc.method),
+    log:
+        f"{EXP}/logs/tune/{{method}}.log",
+    benchmark:
+        f"{EXP}/benchmarks/tune/{{method}}.tsv"
+    wildcard_constraints:
+        method="[^/]+",
+    threads: GPU_THREADS
+    priority: 3
+    resources:
+        gpu=1,
+    shell:
+        "OMP_NUM_THREADS={threads} {COCOMIX} tune --config {CONFIG} --method {wildcards.method} > {log} 2>&1"

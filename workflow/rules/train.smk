@@ -12,6 +12,8 @@ rule train:
     params:
         fingerprint=lambda wc: PLAN.fingerprint(wc.run),
         overrides=lambda wc: PLAN.overrides(wc.run),
+        # --tuned (dag.tuned) and a compute-matched arm's --match-flops (dag.compute_matched)
+        run_flags=lambda wc: PLAN.run_flags(wc.run),
         # Several GPUs in one job (SLURM profile): DDP through cocomix.launch, same global batch; on
         # several nodes one torchrun agent per node with the node's CPUs (cocomix/cluster.py).
         launcher=lambda wc, resources: PLAN.launcher(resources.gpu, getattr(resources, "nodes", 1) or 1,
@@ -32,4 +34,4 @@ rule train:
         runtime=lambda wc: PLAN.runtime_minutes(wc.run),
     shell:
         "OMP_NUM_THREADS={threads} {OFFLINE} {params.launcher} train --config {CONFIG} --no-progress "
-        "{TRAIN_FLAGS} {params.overrides} > {log} 2>&1"
+        "{TRAIN_FLAGS} {params.run_flags} {params.overrides} > {log} 2>&1"
