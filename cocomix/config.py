@@ -1053,6 +1053,8 @@ def fingerprint(cfg: Config, keys: tuple[str, ...] | list[str], drop: tuple[str,
         node.pop(last, None)
     picked: dict[str, Any] = dict(extra or {})
     for dotted in keys:
+        if any(dotted == d or dotted.startswith(d + ".") for d in drop):
+            continue  # a single field (e.g. pause's concept.insert_layer) that a sweep searches
         node = tree
         for part in dotted.split("."):
             node = node[part]
