@@ -649,6 +649,12 @@ class DagConfig(Section):
     """Methods trained at every scale and seed: names in the method registry (`cocomix.methods`)."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Seeds of the main runs, each a run `<method>-<scale>-s<seed>` (the official code: 22)."""
+    data_seeds: list[int] = field(default_factory=list)
+    """Data-order seeds crossed with the seeds: every main and ablation run runs once per data seed d (run
+    `<method>-<scale>-s<seed>-d<d>`, train.data_seed=d), so the seed sets only the initial weights and the
+    report splits the spread into init and data order (its seed_variance table). One seed and several data
+    seeds vary the data order alone; several seeds and one data seed, the init alone. Empty: each seed
+    sets both (the default)."""
     method_seeds: dict[str, list[int]] = field(default_factory=dict)
     """Method -> its seeds, for methods that run fewer (or other) seeds than `seeds`: e.g. NTP and
     CoCoMix at 3 seeds and KD at 1. Comparisons against NTP pair by seed, so they use the seeds both have."""

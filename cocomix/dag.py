@@ -31,7 +31,8 @@ COCOMIX = f"{OFFLINE} {sys.executable} -m cocomix.cli"
 # What the SAE and a label cache are computed from (their rules rerun when these change).
 SAE_KEYS = ("data", "tokenizer", "teacher", "sae", "train.block_size")
 LABEL_KEYS = ("data", "tokenizer", "teacher", "sae", "concept", "train.block_size")
-TABLES = ("main", "sample_efficiency", "ablations", "diagnostics", "teacher", "sae", "compute", "paired_downstream", "tuning")
+TABLES = ("main", "sample_efficiency", "ablations", "diagnostics", "teacher", "sae", "compute", "paired_downstream", "tuning",
+          "seed_variance")
 # `cocomix sweep` searches CoCoMix's settings: every trial is a CoCoMix run (cocomix/sweep.py).
 SWEEP_METHOD = "cocomix"
 # Ablations train with CoCoMix's tuned values (dag.tuned), under their own overrides.

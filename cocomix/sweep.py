@@ -5,8 +5,8 @@ many stay active (concept.k), optionally concept.lam, concept.k_attr or any othe
     cocomix sweep --config config/tiny.yaml --workers 0         # create the study / write outputs only
     cocomix sweep --config config/tiny.yaml --join              # one more worker (e.g. a SLURM job)
 
-A trial is an ordinary CoCoMix training run (same trainer, data order and seed as every other run) of
-`sweep.tokens` tokens; its held-out losses are reported to Optuna as it trains (step = tokens seen), a pruner
+A trial is an ordinary training run of `sweep.method` (CoCoMix; `cocomix tune` runs one study per method:
+cocomix/tune.py) with the same trainer, data order and seed as every other run, of `sweep.tokens` tokens; its held-out losses are reported to Optuna as it trains (step = tokens seen), a pruner
 stops the bad ones early, and the objective is the final held-out loss.
 
 Safety with parallel workers (shared/notes/ecosystem-facts.md, section 6): the study is created once, under a
@@ -19,9 +19,8 @@ space is refused. A stop signal (SIGUSR1, SIGTERM) hands the running trials back
 Tracking (`tracking.backend`): the sweep is a tracked run; every trial is a run nested under it
 (`tracking.parent_run_id`) with its parameters and held-out curve, tagged with its Optuna state.
 
-Outputs in <experiment>/sweeps/<study>/: trials.{csv,md}, best_config.yaml (a config that `cocomix train
---config` accepts as it is: the base config with the best parameters and the base train.tokens), importance.png
-and contour.png, logs/worker-<i>.log, trials/trial-<n>/.
+Outputs in <experiment>/sweeps/<study>/: trials.{csv,md}, best_config.yaml (the base config with the best
+parameters and the base train.tokens), importance.png, contour.png, logs/worker-<i>.log, trials/trial-<n>/.
 """
 
 from __future__ import annotations
@@ -89,8 +88,7 @@ def storage_url(cfg: Config) -> str:
 
 def search_space(cfg: Config) -> dict[str, SweepParam]:
     """`sweep.space` plus default ranges for the required keys, each checked against the config."""
-    space = dict(cfg.sweep.space)
-    cocomix = cfg.sweep.method == "cocomix"  # the required keys are CoCoMix's design choices
+    space, cocomix = dict(cfg.sweep.space), cfg.sweep.method == "cocomix"  # the required keys are CoCoMix's
     if cocomix and "concept.insert_layer" not in space:
         space["concept.insert_layer"] = SweepParam("int", 1, max(1, cfg.model.n_layer - 1))
     if cocomix and "concept.k" not in space:
@@ -553,7 +551,8 @@ def trials_table(study) -> tuple[list[str], list[list[str]]]:
 
 
 def _plots(study, out: Path) -> list[Path]:
-    """Parameter importance and a contour of the two required keys (needs >= 2 complete trials)."""
+    """Parameter importance and a contour of the two required keys, or of a study's first two searched
+    keys when it has no CoCoMix keys (a `cocomix tune` study); needs >= 2 complete trials."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -565,9 +564,10 @@ def _plots(study, out: Path) -> list[Path]:
     if len(complete) < 2:
         return []
     written = []
+    keys = list(REQUIRED_KEYS) if set(REQUIRED_KEYS) <= set(complete[0].params) else list(complete[0].params)[:2]
     for name, draw in (
         ("importance.png", lambda: ovm.plot_param_importances(study)),
-        ("contour.png", lambda: ovm.plot_contour(study, params=list(REQUIRED_KEYS))),
+        ("contour.png", lambda: ovm.plot_contour(study, params=keys)),
     ):
         try:
             ax = draw()

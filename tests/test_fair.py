@@ -247,3 +247,69 @@ def test_a_dag_with_compute_matched_arms_and_equal_tuning(tmp_path):
         assert delta == pytest.approx(final[f"{m}-base-s0"]["val/loss"] - final[f"ntp@{m}-base-s0"]["val/loss"], abs=1e-4)
     compute = (exp / "tables" / "compute.csv").read_text()
     assert "ntp@cocomix+ (base)" in compute
+
+
+# ---------------------------------------------------------------- init seeds and data-order seeds
+
+def test_data_seeds_cross_the_seeds_and_pair_runs_by_init_and_data_order(tmp_path):
+    path = write_config(tmp_path, dag={"methods": ["ntp", "cocomix"], "seeds": [0, 1], "data_seeds": [5, 6],
+                                       "ablations": {"mix_only": {"concept.lam": 0.0}}, "ablation_seeds": [0]})
+    runs = {r.name: r for r in plan_runs(path)}
+    assert sorted(runs) == sorted([f"{m}-base-s{s}-d{d}" for m in ("ntp", "cocomix") for s in (0, 1) for d in (5, 6)] + [
+        "mix_only-base-s0-d5", "mix_only-base-s0-d6"])
+    a, b = runs["cocomix-base-s1-d5"].config(path), runs["cocomix-base-s0-d5"].config(path)
+    assert (a.seed, a.train.data_seed, b.seed, b.train.data_seed) == (1, 5, 0, 5)
+
+
+def test_a_fixed_data_seed_keeps_the_data_order_while_the_init_seed_changes_the_weights(tiny_data, tmp_path):
+    from cocomix.trainer import Trainer
+
+    def trainer(seed, data_seed):
+        cfg = load_config(ROOT / "config/tiny.yaml", tiny_overrides(tmp_path / f"{seed}-{data_seed}", tiny_data,
+                                                                    f"seed={seed}", f"train.data_seed={data_seed}"))
+        return Trainer(cfg, progress=False)
+
+    base, other_init, other_data = trainer(0, 3), trainer(1, 3), trainer(0, 4)
+    order = lambda t: t.order.take(0, 64)  # noqa: E731
+    weights = lambda t: t.model.transformer.wte.weight.detach()  # noqa: E731
+    assert np.array_equal(order(base), order(other_init)) and not np.array_equal(order(base), order(other_data))
+    assert not np.array_equal(weights(base), weights(other_init)) and np.array_equal(weights(base), weights(other_data))
+
+
+def test_the_seed_variance_split_equals_the_known_components_of_a_constructed_grid():
+    from evals.report.seeds import variance_components
+
+    a, b = np.array([0.0, 0.3, -0.1]), np.array([0.2, -0.2])  # init and data-order effects, no residual
+    grid = 4.0 + a[:, None] + b[None, :]
+    sd = variance_components(grid)
+    assert sd["init"] == pytest.approx(a.std(ddof=1)) and sd["data"] == pytest.approx(b.std(ddof=1))
+    assert sd["residual"] == pytest.approx(0.0, abs=1e-12) and sd["total"] == pytest.approx(grid.std(ddof=1))
+    # with a residual: MS_res is the mean square of the interaction, and it is taken out of both axes
+    e = np.array([[0.05, -0.05], [-0.05, 0.05], [0.0, 0.0]])
+    sd = variance_components(grid + e)
+    ms_res = (e ** 2).sum() / 2  # e already has zero row and column means
+    assert sd["residual"] == pytest.approx(np.sqrt(ms_res))
+    assert sd["init"] == pytest.approx(np.sqrt(a.std(ddof=1) ** 2 - ms_res / 2))
+    assert sd["data"] == pytest.approx(np.sqrt(b.std(ddof=1) ** 2 - ms_res / 3))
+    one_axis = variance_components(grid[:, :1])  # one data seed: the init's spread alone
+    assert one_axis["init"] == pytest.approx(a.std(ddof=1)) and one_axis["data"] is None
+
+
+def test_the_seed_variance_table_splits_methods_and_their_differences_to_ntp(tmp_path):
+    from evals.report.runs import Run
+    from evals.report.seeds import seed_variance_table
+
+    a, b = [0.0, 0.3, -0.1], [0.2, -0.2]
+
+    def run(method, i, j, extra=0.0):
+        return Run(f"{method}-base-s{i}-d{j}", method, "base", i, None, tmp_path, None,
+                   {"val/loss": 4.0 + a[i] + b[j] + extra}, [], data_seed=j)
+
+    runs = [run("ntp", i, j) for i in range(3) for j in range(2)] + [
+        run("cocomix", i, j, extra=0.1 * i) for i in range(3) for j in range(2)]  # Δ: 0.1 x init seed
+    table = seed_variance_table(runs)
+    rows = {(r[1], r[2]): r for r in table.rows}
+    assert rows[("ntp", "held-out loss")][3:5] == ["3", "2"]
+    assert rows[("ntp", "held-out loss")][6].mean == pytest.approx(np.std(a, ddof=1))
+    delta = rows[("cocomix", "Δ vs NTP")]
+    assert delta[6].mean == pytest.approx(0.1) and delta[7].mean == pytest.approx(0.0, abs=1e-9)

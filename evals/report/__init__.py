@@ -65,6 +65,7 @@ from .curves import average_chance, delta_curves, downstream_curve, final_task_s
 from .compute import compute_table
 from .paired import paired_downstream_table
 from .plots import plot_curves
+from .seeds import seed_variance_table
 from .tuning import tuning_line, tuning_results, tuning_table
 from .runs import CHANCE, Run, diagnostic_curves, group, load_eval_jsons, load_runs, read_json
 from .stats import t95, tokens_to_reach
@@ -122,6 +123,8 @@ def report(config_path: str | Path) -> Path:
         ("paired_downstream", paired_downstream_table(runs),
          f"{exp}: downstream accuracy differences to NTP paired over documents and seeds, final checkpoints"),
         ("tuning", tuning_table(cfg), f"{exp}: equal tuning of every method, on the tuning split"),
+        ("seed_variance", seed_variance_table(runs),
+         f"{exp}: the spread over seeds, split into initial weights and data order, final held-out loss"),
     ):
         if runs_heading(cfg):  # the run ids are another tracker's than MLflow's
             table.name_runs(runs_heading(cfg))

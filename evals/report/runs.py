@@ -65,6 +65,12 @@ class Run:
     eval_settings: dict | None = None  # what the final checkpoint's eval.json was made with
     final_eval: tuple[Path, dict] | None = None  # (its checkpoint folder, its eval.json record)
     arm: str | None = None  # a compute-matched NTP arm: the method whose FLOPs it matches ('+': amortised)
+    data_seed: int | None = None  # train.data_seed where dag.data_seeds crosses the seeds (None: the seed's)
+
+    @property
+    def pair_key(self) -> tuple[int, int | None]:
+        """What pairs a run with another method's: the same init seed and the same data order."""
+        return (self.seed, self.data_seed)
 
     @property
     def label(self) -> str:
@@ -130,7 +136,8 @@ def load_runs(config_path: str | Path) -> list[Run]:
         history = [rec for rec in MetricsLog(cfg.run_dir / "metrics.jsonl").read() if "val/loss" in rec]
         curve = [(rec["tokens_seen"], rec["val/loss"]) for rec in history]
         run = Run(spec.name, spec.method, spec.scale or "base", spec.seed, spec.ablation, cfg.run_dir,
-                  run_id_of(final), final, curve, val_history=history, arm=spec.arm)
+                  run_id_of(final), final, curve, val_history=history, arm=spec.arm,
+                  data_seed=spec.data_seed)
         evals_at = load_eval_jsons(cfg.run_dir, with_folders=True)
         evals = [r for _, r in evals_at]
         for ev in evals:
@@ -165,8 +172,12 @@ def warn_mixed_settings(runs: list[Run]) -> list[str]:
 
 def paired(runs: list[Run], refs: list[Run]) -> list[tuple[Run, Run]]:
     """(run, reference run of the same seed) for every seed both have, by seed."""
-    by_seed = {r.seed: r for r in refs}
-    return [(r, by_seed[r.seed]) for r in sorted(runs, key=lambda r: r.seed) if r.seed in by_seed]
+    by_seed = {r.pair_key: r for r in refs}
+    return [(r, by_seed[r.pair_key]) for r in sorted(runs, key=_order) if r.pair_key in by_seed]
+
+
+def _order(r: Run) -> tuple[int, int]:
+    return (r.seed, -1 if r.data_seed is None else r.data_seed)
 
 
 def group(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
@@ -177,7 +188,7 @@ def group(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
 
 
 def ids(runs: list[Run]) -> str:
-    return " ".join(r.run_id or f"(untracked:{r.name})" for r in sorted(runs, key=lambda r: r.seed))
+    return " ".join(r.run_id or f"(untracked:{r.name})" for r in sorted(runs, key=_order))
 
 
 def heldout_ppl(r: Run) -> float:

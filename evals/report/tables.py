@@ -60,7 +60,8 @@ def main_table(runs: list[Run], tuning: str | None = None) -> Table:
     extra = extra_accuracy_keys(runs)
     main = [r for r in runs if r.ablation is None]
     arms = group([r for r in main if r.arm is not None])
-    flops_cols = [DELTA_FLOPS] + ([DELTA_FLOPS_ALL] if any(k[1].endswith("+") for k in arms) else []) if arms else []
+    deltas = [DELTA_FLOPS] + ([DELTA_FLOPS_ALL] if any(k[1].endswith("+") for k in arms) else []) if arms else []
+    flops_cols = [c for d in deltas for c in (d, f"MDE {d[2:]}")]  # each Δ with its minimum detectable effect
     header = (["scale", "method", "seeds", "held-out ppl", DELTA_NTP, MDE_NTP] + flops_cols + [c for c, _, _ in DOWNSTREAM]
               + ["avg ppl", "avg acc"] + extra + ["mlflow runs"])
     rows, power = [], []
@@ -74,9 +75,9 @@ def main_table(runs: list[Run], tuning: str | None = None) -> Table:
         if method_row:
             power.append((scale, label, paired_diffs(rs, ntp)))
         cells: list[Cell | str] = [scale, label, str(len(rs)), Cell(*mean_std([heldout_ppl(r) for r in rs])), delta, mde]
-        for suffix in ("", "+")[:len(flops_cols)]:
+        for suffix in ("", "+")[:len(deltas)]:
             arm = groups.get((scale, f"ntp@{label}{suffix}"))
-            cells.append(paired_delta(rs, arm) if method_row and arm else MISSING)
+            cells += [paired_delta(rs, arm), paired_mde(rs, arm)] if method_row and arm else [MISSING, MISSING]
         for _, key, lower in DOWNSTREAM:
             cells.append(downstream_cell([run_downstream(r, key) for r in rs], 1 if lower else 100))
         cells.append(downstream_cell([run_avg_ppl(r) for r in rs]))
@@ -86,7 +87,7 @@ def main_table(runs: list[Run], tuning: str | None = None) -> Table:
         cells.append(ids(rs))
         rows.append(cells)
     spread = {"held-out ppl": "std", DELTA_NTP: "ci95", **{h: "se" for h in header[6 + len(flops_cols):-1]},
-              **{h: "ci95" for h in flops_cols}}
+              **{h: "ci95" for h in deltas}}
     # LaTeX: perplexities, the paper's accuracies, and Δ with its MDE beside other tasks' accuracies, each
     # panel about a line wide (all 15 columns in one row are twice that)
     keys = header[:3]
@@ -100,13 +101,13 @@ def main_table(runs: list[Run], tuning: str | None = None) -> Table:
 def sample_efficiency_table(runs: list[Run]) -> Table:
     header = ["scale", "method", "seeds reaching NTP", "tokens to NTP's final loss", "tokens saved (%)", "mlflow runs"]
     rows = []
-    ntp = {(r.scale, r.seed): r for r in runs if r.method == "ntp" and r.ablation is None}
+    ntp = {(r.scale, r.pair_key): r for r in runs if r.label == "ntp"}
     for (scale, label), rs in group(runs).items():
         if label == "ntp":
             continue
         reached, saved, used = [], [], []
-        for r in sorted(rs, key=lambda r: r.seed):
-            ref = ntp.get((r.scale, r.seed))
+        for r in sorted(rs, key=lambda r: r.pair_key[0]):
+            ref = ntp.get((r.scale, r.pair_key))
             if ref is None or not ref.curve:
                 continue
             used.append(r)
@@ -164,7 +165,8 @@ def paired_delta(runs: list[Run], refs: list[Run] | None) -> Cell:
 
 
 def ablation_table(runs: list[Run]) -> Table:
-    header = ["scale", "variant", "seeds", "held-out loss", "Δ vs CoCoMix", "Δ vs NTP", MDE_NTP, "mlflow runs"]
+    header = ["scale", "variant", "seeds", "held-out loss", "Δ vs CoCoMix", "MDE vs CoCoMix", "Δ vs NTP", MDE_NTP,
+              "mlflow runs"]
     rows, power = [], []
     groups = group(runs)
     for scale in sorted({r.scale for r in runs}):
@@ -176,8 +178,8 @@ def ablation_table(runs: list[Run]) -> Table:
             if not rs:
                 continue
             loss = Cell(*mean_std([r.final["val/loss"] for r in rs]), digits=4)
-            rows.append([scale, v, str(len(rs)), loss, paired_delta(rs, ref_c), paired_delta(rs, ref_n),
-                         paired_mde(rs, ref_n), ids(rs)])
+            vs_c = (paired_delta(rs, ref_c), paired_mde(rs, ref_c)) if v != "cocomix" else (MISSING, MISSING)
+            rows.append([scale, v, str(len(rs)), loss, *vs_c, paired_delta(rs, ref_n), paired_mde(rs, ref_n), ids(rs)])
             power.append((scale, v, paired_diffs(rs, ref_n)))
     notes_md = ["held-out loss: final in-training estimate, mean ± one standard deviation over seeds. "
                 "Δ: mean over the seeds both have of (variant − reference), paired by seed, ± half-width of "
