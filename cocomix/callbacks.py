@@ -222,6 +222,20 @@ class Evaluator(Callback):
             record.update(trainer.last_val)
 
 
+def run_role(cfg) -> str:
+    """The `role` tag of a training run, so that one filter (tags.role = 'student') shows the students
+    alone: sweep-trial (a sweep's or `cocomix tune`'s trial), teacher (the DAG's teacher run), ablation,
+    arm (a compute-matched NTP arm, `dag.compute_matched`) or student."""
+    tags = cfg.tracking.tags
+    if "optuna.trial" in tags:
+        return "sweep-trial"
+    if cfg.resolved_run_name == "teacher":
+        return "teacher"
+    if tags.get("ablation", "none") != "none":
+        return "ablation"
+    return "arm" if "matches" in tags else "student"
+
+
 class Tracking(Callback):
     """The run's record: config.yaml and environment.json in the run folder, metrics.jsonl, and the
     tracker's run (`tracking.backend`: params, tags, metrics at step = tokens seen,
@@ -238,7 +252,8 @@ class Tracking(Callback):
         atomic_write_json(trainer.run_dir / "environment.json", env)
         tags = {"experiment": cfg.experiment, "method": trainer.method.name, "scale": cfg.scale or "base",
                 "seed": str(cfg.seed), "git_commit": env["git_commit"], "device": env["device"],
-                "world_size": str(trainer.dist.world_size), "ablation": "none"}  # plan.py tags ablations
+                "world_size": str(trainer.dist.world_size), "ablation": "none",  # plan.py tags ablations
+                "role": run_role(cfg)}
         self.tracker = open_tracker(cfg, trainer.run_dir, tags, source="cocomix train",
                                     params={f"accounting.{k}": v for k, v in trainer.accounting.items()})
         self._truncate_log(trainer)

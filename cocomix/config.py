@@ -188,6 +188,11 @@ class ModelConfig(Section):
     code, spec section 2)."""
     layer_norm_eps: float = 1e-5
     """Epsilon of every LayerNorm (GPT-2's 1e-5)."""
+    init_from: str | None = None
+    """Start from these weights instead of a fresh init (continued pretraining): one of our checkpoints, a
+    run folder (its latest checkpoint) or a transformers GPT-2 folder. Weights only: the optimizer, the
+    schedule and the data order start afresh. The model's tensors the checkpoint lacks (a slot module's,
+    starting CoCoMix from an NTP run) keep their fresh init; a tensor of another shape is one line naming it."""
 
     def check(self, cfg: Config) -> None:
         t = cfg.train
@@ -719,6 +724,9 @@ class Config:
     """Default: <method>-<scale or 'base'>-s<seed>."""
     runs_dir: str | None = None
     """Folder of run folders; default <experiment_dir>/runs (sweep trials live elsewhere)."""
+    license: str = "mit"
+    """The license an exported model card declares (`cocomix export`; a Hub license id, e.g. apache-2.0):
+    the code's is MIT (LICENSE); weights trained on data with its own terms may need another."""
     data: DataConfig = field(default_factory=DataConfig)
     """The corpus, its train/val split and its token shards (`cocomix prepare-data`)."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)

@@ -1,5 +1,5 @@
 """`cocomix export <run or checkpoint> <out>`: a trained checkpoint as a folder ready for the Hugging
-Face Hub (`huggingface-cli upload <repo> <out>`), loadable without this package.
+Face Hub (`hf upload <repo> <out>`), loadable without this package.
 
     <out>/
       model.safetensors            the weights
@@ -202,14 +202,46 @@ def _value(metrics: dict, key: str) -> str:
     return _num(metrics[key]) + (f" ± {_num(se)}" if isinstance(se, (int, float)) else "")
 
 
-def _front_matter(cfg, tree: dict, method: str, ablation: str | None) -> str:
-    meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-generation"}
-    if tree.get("license"):  # no config key for it today: omitted unless the run's config.yaml has one
-        meta["license"] = tree["license"]
+PAPER_URL = "https://arxiv.org/abs/2502.08524"
+OFFICIAL_CODE_URL = "https://github.com/facebookresearch/RAM/tree/main/projects/cocomix"
+# lm-eval metric names -> the Hub's metric types (model-index; the Hub shows them as evaluation results)
+HUB_METRIC = {"acc": "accuracy", "acc_norm": "accuracy", "perplexity": "perplexity",
+              "word_perplexity": "perplexity", "byte_perplexity": "perplexity", "bits_per_byte": "bits_per_byte"}
+
+
+def model_index(name: str, record: dict | None) -> list[dict] | None:
+    """The card's `model-index` (the Hub's evaluation results) from the checkpoint's eval.json: one result
+    per task and metric, and the held-out perplexity of the training corpus; None when not evaluated."""
+    if record is None:
+        return None
+    metrics, results = record["metrics"], []
+    for task in expand_tasks(record["settings"]["tasks"]):
+        for key, value in metrics.items():
+            if not key.startswith(f"{task}/") or key.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            metric = key.split("/", 1)[1]
+            results.append({"task": {"type": "text-generation", "name": "Text Generation"},
+                            "dataset": {"name": task, "type": task},
+                            "metrics": [{"type": HUB_METRIC.get(metric, metric), "value": round(float(value), 6),
+                                         "name": metric, "verified": False}]})
+    if isinstance(metrics.get("val_ppl"), (int, float)):
+        results.append({"task": {"type": "text-generation", "name": "Text Generation"},
+                        "dataset": {"name": "held-out split of the training corpus", "type": "heldout"},
+                        "metrics": [{"type": "perplexity", "value": round(float(metrics["val_ppl"]), 6),
+                                     "name": "held-out perplexity", "verified": False}]})
+    return [{"name": name, "results": results}] if results else None
+
+
+def _front_matter(cfg, tree: dict, method: str, ablation: str | None, name: str, record: dict | None) -> str:
+    meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-generation",
+                            "license": tree.get("license") or "mit"}  # a run trained before `license` existed: MIT
     tags = ["cocomix", method, "causal-lm", "custom_code"] + ([f"ablation-{ablation}"] if ablation else [])
     meta["tags"] = list(dict.fromkeys(tags))
     if cfg is not None and cfg.data.source == "hf" and cfg.data.hf_path:
         meta["datasets"] = [cfg.data.hf_path]
+    index = model_index(name, record)
+    if index:
+        meta["model-index"] = index
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
@@ -264,10 +296,11 @@ def model_card(*, name: str, ckpt: Path, meta: dict, config: dict, cfg, tree: di
     method = meta.get("method") or config.get("method") or "unknown"
     ablation = (cfg.tracking.tags.get("ablation") if cfg is not None else None) or None
     ablation = None if ablation == "none" else ablation
-    lines = [_front_matter(cfg, tree, method, ablation), f"# {name}", ""]
+    lines = [_front_matter(cfg, tree, method, ablation, name, record), f"# {name}", ""]
     lines += [f"A {counts['total']:,}-parameter causal language model trained with `{method}`"
               + (f" (ablation `{ablation}`)" if ablation else "") + " by the cocomix harness, a reproduction "
-              "of *LLM Pretraining with Continuous Concepts* (Tack et al., 2025). "
+              f"of [*LLM Pretraining with Continuous Concepts*]({PAPER_URL}) (Tack et al., 2025; "
+              f"[official code]({OFFICIAL_CODE_URL})). "
               f"Checkpoint `{ckpt.name}`: step {meta['step']:,}, {meta['tokens_seen']:,} training tokens.", ""]
     lines += ["## Method", "", *_method_lines(cfg, config, method, ablation), ""]
     lines += ["## Training data", "", *_data_lines(cfg), f"- tokens trained: {meta['tokens_seen']:,} "

@@ -332,7 +332,7 @@ def train_sae(cfg: Config, progress: bool = True) -> dict[str, float]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     env = environment_info()
-    tags = {"experiment": cfg.experiment, "method": "sae", "seed": str(cfg.seed),
+    tags = {"experiment": cfg.experiment, "method": "sae", "seed": str(cfg.seed), "role": "sae",
             "git_commit": env["git_commit"], "device": env["device"]}
     tracker = open_tracker(dataclasses.replace(cfg, run_name="sae"), tmp, tags, source="cocomix train-sae")
     status = "FAILED"

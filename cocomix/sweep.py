@@ -288,8 +288,7 @@ def _storage_lock(cfg: Config):
 
 
 def create_study(cfg: Config):
-    """Create the study (once) or check that the existing one was made with this config. Also
-    creates the sweep's parent tracked run; its id is kept in the study for every worker."""
+    """Create the study (once; and the sweep's tracked run, its id kept in the study) or check its config."""
     optuna = _quiet_optuna()
     space = search_space(cfg)
     key = study_key(cfg, space)
@@ -299,6 +298,7 @@ def create_study(cfg: Config):
                                     load_if_exists=True)
         existing = study.user_attrs.get("key")
         if existing is None:
+            study.set_metric_names(["held-out loss (nats)"])  # optuna-dashboard's axis (not "Objective 0")
             study.set_user_attr("key", key)
             study.set_user_attr("space", {k: vars(v) for k, v in space.items()})
             for params in cfg.sweep.enqueue:
@@ -336,7 +336,7 @@ def _parent_tracker(cfg: Config, **kw):
 
 def _create_parent_run(cfg: Config, space: dict[str, SweepParam]) -> str | None:
     # Created (or found) like any run, with the config as params.
-    tracker = _parent_tracker(cfg, tags={"sweep": study_name(cfg), "method": cfg.sweep.method},
+    tracker = _parent_tracker(cfg, tags={"sweep": study_name(cfg), "method": cfg.sweep.method, "role": "sweep"},
                               params={f"sweep.space.{k}": json.dumps(vars(v)) for k, v in space.items()})
     run_id = tracker.run_id if tracker.active else None
     tracker.close()

@@ -26,6 +26,7 @@ from cocomix.files import read_json, update_sha256
 from cocomix.model import CocomixConfig, CocomixForCausalLM
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")  # one row per token id (plus padding rows)
 
 
 def teacher_dir(cfg: Config) -> Path:
@@ -54,22 +55,55 @@ def _run_checkpoint(run_dir: Path, tokens: int | None) -> Path:
     return seen[tokens]
 
 
+def load_backbone(path: Path, what: str = "teacher") -> CocomixForCausalLM:
+    """The model of a folder: one of our checkpoints (`model_type: cocomix`) or a transformers GPT-2
+    folder, imported into our backbone (`CocomixForCausalLM.from_gpt2`)."""
+    model_type = read_json(path / "config.json").get("model_type")
+    try:
+        if model_type == "cocomix":
+            return CocomixForCausalLM.from_pretrained(path)
+        if model_type == "gpt2":
+            from transformers import GPT2LMHeadModel  # lazy: only GPT-2 folders
+
+            return CocomixForCausalLM.from_gpt2(GPT2LMHeadModel.from_pretrained(path))
+        raise DataError(f"{what} {path}: model_type {model_type!r} is neither 'cocomix' nor 'gpt2'")
+    except OSError as e:  # missing or unreadable weights
+        raise DataError(f"{what} {path}: cannot load weights ({str(e).splitlines()[0]})") from None
+
+
+def init_from(model: CocomixForCausalLM, path: str | Path) -> dict[str, list[str]]:
+    """`model.init_from`: copy the weights of a checkpoint (a run folder: its latest), or a GPT-2 folder,
+    into `model` before training (weights only). Every tensor both have must have the same shape (else
+    one line naming it); the model's tensors the checkpoint lacks (e.g. a slot module's) keep their
+    fresh init. Returns {"loaded", "kept", "unused"} tensor names."""
+    path = Path(path)
+    if path.is_dir() and not (path / "config.json").is_file() and list_checkpoints(path):
+        path = list_checkpoints(path)[-1]
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"config key 'model.init_from': {path} is not a model folder (no config.json), a run "
+                          "folder with checkpoints, or a GPT-2 folder")
+    theirs = load_backbone(path, "model.init_from").state_dict()
+    ours, real = model.state_dict(), model.config.real_vocab_size
+    for name in VOCAB_ROWS:  # padding rows (model.vocab_multiple) may differ: the real ones are copied
+        if name in theirs and name in ours and theirs[name].shape[1:] == ours[name].shape[1:] \
+                and min(len(theirs[name]), len(ours[name])) >= real:
+            theirs[name] = torch.cat([theirs[name][:real], ours[name][real:]])
+    for name, tensor in theirs.items():
+        if name in ours and ours[name].shape != tensor.shape:
+            raise ConfigError(f"config key 'model.init_from': tensor {name} is {tuple(tensor.shape)} in {path} but "
+                              f"{tuple(ours[name].shape)} in the model (model.n_embd, n_layer, vocab_size must match)")
+    loaded = [n for n in theirs if n in ours]
+    with torch.no_grad():
+        for name in loaded:
+            ours[name].copy_(theirs[name])
+    return {"loaded": loaded, "kept": [n for n in ours if n not in theirs], "unused": [n for n in theirs if n not in ours]}
+
+
 def load_teacher(cfg: Config, device: torch.device | str = "cpu") -> CocomixForCausalLM:
     """The frozen teacher of `cfg.teacher.path`, in eval mode (no dropout) and without gradients
     on its weights (attribution differentiates w.r.t. activations only)."""
     path = teacher_dir(cfg)
-    model_type = read_json(path / "config.json").get("model_type")
-    try:
-        if model_type == "cocomix":
-            model = CocomixForCausalLM.from_pretrained(path)
-        elif model_type == "gpt2":
-            from transformers import GPT2LMHeadModel
-
-            model = CocomixForCausalLM.from_gpt2(GPT2LMHeadModel.from_pretrained(path))
-        else:
-            raise DataError(f"teacher {path}: model_type {model_type!r} is neither 'cocomix' nor 'gpt2'")
-    except OSError as e:  # missing or unreadable weights
-        raise DataError(f"teacher {path}: cannot load weights ({str(e).splitlines()[0]})") from None
+    model = load_backbone(path)
     if getattr(model.config, "slot", "none") not in ("none", None):
         raise DataError(f"teacher {path}: a '{model.config.slot}'-slot model; the teacher must be a plain LM")
     model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)

@@ -43,6 +43,7 @@ from cocomix.files import RunInUse, atomic_write_json, lock_run
 from cocomix.methods import Batch, Method, get_method, run_fingerprint
 from cocomix.model import token_nll
 from cocomix.params import count_params, ntp_params
+from cocomix.teacher import init_from
 
 __all__ = ["EarlyStop", "StepResult", "Trainer", "TrainingError", "list_checkpoints", "lr_at", "peak_flops", "train"]
 
@@ -210,6 +211,11 @@ class Trainer:
         self._check_memory()
         torch.manual_seed(cfg.seed)  # identical initial weights on every process
         self.model = self.method.build_model(cfg, self.manifest["vocab_size"], self.manifest["eos_id"]).to(self.device)
+        if cfg.model.init_from:  # continued pretraining: its weights (a resume then loads the run's own)
+            got = init_from(self.model, cfg.model.init_from)
+            if self.dist.is_main:
+                print(f"model.init_from {cfg.model.init_from}: {len(got['loaded'])} tensors loaded, "
+                      f"{len(got['kept'])} freshly initialised, {len(got['unused'])} of the checkpoint unused", flush=True)
         # The configured tokenizer (if any) must be the one the shards were made with, and every
         # token id in the shards must fit the model's embedding table.
         check_tokenizer_matches(self.data_dir, cfg.tokenizer.path or self.data_dir / "tokenizer",

@@ -28,7 +28,7 @@ def _one_line(err):
     return lines[0]
 
 
-TYPO_ERROR = ("cocomix: error: unknown config key 'model.n_embdd' (expected one of: dropout, init_std, "
+TYPO_ERROR = ("cocomix: error: unknown config key 'model.n_embdd' (expected one of: dropout, init_from, init_std, "
               "layer_norm_eps, n_embd, n_head, n_layer, n_positions, vocab_multiple, vocab_size)")
 
 

@@ -82,7 +82,7 @@ def test_cli_exits_nonzero_with_one_line(tmp_path):
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines == ["cocomix: error: unknown config key 'model.n_embdd' (expected one of: dropout, init_std, "
+    assert lines == ["cocomix: error: unknown config key 'model.n_embdd' (expected one of: dropout, init_from, init_std, "
                      "layer_norm_eps, n_embd, n_head, n_layer, n_positions, vocab_multiple, vocab_size)"]
 
 

@@ -97,6 +97,24 @@ def test_dag_runs_carry_mlflows_standard_tags_and_ablations_their_name(dag_run):
 
 
 @pytest.mark.slow
+def test_the_documented_filter_shows_exactly_the_student_runs(dag_run):
+    """README, Tracking: `tags.role = 'student'` in the runs table (here MLflow's search API) leaves out the
+    teacher, the SAE, the ablations and any sweep trial; with `tags.role = 'ablation'`, the ablations."""
+    import mlflow
+
+    exp = dag_run / "results" / "ci"
+    mlflow.set_tracking_uri(f"sqlite:///{exp.parent / 'mlflow.db'}")
+    found = mlflow.search_runs(experiment_names=["ci"], filter_string="tags.role = 'student'", output_format="list")
+    planned = [r for r in plan_runs(ROOT / ".test/config.yaml")]
+    assert sorted(r.info.run_name for r in found) == sorted(r.name for r in planned if r.ablation is None)
+    ablations = mlflow.search_runs(experiment_names=["ci"], filter_string="tags.role = 'ablation'", output_format="list")
+    assert sorted(r.info.run_name for r in ablations) == sorted(r.name for r in planned if r.ablation)
+    others = mlflow.search_runs(experiment_names=["ci"], filter_string="tags.role != 'student' and tags.role != 'ablation'",
+                                output_format="list")
+    assert {r.data.tags["role"] for r in others} >= {"teacher", "sae"}
+
+
+@pytest.mark.slow
 def test_second_invocation_does_nothing(dag_run):
     proc = smk(dag_run, ROOT / ".test/config.yaml", "--cores", "2", "-n")
     assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr

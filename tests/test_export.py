@@ -137,7 +137,13 @@ def test_export_is_a_clean_hub_folder_with_a_model_card(exported):
     print(card)
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["library_name"] == "transformers" and {"cocomix", "custom_code"} <= set(front["tags"])
-    assert "license" not in front and "datasets" not in front  # neither is known for the synthetic corpus
+    assert front["license"] == "mit" and "datasets" not in front  # no dataset id for the synthetic corpus
+    # huggingface_hub's own parsers read the card: the license and the evaluation results (model-index)
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard import metadata_load
+    hub_card = ModelCard.load(out / "README.md")
+    assert hub_card.data.license == "mit" and metadata_load(out / "README.md")["license"] == "mit"
+    assert "arxiv.org/abs/2502.08524" in card and "facebookresearch/RAM" in card
     model = CocomixForCausalLM.from_pretrained(out)
     record = read_sealed_json(next(ckpt.glob("eval-limit8-*.json")))  # --limit: beside the run's eval.json
     assert "CoCoMix (Continuous Concept Mixing" in card and "synthetic concept-driven corpus" in card
@@ -148,6 +154,10 @@ def test_export_is_a_clean_hub_folder_with_a_model_card(exported):
         task, metric = key.split("/")
         assert f"| {task} | {metric} | {metrics[key]:.4f} ± {metrics[key + '_stderr']:.4f} | 8 |" in card, key
     assert f"perplexity {metrics['val_ppl']:.2f}" in card
+    results = {(r.dataset_type, r.metric_name): r.metric_value for r in hub_card.data.eval_results}
+    assert results[("synth_topic", "acc")] == pytest.approx(metrics["synth_topic/acc"])
+    assert results[("synth_recall", "acc_norm")] == pytest.approx(metrics["synth_recall/acc_norm"])
+    assert results[("heldout", "held-out perplexity")] == pytest.approx(metrics["val_ppl"])
 
 
 def test_export_loads_generates_and_reproduces_its_eval_json_without_cocomix(exported, tmp_path):
