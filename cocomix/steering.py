@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from cocomix.data import DataError, load_concepts
 from cocomix.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from cocomix.interpret import _show, encode_prompt
+from cocomix.hf_teacher import layer_output, with_layer_output
 from cocomix.teacher import run_teacher
 
 
@@ -60,10 +61,11 @@ def steer_teacher(teacher, sae, layer: int, factors: dict[int, float]):
         top = pre.topk(sae.k, dim=-1)
         return sae.decode(F.relu(top.values), top.indices, info)
 
-    def hook(module, args, h):  # h: (B, T, d)
+    def hook(module, args, output):  # its hidden states h: (B, T, d)
+        h = layer_output(output)
         x, info = sae.preprocess(h)
         pre = sae.encode_pre_act(x)  # (B, T, C), dense: generation batches are small
-        return h + (reconstruction(pre * scale, info) - reconstruction(pre, info))
+        return with_layer_output(output, h + (reconstruction(pre * scale, info) - reconstruction(pre, info)))
 
     handle = teacher.transformer.h[layer].register_forward_hook(hook)
     try:

@@ -4,7 +4,9 @@ The teacher is the LM whose SAE concepts supervise CoCoMix (spec 1.1: GPT-2 124M
 in the tiny profile one of our own NTP checkpoints). `cfg.teacher.path` is either
 
 * one of our checkpoints (`config.json` with `model_type: "cocomix"`), or
-* a transformers GPT-2 folder (`model_type: "gpt2"`), imported with `CocomixForCausalLM.from_gpt2`.
+* a transformers GPT-2 folder (`model_type: "gpt2"`), imported with `CocomixForCausalLM.from_gpt2`, or
+* any other transformers causal LM (GPT-NeoX/Pythia, Llama, Qwen, ...), seen through our interface
+  (`HFTeacher`, cocomix/hf_teacher.py); its decoder layer `layer`'s output is the residual stream.
 
 The residual stream "after block `layer`" (GPT-2 `blocks.{layer}.hook_resid_post`) is the output
 of `transformer.h[layer]`; `run_teacher` exposes it through a forward hook so the model's own
@@ -21,8 +23,10 @@ import torch
 
 from cocomix.config import Config, ConfigError
 from cocomix.data import DataError
+from cocomix.data.shards import check_tokenizer_matches, load_manifest
 from cocomix.checkpoints import find_checkpoints, is_checkpoint, list_checkpoints, read_meta
 from cocomix.files import read_json, update_sha256
+from cocomix.hf_teacher import layer_output, load_hf_teacher, with_layer_output
 from cocomix.model import CocomixConfig, CocomixForCausalLM
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -55,9 +59,10 @@ def _run_checkpoint(run_dir: Path, tokens: int | None) -> Path:
     return seen[tokens]
 
 
-def load_backbone(path: Path, what: str = "teacher") -> CocomixForCausalLM:
+def load_backbone(path: Path, what: str = "teacher", any_lm: bool = False):
     """The model of a folder: one of our checkpoints (`model_type: cocomix`) or a transformers GPT-2
-    folder, imported into our backbone (`CocomixForCausalLM.from_gpt2`)."""
+    folder, imported into our backbone (`CocomixForCausalLM.from_gpt2`); with `any_lm` (a teacher) any
+    other transformers causal LM, seen through our interface (`HFTeacher`, cocomix/hf_teacher.py)."""
     model_type = read_json(path / "config.json").get("model_type")
     try:
         if model_type == "cocomix":
@@ -66,7 +71,10 @@ def load_backbone(path: Path, what: str = "teacher") -> CocomixForCausalLM:
             from transformers import GPT2LMHeadModel  # lazy: only GPT-2 folders
 
             return CocomixForCausalLM.from_gpt2(GPT2LMHeadModel.from_pretrained(path))
-        raise DataError(f"{what} {path}: model_type {model_type!r} is neither 'cocomix' nor 'gpt2'")
+        if any_lm:
+            return load_hf_teacher(path)
+        raise DataError(f"{what} {path}: model_type {model_type!r} is neither 'cocomix' nor 'gpt2' (its weights do "
+                        "not map onto this backbone)")
     except OSError as e:  # missing or unreadable weights
         raise DataError(f"{what} {path}: cannot load weights ({str(e).splitlines()[0]})") from None
 
@@ -103,11 +111,29 @@ def load_teacher(cfg: Config, device: torch.device | str = "cpu") -> CocomixForC
     """The frozen teacher of `cfg.teacher.path`, in eval mode (no dropout) and without gradients
     on its weights (attribution differentiates w.r.t. activations only)."""
     path = teacher_dir(cfg)
-    model = load_backbone(path)
+    model = load_backbone(path, any_lm=True)
+    if (cfg.data_dir / "manifest.json").is_file():
+        check_teacher_vocabulary(cfg, path, model)
     if getattr(model.config, "slot", "none") not in ("none", None):
         raise DataError(f"teacher {path}: a '{model.config.slot}'-slot model; the teacher must be a plain LM")
     model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
     return model
+
+
+def check_teacher_vocabulary(cfg: Config, path: Path, model) -> None:
+    """The teacher reads the student's token ids, so it must share the tokenizer the shards were made
+    with: a teacher folder with a tokenizer must hold that very one, and no teacher may have fewer
+    token ids than the data uses (one line naming teacher.path otherwise)."""
+    manifest = load_manifest(cfg.data_dir, verify=False)
+    if model.config.real_vocab_size <= manifest["max_token_id"]:
+        raise ConfigError(f"config key 'teacher.path': teacher {path} has {model.config.real_vocab_size:,} token ids but "
+                          f"the data ({cfg.data_dir}) uses ids up to {manifest['max_token_id']:,}: the teacher must share "
+                          "the students' tokenizer")
+    if (path / "tokenizer.json").is_file():
+        try:
+            check_tokenizer_matches(cfg.data_dir, path)
+        except DataError as e:
+            raise ConfigError(f"config key 'teacher.path': {e}") from None
 
 
 def teacher_shape(cfg: Config) -> CocomixForCausalLM:
@@ -119,6 +145,8 @@ def teacher_shape(cfg: Config) -> CocomixForCausalLM:
             from transformers import GPT2Config, GPT2LMHeadModel  # lazy: only GPT-2 teachers
 
             return CocomixForCausalLM.from_gpt2(GPT2LMHeadModel(GPT2Config.from_pretrained(path)))
+        if model_type != "cocomix":
+            return load_hf_teacher(path, meta=True)
         return CocomixForCausalLM(CocomixConfig.from_pretrained(path))
 
 
@@ -172,11 +200,11 @@ def run_teacher(
     captured: dict[str, torch.Tensor] = {}
 
     def hook(module, args, output):
-        h = output.detach().requires_grad_(torch.is_grad_enabled())
+        h = layer_output(output).detach().requires_grad_(torch.is_grad_enabled())
         captured["h"] = h
         if stop_at_layer:
             raise _Stop
-        return edit(h) if edit is not None else h
+        return with_layer_output(output, edit(h) if edit is not None else h)
 
     handle = teacher.transformer.h[layer].register_forward_hook(hook)
     try:

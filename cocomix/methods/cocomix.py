@@ -204,8 +204,9 @@ class CoCoMix(Method):
 
 
 def _teacher_width(cfg: Config) -> int:
-    """The teacher's hidden width from its config.json (ours or GPT-2's; both call it n_embd)."""
+    """The teacher's hidden width from its config.json (ours and GPT-2's call it n_embd, others hidden_size)."""
     config_file = teacher_dir(cfg) / "config.json"  # a one-line error when there is no teacher
     if not config_file.is_file():
         raise ConfigError(f"config key 'teacher.path': {config_file} not found")
-    return int(read_json(config_file)["n_embd"])
+    config = read_json(config_file)
+    return int(config["n_embd"] if "n_embd" in config else config["hidden_size"])
