@@ -16,6 +16,8 @@ forward stays the single source of truth.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +32,7 @@ from cocomix.hf_teacher import layer_output, load_hf_teacher, with_layer_output
 from cocomix.model import CocomixConfig, CocomixForCausalLM
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name: a Hub model id, when no such folder exists
 VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")  # one row per token id (plus padding rows)
 
 
@@ -37,6 +40,8 @@ def teacher_dir(cfg: Config) -> Path:
     """`teacher.path`: a checkpoint or GPT-2 folder, or a run folder (its latest checkpoint). Unset,
     the teacher is the experiment's own NTP run named 'teacher' (trained first by the DAG)."""
     path = Path(cfg.teacher.path) if cfg.teacher.path else cfg.experiment_dir / "runs" / "teacher"
+    if cfg.teacher.path and not path.exists() and HUB_ID.fullmatch(cfg.teacher.path):
+        path = hub_snapshot(cfg.teacher.path)
     if not path.exists() and not cfg.teacher.path:
         raise ConfigError(f"config key 'teacher.path': not set and no teacher run at {path} "
                           "(expected a checkpoint folder or a GPT-2 folder)")
@@ -45,6 +50,23 @@ def teacher_dir(cfg: Config) -> Path:
     if not (path / "config.json").is_file():
         raise DataError(f"teacher {path}: not a model folder (no config.json); set teacher.path to a checkpoint")
     return path
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """A Hub model id as `teacher.path`: its local snapshot (downloaded when online). Offline (every DAG
+    job, HF_HUB_OFFLINE=1) and not in the cache: one line saying how to download it once."""
+    from huggingface_hub import snapshot_download  # lazy: only for a Hub id
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=offline))
+    except (LocalEntryNotFoundError, OSError) as e:
+        how = (f"download it once where the Hub is reachable: `HF_HUB_OFFLINE=0 hf download {repo_id} --local-dir "
+               f"models/{repo_id.split('/')[-1]}`, then set teacher.path to that folder")
+        why = "offline (HF_HUB_OFFLINE=1) and not in the Hugging Face cache" if offline else str(e).splitlines()[0]
+        raise ConfigError(f"config key 'teacher.path': {repo_id!r} is not a folder, and as a Hub id it is {why}; "
+                          f"{how}") from None
 
 
 def _run_checkpoint(run_dir: Path, tokens: int | None) -> Path:

@@ -90,3 +90,16 @@ def test_a_teacher_with_another_vocabulary_is_one_line(tiny_data, tmp_path):
     with pytest.raises(ConfigError, match=r"^config key 'teacher.path': teacher .*small has 300 token ids but the data "
                                           r"\(.*\) uses ids up to \d+: the teacher must share the students' tokenizer$"):
         load_teacher(cfg)
+
+
+def test_a_hub_id_offline_is_one_line_saying_how_to_download_it(tiny_data, tmp_path, monkeypatch):
+    from cocomix.teacher import teacher_dir
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    cfg = load_config(ROOT / "config/tiny.yaml", tiny_overrides(tmp_path, tiny_data, "teacher.path=EleutherAI/pythia-70m"))
+    with pytest.raises(ConfigError, match=r"^config key 'teacher.path': 'EleutherAI/pythia-70m' is not a folder, and as a Hub id it is offline "
+                                          r"\(HF_HUB_OFFLINE=1\) and not in the Hugging Face cache; download it once where "
+                                          r"the Hub is reachable: `HF_HUB_OFFLINE=0 hf download EleutherAI/pythia-70m "
+                                          r"--local-dir models/pythia-70m`, then set teacher.path to that folder$"):
+        teacher_dir(cfg)
