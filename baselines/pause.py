@@ -8,7 +8,7 @@ model side is the `pause` slot module of `cocomix/slots.py`; the losses are NTP'
 
 Paper gaps (spec section 6, question 5), with our choices: the vector is shared across positions
 and read out at the pause slot (`pause.readout: pause`; `token` reads token t's own slot instead,
-the pause slots then being extra positions for later tokens: README, "Pause read-out"); the width
+the pause slots then being extra positions for later tokens: docs/baselines.md, "Pause read-out"); the width
 is the NTP/KD width (the pause vector adds d parameters, so that width is what matches CoCoMix's
 active parameters; `config/paper.yaml`); KD + Pause uses the same `kd.lam` as KD.
 """

@@ -502,7 +502,7 @@ class PauseConfig(Section):
     readout: Literal["pause", "token"] = "pause"
     """Which slot the LM head reads for token t+1: the pause slot after token t (as CoCoMix reads its
     concept slot; the default), or token t's own slot, the pause slots then being extra positions
-    that later tokens attend to. The paper does not say (spec section 6, question 5); README,
+    that later tokens attend to. The paper does not say (spec section 6, question 5); docs/baselines.md,
     "Pause read-out", has what each gives at tiny scale."""
 
 
@@ -639,7 +639,7 @@ class TuneConfig(Section):
     tuned method is never worse on the tuning split than its defaults."""
     space: dict[str, dict[str, SweepParam]] = field(default_factory=dict)
     """Method -> dotted key -> range, replacing or adding to the method's default knobs key by key
-    (README, "Equal tuning"); a range with `low` = `high` fixes the key."""
+    (docs/fair.md); a range with `low` = `high` fixes the key."""
 
     def check(self, cfg: Config) -> None:
         _need(self.n_trials >= 1, "tune.n_trials", f"must be at least 1, got {self.n_trials}")

@@ -23,7 +23,7 @@ LAYERS = {
     "methods": ["cocomix.methods", "cocomix.plan", "cocomix.compute", "baselines"],
     "trainer": ["cocomix.trainer", "cocomix.callbacks"],
     "evals": ["evals", "cocomix.interpret", "cocomix.steering", "cocomix.export"],
-    "top": ["cocomix.launch", "cocomix.dag", "cocomix.sweep", "cocomix.tune", "cocomix.cli", "cocomix.__main__",
+    "top": ["cocomix.launch", "cocomix.dag", "cocomix.sweep", "cocomix.tune", "cocomix.cli", "cocomix.reference", "cocomix.__main__",
             "cocomix"],  # the package's __init__: registers the model type once transformers is imported
 }
 RANK = {name: i for i, name in enumerate(LAYERS)}
