@@ -394,6 +394,28 @@ def _eval_lines(record: dict, command: str | None) -> list[str]:
 # --------------------------------------------------------------------------------------
 
 
+def ship_concepts(cfg, config: dict, tmp: Path) -> str | None:
+    """A CoCoMix model's concept ids index the latents of its SAE: ship the SAE in SAELens's format
+    (`sae/`, cocomix/saelens.py) and every latent's description (`sae/descriptions.json` and `.md`,
+    cocomix/interpret.py), so a reader can tell what concept i is. Returns the card's line, or None
+    for a model without concepts (or a run whose config is not there)."""
+    if config.get("slot") != "concept" or cfg is None or (config.get("slot_options") or {}).get("n_concepts") is None:
+        return None
+    from cocomix.interpret import describe_concepts, descriptions_markdown  # lazy: teacher and data scan
+    from cocomix.sae import load_sae  # lazy: as above
+    from cocomix.saelens import export_saelens  # lazy: as above
+
+    layer = cfg.sae.layer
+    export_saelens(load_sae(cfg), tmp / "sae", hook_name=f"blocks.{layer}.hook_resid_post",
+                   model_name=str(cfg.teacher.path) if cfg.teacher.path else "teacher", context_size=cfg.train.block_size)
+    desc = describe_concepts(cfg)
+    (tmp / "sae" / "descriptions.json").write_text(json.dumps(desc, indent=1), encoding="utf-8")
+    (tmp / "sae" / "descriptions.md").write_text(descriptions_markdown(desc), encoding="utf-8")
+    return (f"- `sae/`: the TopK SAE whose {cfg.sae.n_latents:,} latents the concept ids index (SAELens format: "
+            f"`sae_lens.SAE.load_from_disk(\"sae\")`; the teacher's residual stream after block {layer}), with "
+            "`descriptions.json` / `.md`: what each concept is (its top activating contexts and promoted tokens)")
+
+
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out}: exists and is not empty; refusing to overwrite it (choose a new folder or "
@@ -433,6 +455,7 @@ def export(source: str | Path, out: str | Path) -> Path:
         if record is not None and raw is not None and record["settings"].get("tasks"):
             tasks, include = export_tasks(record, raw, tmp)
             command = lm_eval_command(record, raw, cfg, n_positions, tasks, include) if tasks else None
+        shipped = ship_concepts(cfg, read_json(tmp / "config.json"), tmp)
         counts = count_params(model)
         card = model_card(
             name=name, ckpt=ckpt, meta=meta,
@@ -440,6 +463,8 @@ def export(source: str | Path, out: str | Path) -> Path:
             counts={"total": counts.total, "active": counts.active,
                     "non_embedding": model.num_params(non_embedding=True)},
             record=record, command=command, weights_sha256=sha256_file(tmp / "model.safetensors"))
+        if shipped:
+            card = card.replace("## Files\n\n", "## Files\n\n" + shipped + "\n", 1)
         del model
         (tmp / README).write_text(card, encoding="utf-8")
         left = [p for p in tmp.rglob("*") if p.name in TRAINER_FILES or p.name == TRAINER_DIR]

@@ -169,7 +169,7 @@ def sae_path(cfg: Config) -> Path:
 def sae_hash(cfg: Config) -> str:
     """sha256 of the SAE's weights: its identity in label caches."""
     p = sae_path(cfg)
-    f = p / WEIGHTS if p.is_dir() else p
+    f = (p / WEIGHTS if (p / WEIGHTS).is_file() else p / "sae_weights.safetensors") if p.is_dir() else p  # ours, SAELens'
     if not f.is_file():
         raise DataError(f"SAE {p}: not found (run `cocomix train-sae` or set sae.path)")
     return sha256_file(f)
@@ -198,6 +198,10 @@ def load_sae(cfg: Config, device: torch.device | str = "cpu") -> TopKSAE:
                             "`cocomix train-sae`") from None
         if meta.get("layer") is not None and meta["layer"] != cfg.sae.layer:
             raise ConfigError(f"config key 'sae.layer': {cfg.sae.layer}, but the SAE in {p} was trained on layer {meta['layer']}")
+    elif p.is_dir() and (p / "cfg.json").is_file():  # a SAELens folder (cocomix/saelens.py)
+        from cocomix.saelens import import_saelens  # lazy: saelens imports this module
+
+        sae = import_saelens(p)
     elif p.is_file():
         try:
             state = torch.load(p, map_location="cpu", weights_only=True)

@@ -117,7 +117,14 @@ def test_export_is_a_clean_hub_folder_with_a_model_card(exported):
     print("\n".join(f"{stat.filemode(st.st_mode)} {st.st_size:>8} {name}" for name, st in files.items()))
     top = {name for name in files if "/" not in name}
     assert top == {"README.md", "config.json", "generation_config.json", "model.safetensors", "model.py", "slots.py",
-                   "tokenizer.json", "tokenizer_config.json", "eval_tasks"}, top
+                   "tokenizer.json", "tokenizer_config.json", "eval_tasks", "sae"}, top
+    # A CoCoMix model ships the SAE its concept ids index (SAELens's format) and their descriptions
+    from cocomix.saelens import import_saelens
+    from cocomix.sae import load_sae
+    ours, shipped = load_sae(exported["cfg"]), import_saelens(out / "sae")
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), shipped.state_dict().values()))
+    desc = json.loads((out / "sae" / "descriptions.json").read_text())
+    assert len(desc["latents"]) == 64 and (out / "sae" / "descriptions.md").read_text().startswith("#")
     assert not any(Path(name).name in ("trainer_state.pt", "optimizer.pt", "trainer", "checkpoint.json", "eval.json",
                                        "lm_eval_results.json") for name in files)
     assert (ckpt / "trainer" / "optimizer.pt").is_file()  # the training checkpoint keeps it, apart

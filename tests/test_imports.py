@@ -19,7 +19,7 @@ LAYERS = {
     "config": ["cocomix.config"],
     "data": ["cocomix.data", "cocomix.checkpoints", "cocomix.tracking"],
     "model": ["cocomix.model", "cocomix.slots", "cocomix.flops", "cocomix.params", "cocomix.device",
-              "cocomix.teacher", "cocomix.hf_teacher", "cocomix.sae", "cocomix.concepts", "cocomix.diagnostics", "cocomix.parallel"],
+              "cocomix.teacher", "cocomix.hf_teacher", "cocomix.sae", "cocomix.saelens", "cocomix.concepts", "cocomix.diagnostics", "cocomix.parallel"],
     "methods": ["cocomix.methods", "cocomix.plan", "cocomix.compute", "baselines"],
     "trainer": ["cocomix.trainer", "cocomix.callbacks"],
     "evals": ["evals", "cocomix.interpret", "cocomix.steering", "cocomix.export"],
