@@ -109,6 +109,15 @@ class DataConfig(Section):
     """`hf` source: the dataset's configuration name (`name=` of `datasets.load_dataset`); null: none."""
     hf_split: str = "train"
     """`hf` source: the split that is loaded and then cut into our train/val (OpenWebText has only train)."""
+    hf_data_files: list[str] = field(default_factory=list)
+    """`hf` source: `data_files=` of `datasets.load_dataset` (e.g. Parquet shards with hf_path `parquet`, or
+    files of a Hub dataset); empty: the dataset's own."""
+    hf_revision: str | None = None
+    """`hf` source: the Hub revision (a branch, tag or commit, e.g. refs/convert/parquet); null: main."""
+    hf_streaming: bool = False
+    """`hf` source: stream the dataset instead of downloading and caching it whole. The train/val split is
+    then a seeded draw per document (`val_fraction`, `split_seed`, as for the text source) instead of
+    `train_test_split`, which needs the whole dataset."""
     val_fraction: float = 0.05
     """Fraction of documents held out for validation (OpenWebText recipe: 0.0005)."""
     split_seed: int = 2357

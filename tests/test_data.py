@@ -689,3 +689,28 @@ def test_bom_jsonl_and_parquet_files_that_are_not_text(tmp_path):
     (only / "p.txt").write_bytes(PNG_LIKE)
     with pytest.raises(DataError, match=r"no documents found.*1 files skipped as not text, the first: .*p\.txt"):
         list(iter_documents(_text_cfg([only], max_bad_files=1)))
+
+
+def test_hf_source_takes_data_files_and_streams_with_a_per_document_split(tmp_path):
+    """`data.hf_data_files` and `data.hf_streaming`: a streamed `json` dataset over local files gives the
+    documents, and the seeded per-document split, of the text source over the same files; without
+    streaming the same documents come through `train_test_split`."""
+    import json as _json
+
+    from cocomix.config import load_config
+    from cocomix.data import iter_documents
+
+    files = []
+    for f in range(2):
+        path = tmp_path / f"part{f}.jsonl"
+        path.write_text("".join(_json.dumps({"text": f"document {f}-{i} " + "word " * (i % 7)}) + "\n" for i in range(60)))
+        files.append(str(path))
+    base = ["data.val_fraction=0.2", "data.split_seed=11"]
+    streamed = load_config(None, base + ["data.source=hf", "data.hf_path=json", f"data.hf_data_files={_json.dumps(files)}",
+                                         "data.hf_streaming=true"])
+    text = load_config(None, base + ["data.source=text", f"data.paths={_json.dumps(files)}"])
+    whole = load_config(None, base + ["data.source=hf", "data.hf_path=json", f"data.hf_data_files={_json.dumps(files)}"])
+    got = [(d.text, d.split) for d in iter_documents(streamed.data)]
+    assert got == [(d.text, d.split) for d in iter_documents(text.data)]
+    assert len(got) == 120 and {s for _, s in got} == {"train", "val"}
+    assert sorted(d.text for d in iter_documents(whole.data)) == sorted(t for t, _ in got)

@@ -244,14 +244,21 @@ def _hf_docs(data: DataConfig) -> Iterator[Doc]:
     import datasets
 
     path = data.hf_path
+    kwargs = {k: v for k, v in (("data_files", data.hf_data_files or None), ("revision", data.hf_revision)) if v}
     try:
         saved = path and any((Path(path) / f).is_file() for f in ("dataset_info.json", "dataset_dict.json"))
         if saved:
             ds = datasets.load_from_disk(path)  # a save_to_disk folder
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[data.hf_split]
+        elif data.hf_streaming:
+            yield from _hf_stream(datasets.load_dataset(path, data.hf_name, split=data.hf_split, streaming=True,
+                                                        **kwargs), data)
+            return
         else:
-            ds = datasets.load_dataset(path, data.hf_name, split=data.hf_split)
+            ds = datasets.load_dataset(path, data.hf_name, split=data.hf_split, **kwargs)
+    except DataError:
+        raise
     except Exception as e:  # datasets raises many types; keep the one-line contract
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"hf dataset {path!r} (name={data.hf_name!r}, split={data.hf_split!r}): could not load: {msg}") from None
@@ -268,6 +275,20 @@ def _hf_docs(data: DataConfig) -> Iterator[Doc]:
             for text in batch[data.text_field]:
                 if text:
                     yield Doc(_clean(text, data), split)
+
+
+def _hf_stream(ds, data: DataConfig) -> Iterator[Doc]:
+    """A streamed dataset's documents, split by a seeded draw per document (`assign_splits`)."""
+    def texts():
+        for i, row in enumerate(ds):
+            if data.text_field not in row:
+                raise DataError(f"hf dataset {data.hf_path!r}: no column '{data.text_field}' (columns: "
+                                f"{sorted(row)}; set data.text_field)")
+            yield row[data.text_field]
+
+    for text, split in assign_splits(_limit(texts(), data.max_docs), data.val_fraction, data.split_seed):
+        if text:
+            yield Doc(_clean(text, data), split)
 
 
 def iter_documents(data: DataConfig, split: str | None = None,
