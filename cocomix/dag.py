@@ -335,14 +335,15 @@ class Dag:
     def report_outputs(self) -> list[str]:
         tables = [f"{self.exp}/tables/{t}.{ext}" for t in TABLES for ext in ("md", "tex", "csv")]
         scales = sorted({r.scale or "base" for r in self.runs.values()})
-        plots = [f"{self.exp}/plots/{kind}_{s}.png" for kind in ("heldout_loss", "downstream", "diagnostics")
-                 for s in scales]
-        return tables + plots
+        ablated = sorted({r.scale or "base" for r in self.runs.values() if r.ablation})
+        plots = [f"{self.exp}/plots/{kind}_{s}" for kind in ("heldout_loss", "downstream", "diagnostics") for s in scales]
+        plots += [f"{self.exp}/plots/{kind}_{s}_ablations" for kind in ("heldout_loss", "diagnostics") for s in ablated]
+        return tables + [p + ext for p in plots for ext in (".png", ".pdf")]
 
     def report_entries(self) -> list[tuple[str, str | None]]:
         """Every report output with its category in `snakemake --report` (None: not shown there;
         the Markdown and LaTeX tables repeat the CSV ones)."""
-        return [(p, "Plots" if p.endswith(".png") else "Tables" if p.endswith(".csv") else None)
+        return [(p, "Plots" if p.endswith(".png") else "Tables" if p.endswith(".csv") else None)  # PDFs repeat the PNGs
                 for p in self.report_outputs()]
 
     # ---- sweep ----

@@ -31,6 +31,7 @@ from cocomix.config import Config, ConfigError, SAEConfig
 from cocomix.data import DataError
 from cocomix.data.shards import BlockOrder, TokenBlocks
 from cocomix.faults import point
+from cocomix.saelens import read_saelens
 from cocomix.files import atomic_write_json, follow_umask, read_json, sha256_file
 from cocomix.model import token_nll
 from cocomix.progress import Reporter, si
@@ -125,7 +126,15 @@ class TopKSAE(nn.Module):
         if g is not None:
             g.sub_((g * self.W_dec).sum(dim=0, keepdim=True) * self.W_dec)
 
-    # ---- OpenAI's published format ----
+    # ---- SAELens's and OpenAI's published formats ----
+
+    @classmethod
+    def from_saelens(cls, folder) -> "TopKSAE":
+        """A SAELens TopK SAE folder (cocomix/saelens.py: `read_saelens`), encodings identical."""
+        shape, tensors = read_saelens(folder)
+        sae = cls(**shape)
+        sae.load_state_dict(tensors, strict=False)  # the stats buffer keeps its zeros
+        return sae
 
     @classmethod
     def from_openai_state_dict(cls, state: dict, source: str = "state dict") -> "TopKSAE":
@@ -199,9 +208,7 @@ def load_sae(cfg: Config, device: torch.device | str = "cpu") -> TopKSAE:
         if meta.get("layer") is not None and meta["layer"] != cfg.sae.layer:
             raise ConfigError(f"config key 'sae.layer': {cfg.sae.layer}, but the SAE in {p} was trained on layer {meta['layer']}")
     elif p.is_dir() and (p / "cfg.json").is_file():  # a SAELens folder (cocomix/saelens.py)
-        from cocomix.saelens import import_saelens  # lazy: saelens imports this module
-
-        sae = import_saelens(p)
+        sae = TopKSAE.from_saelens(p)
     elif p.is_file():
         try:
             state = torch.load(p, map_location="cpu", weights_only=True)

@@ -12,7 +12,7 @@ architecture exactly:
     pre_bias (d)                  b_dec, with apply_b_dec_to_input: true
     normalize (OpenAI's LN)       normalize_activations: layer_norm ((x - mu) / (std + 1e-5), unbiased std)
 
-Imported, an SAE with `apply_b_dec_to_input: false` folds b_dec into the latent bias (b_lat = b_enc +
+Read back (`read_saelens`; `TopKSAE.from_saelens` in cocomix/sae.py), an SAE with `apply_b_dec_to_input: false` folds b_dec into the latent bias (b_lat = b_enc +
 b_dec W_enc), so its encodings are the same; other architectures or normalisations are one line.
 """
 
@@ -26,7 +26,6 @@ import torch
 from cocomix.config import ConfigError
 from cocomix.data import DataError
 from cocomix.files import atomic_write_text
-from cocomix.sae import TopKSAE
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"  # SAELens's file names (sae_lens.constants)
 
@@ -35,9 +34,9 @@ def is_saelens(path: Path) -> bool:
     return path.is_dir() and (path / CFG).is_file() and (path / WEIGHTS).is_file()
 
 
-def export_saelens(sae: TopKSAE, folder: str | Path, *, hook_name: str, model_name: str | None = None,
+def export_saelens(sae, folder: str | Path, *, hook_name: str, model_name: str | None = None,
                    context_size: int | None = None) -> Path:
-    """Write `sae` as a SAELens TopK SAE folder (`SAE.load_from_disk(folder)` loads it)."""
+    """Write `sae` (a `cocomix.sae.TopKSAE`) as a SAELens TopK SAE folder (`SAE.load_from_disk(folder)`)."""
     from safetensors.torch import save_file  # lazy: only for export
 
     folder = Path(folder)
@@ -57,8 +56,10 @@ def export_saelens(sae: TopKSAE, folder: str | Path, *, hook_name: str, model_na
     return folder
 
 
-def import_saelens(folder: str | Path) -> TopKSAE:
-    """A SAELens TopK SAE folder as our `TopKSAE` (encodings identical; module docstring)."""
+def read_saelens(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A SAELens TopK SAE folder as ({d_model, n_latents, k, normalize}, our tensors: pre_bias,
+    encoder.weight, latent_bias, decoder.weight) with identical encodings (module docstring);
+    `TopKSAE.from_saelens` builds the SAE. Other architectures or normalisations are one line."""
     from safetensors.torch import load_file  # lazy: only for a SAELens SAE
 
     folder = Path(folder)
@@ -77,14 +78,8 @@ def import_saelens(folder: str | Path) -> TopKSAE:
         raise ConfigError(f"{where}: rescale_acts_by_decoder_norm is true; not supported")
     w_enc, b_enc, w_dec, b_dec = (state[k].float() for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
     d_in, d_sae = w_enc.shape
-    sae = TopKSAE(d_in, d_sae, int(cfg["k"]), normalize=norm == "layer_norm")
-    with torch.no_grad():
-        sae.encoder.weight.copy_(w_enc.t())
-        sae.decoder.weight.copy_(w_dec.t())
-        if cfg.get("apply_b_dec_to_input", True):
-            sae.pre_bias.copy_(b_dec)
-            sae.latent_bias.copy_(b_enc)
-        else:  # W_enc x + b_enc = W_enc (x - b_dec) + (b_enc + b_dec W_enc); decode adds b_dec either way
-            sae.pre_bias.copy_(b_dec)
-            sae.latent_bias.copy_(b_enc + b_dec @ w_enc)
-    return sae
+    # W_enc x + b_enc = W_enc (x - b_dec) + (b_enc + b_dec W_enc) when b_dec is not applied to the input
+    latent_bias = b_enc if cfg.get("apply_b_dec_to_input", True) else b_enc + b_dec @ w_enc
+    shape = {"d_model": d_in, "n_latents": d_sae, "k": int(cfg["k"]), "normalize": norm == "layer_norm"}
+    return shape, {"pre_bias": b_dec, "encoder.weight": w_enc.t().contiguous(), "latent_bias": latent_bias,
+                   "decoder.weight": w_dec.t().contiguous()}

@@ -8,16 +8,13 @@ SAE, evaluation, sweeps), and the backends behind it (`tracking.backend`):
 
 Whatever the backend, the run folder's metrics.jsonl (cocomix/records.py) is the record the tables
 read; a backend is where people compare runs in a UI. Every point is logged at step = tokens seen,
-so curves of runs with different batch sizes line up, and evaluation curves (logged later by
-`cocomix eval`) sit on the same axis. `open_tracker(cfg, run_dir, ...)` picks the backend (the
+so curves of runs with different batch sizes, and later evaluations (`cocomix eval`), line up. `open_tracker(cfg, run_dir, ...)` picks the backend (the
 interface: `Tracker`'s methods); nothing outside this module imports mlflow or wandb or names their tags.
 
-Tracking degrades, it never blocks a run: an unreachable server is found by a probe with a short
-timeout, MLflow's own HTTP retries are bounded, and any failure of a backend call turns tracking off
-for the rest of the run with one warning line. The run goes on with metrics.jsonl as its record and
-(MLflow) leaves `mlflow_pending.json` in its folder; `replay` (on the run's next start, before
-`cocomix eval` logs to it, or `cocomix track-sync RUN_DIR`) sends what MLflow lacks, point by point,
-so nothing is logged twice. `tracking.required: true` makes an unreachable server a one-line error.
+Tracking degrades, it never blocks a run: an unreachable server is found by a short probe, MLflow's
+HTTP retries are bounded, and any failed backend call turns tracking off for the run with one warning.
+The run goes on with metrics.jsonl as its record and (MLflow) leaves `mlflow_pending.json`; `replay`
+(on the next start, or `cocomix track-sync RUN_DIR`) sends what MLflow lacks, point by point.
 """
 
 from __future__ import annotations
@@ -224,7 +221,8 @@ class Tracker:
         nothing reached a backend."""
         if not self.active:
             return None
-        self.log_metrics({f"eval/{k}": float(v) for k, v in metrics.items()}, int(tokens_seen))
+        self.set_tags({f"eval.{k}": str(v) for k, v in metrics.items() if k in EVAL_CONSTANTS})  # settings, not charts
+        self.log_metrics({f"eval/{k}": float(v) for k, v in metrics.items() if k not in EVAL_CONSTANTS}, int(tokens_seen))
         return self.run_id if self.active else None
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -255,6 +253,9 @@ class Tracker:
     def ids(self) -> dict[str, str | None]:
         """{"<backend>_run_id": id} for the run's records ({} for none)."""
         return {self.id_key: self.run_id} if self.id_key else {}
+
+
+EVAL_CONSTANTS = ("val_blocks",)  # evaluation values that are settings (blocks scored): tags, not metrics
 
 
 def step_metrics(record: dict[str, Any]) -> dict[str, float]:
@@ -437,7 +438,7 @@ class MLflowTracker(Tracker):
         for result in checkpoint_files(self.run_dir, "eval.json"):
             done = read_json(result)
             wanted += [Metric(f"eval/{k}", float(v), now, int(done["tokens_seen"]))
-                       for k, v in done["metrics"].items() if isinstance(v, (int, float))]
+                       for k, v in done["metrics"].items() if isinstance(v, (int, float)) and k not in EVAL_CONSTANTS]
         have: dict[str, set[int]] = {}
         for key in {m.key for m in wanted}:
             have[key] = {m.step for m in self.client.get_metric_history(self.run_id, key)}

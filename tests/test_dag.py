@@ -115,6 +115,24 @@ def test_the_documented_filter_shows_exactly_the_student_runs(dag_run):
 
 
 @pytest.mark.slow
+def test_every_metric_the_dag_logs_is_documented(dag_run):
+    """docs/tracking.md's metrics table names every metric key a DAG run logs to MLflow (`<task>`,
+    `<metric>` and `<name>` stand for any name; `_stderr` follows any lm-eval value)."""
+    from mlflow.tracking import MlflowClient
+
+    exp = dag_run / "results" / "ci"
+    client = MlflowClient(tracking_uri=f"sqlite:///{exp.parent / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=500)
+    logged = {k for r in runs for k in r.data.metrics}
+    table = (ROOT / "docs/tracking.md").read_text().split('<a id="metrics"></a>')[1].split("\n\n", 2)[1]
+    names = {n for row in table.splitlines() if row.startswith("| `") for n in re.findall(r"`([^`]+)`", row.split("|")[1])}
+    patterns = [re.compile("^" + re.sub(r"<[a-z]+>", "[^/]+", re.escape(n).replace(r"\<", "<").replace(r"\>", ">"))
+                           + "(_stderr)?$") for n in names]
+    undocumented = sorted(k for k in logged if not any(p.match(k) for p in patterns))
+    assert logged and not undocumented, undocumented
+
+
+@pytest.mark.slow
 def test_second_invocation_does_nothing(dag_run):
     proc = smk(dag_run, ROOT / ".test/config.yaml", "--cores", "2", "-n")
     assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr

@@ -119,9 +119,8 @@ def test_export_is_a_clean_hub_folder_with_a_model_card(exported):
     assert top == {"README.md", "config.json", "generation_config.json", "model.safetensors", "model.py", "slots.py",
                    "tokenizer.json", "tokenizer_config.json", "eval_tasks", "sae"}, top
     # A CoCoMix model ships the SAE its concept ids index (SAELens's format) and their descriptions
-    from cocomix.saelens import import_saelens
-    from cocomix.sae import load_sae
-    ours, shipped = load_sae(exported["cfg"]), import_saelens(out / "sae")
+    from cocomix.sae import TopKSAE, load_sae
+    ours, shipped = load_sae(exported["cfg"]), TopKSAE.from_saelens(out / "sae")
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), shipped.state_dict().values()))
     desc = json.loads((out / "sae" / "descriptions.json").read_text())
     assert len(desc["latents"]) == 64 and (out / "sae" / "descriptions.md").read_text().startswith("#")

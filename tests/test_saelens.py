@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from cocomix.sae import TopKSAE
-from cocomix.saelens import export_saelens, import_saelens
+from cocomix.saelens import export_saelens
+
+import_saelens = TopKSAE.from_saelens
 
 sae_lens = pytest.importorskip("sae_lens", reason="sae-lens not installed (pip install -e '.[saelens]'; make test installs it)")
 

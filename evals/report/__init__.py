@@ -54,12 +54,13 @@ The package, one job per file:
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from cocomix.config import load_config
 from cocomix.plan import teacher_spec
 from cocomix.files import clear_stale_tmp
-from cocomix.tracking import runs_heading
+from cocomix.tracking import open_tracker, runs_heading
 
 from .curves import average_chance, delta_curves, downstream_curve, final_task_scores, seed_band
 from .compute import compute_table
@@ -129,5 +130,18 @@ def report(config_path: str | Path) -> Path:
         if runs_heading(cfg):  # the run ids are another tracker's than MLflow's
             table.name_runs(runs_heading(cfg))
         write_table(tables, name, table, caption=caption)
-    plot_curves(runs, cfg.experiment_dir / "plots")
+    plots = plot_curves(runs, cfg.experiment_dir / "plots")
+    attach(cfg, sorted(tables.glob("*.csv")) + sorted(tables.glob("*.md")) + plots)
     return cfg.experiment_dir
+
+
+def attach(cfg, files: list[Path]) -> None:
+    """The tables and plots as the artifacts of one tracked run per experiment, `report` (tag role=report;
+    its folder <experiment>/report/ keeps its id, so a later report continues it)."""
+    folder = cfg.experiment_dir / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    tracker = open_tracker(dataclasses.replace(cfg, run_name="report"), folder,
+                           {"experiment": cfg.experiment, "method": "report", "role": "report"}, source="cocomix report")
+    for f in files:
+        tracker.log_artifact(f)
+    tracker.finish("FINISHED")

@@ -27,10 +27,12 @@ def _save(fig, path: Path) -> Path:
     for ax in fig.axes:  # 250k, not 250000 (long tick labels run into each other)
         if ax.get_xlabel().startswith("tokens seen"):
             ax.xaxis.set_major_formatter(EngFormatter(sep=""))
-    png = io.BytesIO()
+    png, pdf = io.BytesIO(), io.BytesIO()
     fig.savefig(png, format="png", dpi=120, bbox_inches="tight")  # tight: nothing clipped
+    fig.savefig(pdf, format="pdf", bbox_inches="tight", metadata={"CreationDate": None})  # vector, for papers
     plt.close(fig)
     atomic_write_bytes(path, png.getvalue())
+    atomic_write_bytes(path.with_suffix(".pdf"), pdf.getvalue())
     return path
 
 
@@ -190,7 +192,12 @@ def plot_curves(runs: list[Run], out_dir: Path) -> list[Path]:
     colors = _colors({r.label for r in runs})
     written = []
     for scale in sorted({r.scale for r in runs}):
-        written.append(plot_heldout(runs, scale, out_dir / f"heldout_loss_{scale}.png", colors))
-        written.append(plot_downstream(runs, scale, out_dir / f"downstream_{scale}.png", colors))
-        written.append(plot_diagnostics(runs, scale, out_dir / f"diagnostics_{scale}.png", colors))
+        main = [r for r in runs if r.ablation is None]  # the methods; the ablations apart (with CoCoMix and NTP)
+        written.append(plot_heldout(main, scale, out_dir / f"heldout_loss_{scale}.png", colors))
+        written.append(plot_downstream(main, scale, out_dir / f"downstream_{scale}.png", colors))
+        written.append(plot_diagnostics(main, scale, out_dir / f"diagnostics_{scale}.png", colors))
+        if any(r.ablation and r.scale == scale for r in runs):
+            ablations = [r for r in runs if r.ablation or r.label in ("ntp", "cocomix")]
+            written.append(plot_heldout(ablations, scale, out_dir / f"heldout_loss_{scale}_ablations.png", colors))
+            written.append(plot_diagnostics(ablations, scale, out_dir / f"diagnostics_{scale}_ablations.png", colors))
     return written
