@@ -87,3 +87,10 @@ def test_the_cheap_commands_of_the_docs_run_as_written(line):
                           text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip()
+
+
+def test_the_worked_example_of_adding_a_method_is_the_file_the_tests_train():
+    page = (ROOT / "docs/development.md").read_text()
+    block = re.search(r"## Adding a method: a worked example.*?```python\n(.*?)```", page, re.S).group(1)
+    assert block == (ROOT / "baselines/ntp_zloss.py").read_text()
+    assert "ntp_zloss" in (ROOT / "tests/test_methods.py").read_text()
