@@ -217,11 +217,11 @@ class Tracker:
         """Metric values at `step` (tokens seen, or 0 for a summary)."""
 
     def log_eval(self, tokens_seen: int, metrics: dict[str, float]) -> str | None:
-        """Evaluation metrics as `eval/<name>` at `tokens_seen`; returns the run id, or None when
-        nothing reached a backend."""
+        """Evaluation metrics as `eval/<name>` at `tokens_seen`; the run id, or None if no backend got them."""
         if not self.active:
             return None
-        self.set_tags({f"eval.{k}": str(v) for k, v in metrics.items() if k in EVAL_CONSTANTS})  # settings, not charts
+        if settings := {f"eval.{k}": str(v) for k, v in metrics.items() if k in EVAL_CONSTANTS}:  # tags, not charts
+            self.set_tags(settings)
         self.log_metrics({f"eval/{k}": float(v) for k, v in metrics.items() if k not in EVAL_CONSTANTS}, int(tokens_seen))
         return self.run_id if self.active else None
 
