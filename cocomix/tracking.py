@@ -37,8 +37,7 @@ from cocomix.records import MetricsLog, RecordError, flatten, user_name
 
 PENDING = "mlflow_pending.json"  # in a run folder: MLflow lacks some of this run's record
 PROBE_TIMEOUT_S = 3.0
-# MLflow's defaults retry a dead server for about 268 s (7 retries, backoff factor 2, 120 s timeout):
-# a cluster job would lose its allocation to a tracking outage. Users' own settings win.
+# MLflow's defaults retry a dead server for ~268 s (a cluster job would lose its allocation); users' win.
 HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
@@ -66,11 +65,8 @@ def tracking_uri(cfg: Config) -> str:
 
 
 def init_store(uri: str) -> None:
-    """Create the MLflow schema once, under a file lock.
-
-    Several processes creating a fresh sqlite store at once race in the schema migrations
-    (see shared/notes/ecosystem-facts.md section 5); the lock makes the first creation serial.
-    """
+    """Create the MLflow schema once, under a file lock: processes creating a fresh sqlite store at once
+    race in its migrations (shared/notes/ecosystem-facts.md section 5)."""
     import mlflow
 
     lock_path = None
@@ -256,6 +252,9 @@ class Tracker:
 
 
 EVAL_CONSTANTS = ("val_blocks",)  # evaluation values that are settings (blocks scored): tags, not metrics
+EXPERIMENT_NOTE = ("cocomix experiment {experiment}: one run per (method, scale, seed) and the teacher, SAE, ablations, "
+                   "sweep trials and report beside them (tag role). The students: tags.role = 'student', then group by "
+                   "tags.method. Metrics: docs/tracking.md.")
 
 
 def step_metrics(record: dict[str, Any]) -> dict[str, float]:
@@ -342,8 +341,9 @@ class MLflowTracker(Tracker):
             artifacts = None
             if uri.startswith("sqlite:///"):  # keep artifacts beside the db, not in whatever CWD is
                 artifacts = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
-            try:
-                exp_id = self.client.create_experiment(cfg.experiment, artifact_location=artifacts)
+            try:  # its description (the UI's About): what the runs are and the filter that shows the students
+                exp_id = self.client.create_experiment(cfg.experiment, artifact_location=artifacts, tags={
+                    "mlflow.note.content": EXPERIMENT_NOTE.format(experiment=cfg.experiment)})
             except mlflow.exceptions.MlflowException:  # created concurrently by another run
                 exp_id = self.client.get_experiment_by_name(cfg.experiment).experiment_id
         else:

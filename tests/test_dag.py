@@ -111,7 +111,9 @@ def test_the_documented_filter_shows_exactly_the_student_runs(dag_run):
     assert sorted(r.info.run_name for r in ablations) == sorted(r.name for r in planned if r.ablation)
     others = mlflow.search_runs(experiment_names=["ci"], filter_string="tags.role != 'student' and tags.role != 'ablation'",
                                 output_format="list")
-    assert {r.data.tags["role"] for r in others} >= {"teacher", "sae"}
+    assert {r.data.tags["role"] for r in others} >= {"teacher", "sae", "report"}
+    note = mlflow.get_experiment_by_name("ci").tags["mlflow.note.content"]  # the UI's experiment description
+    assert "tags.role = 'student'" in note and "group by tags.method" in note
 
 
 @pytest.mark.slow
