@@ -238,10 +238,11 @@ def test_a_dag_with_compute_matched_arms_and_equal_tuning(tmp_path):
         half_step = a["flops_per_token"] * 1024 / 2
         assert abs(a["compute/student_flops"] - target) <= half_step, (arm, a["compute/student_flops"], target)
         assert a["tokens_seen"] > f["tokens_seen"]
-    main = (exp / "tables" / "main.csv").read_text().splitlines()
-    header = main[0].split(",")
-    assert "Δ at equal FLOPs" in header and "Δ at equal FLOPs, amortised" in header
-    rows = {r.split(",")[1]: dict(zip(header, r.split(","))) for r in main[1:]}
+    import csv
+    with open(exp / "tables" / "main.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert {"Δ at equal FLOPs", "Δ at equal FLOPs, amortised", "MDE at equal FLOPs"} <= set(table[0])
+    rows = {r["method"]: r for r in table}
     for m in ("kd", "cocomix"):
         delta = float(rows[m]["Δ at equal FLOPs"])
         assert delta == pytest.approx(final[f"{m}-base-s0"]["val/loss"] - final[f"ntp@{m}-base-s0"]["val/loss"], abs=1e-4)
