@@ -12,9 +12,8 @@ stops the bad ones early, and the objective is the final held-out loss.
 Safety with parallel workers (shared/notes/ecosystem-facts.md, section 6): the study is created once, under a
 file lock, before any worker starts; workers only load it. Each worker records a heartbeat; a trial whose worker
 died (killed, preempted) goes stale after `sweep.grace_s`, is marked FAIL and queued again with the same
-parameters and run folder, so it resumes from its checkpoint. Rerunning the sweep therefore continues the same
-study. A study remembers the config it was created with: resuming it under a different base config or search
-space is refused. A stop signal (SIGUSR1, SIGTERM) hands the running trials back the same way, checkpointed.
+parameters and run folder, so it resumes from its checkpoint; a rerun continues the study, which refuses
+another base config or search space. A stop signal (SIGUSR1, SIGTERM) hands the running trials back the same way, checkpointed.
 
 Tracking (`tracking.backend`): the sweep is a tracked run; every trial is a run nested under it
 (`tracking.parent_run_id`) with its parameters and held-out curve, tagged with its Optuna state.
@@ -35,6 +34,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,20 +56,16 @@ class SweepError(RuntimeError):
 
 
 class TrialFailed(Exception):
-    """A trial that failed for a reason of its own (NaN, out of memory, an impossible combination):
-    Optuna records it as FAIL and the worker goes on to the next trial."""
+    """A trial failed on its own (NaN, out of memory, an impossible combination): FAIL, and on to the next."""
 
 
 class TrialTakenElsewhere(BaseException):
-    """Another worker already runs this very trial: Optuna's SQLite storage can hand one queued trial
-    (a killed worker's, queued again) to two workers at once, and the one that finds the trial's run
-    folder locked leaves it to the other. A BaseException, so Optuna does not record it (a FAIL told
-    here would refuse the other worker's result); `run_worker` goes on to the next trial."""
+    """Another worker already runs this very trial: Optuna's SQLite storage can hand one queued trial (a
+    killed worker's, queued again) to two workers at once; the one that finds its run folder locked leaves
+    it. A BaseException, so Optuna records nothing (a FAIL would refuse the other's result)."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Configuration: names, storage, search space, per-trial configs
-# ---------------------------------------------------------------------------------------------
+# ---- Configuration: names, storage, search space, per-trial configs ----
 
 
 def study_name(cfg: Config) -> str:
@@ -174,9 +170,7 @@ def study_key(cfg: Config, space: dict[str, SweepParam]) -> str:
     return fingerprint(cfg, sections, drop=(*space, "train.tokens"), extra=extra)
 
 
-# ---------------------------------------------------------------------------------------------
-# Optuna objects
-# ---------------------------------------------------------------------------------------------
+# ---- Optuna objects ----
 
 
 def _quiet_optuna():
@@ -193,8 +187,7 @@ LOCK_WAIT_S = 30.0  # how long a sqlite storage waits for another process's writ
 
 @contextmanager
 def storage_errors(cfg: Config):
-    """The storage's failures as one line naming it: a file that is not a database, one locked past
-    LOCK_WAIT_S, a URL whose driver is not installed, any other error of the database."""
+    """The storage's failures as one line naming it (not a database, locked past LOCK_WAIT_S, no driver, ...)."""
     import sqlalchemy.exc  # lazy: optuna's own dependency, only for a sweep
 
     url = storage_url(cfg)
@@ -318,9 +311,7 @@ def create_study(cfg: Config):
     return study
 
 
-# ---------------------------------------------------------------------------------------------
-# Tracking
-# ---------------------------------------------------------------------------------------------
+# ---- Tracking ----
 
 PARENT = "parent_run_id"  # the study's user attribute: the sweep's own tracked run
 
@@ -353,9 +344,7 @@ def _record_trial_run(tcfg: Config, trial, state: str) -> None:
     tracker.close()
 
 
-# ---------------------------------------------------------------------------------------------
-# Workers
-# ---------------------------------------------------------------------------------------------
+# ---- Workers ----
 
 
 def _suggest(trial, space: dict[str, SweepParam]) -> dict[str, Any]:
@@ -499,11 +488,20 @@ def _run_worker(cfg: Config, worker_index: int, optuna, fail_stale_trials) -> No
             continue  # that trial is the other worker's; ask for the next one
 
 
+def echo_trials(logs: Path, seen: dict[Path, int]) -> None:
+    """Print the workers' new "trial N ..." lines (a finished or failed trial each) from their logs."""
+    for log in sorted(logs.glob("worker-*.log")):
+        lines = log.read_text(errors="replace").splitlines()
+        new, seen[log] = [f"sweep: {x}" for x in lines[seen.get(log, 0):] if x.startswith("trial ")], len(lines)
+        if new:
+            print("\n".join(new), flush=True)
+
+
 def launch_workers(cfg: Config, config_path: Path, n: int) -> None:
     """Start `n` local workers on the study (one process each) and wait for them."""
     logs = sweep_dir(cfg) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    procs = []
+    procs, seen = [], {p: len(p.read_text(errors="replace").splitlines()) for p in logs.glob("worker-*.log")}
     # SLURM's SIGUSR1 reaches every process: the workers checkpoint and hand their trials back; we wait.
     previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     for i in range(n):
@@ -514,6 +512,10 @@ def launch_workers(cfg: Config, config_path: Path, n: int) -> None:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
         procs.append((i, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     failed, stopped = [], []
+    while any(proc.poll() is None for _, proc, _ in procs):  # one line here per trial a worker finishes
+        echo_trials(logs, seen)
+        time.sleep(2)
+    echo_trials(logs, seen)
     for i, proc, log in procs:
         if proc.wait() != 0:
             stop = proc.returncode - 128 in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -527,9 +529,7 @@ def launch_workers(cfg: Config, config_path: Path, n: int) -> None:
                          "resume from their checkpoints: rerun the same command to continue")
 
 
-# ---------------------------------------------------------------------------------------------
-# Outputs
-# ---------------------------------------------------------------------------------------------
+# ---- Outputs ----
 
 
 def trials_table(study) -> tuple[list[str], list[list[str]]]:

@@ -3,6 +3,7 @@ continues the same study, failed trials, MLflow nesting, and a best config that 
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -104,6 +105,10 @@ def test_sweep_two_workers_prunes_survives_a_kill_and_tracks_in_mlflow(concept_c
     assert states.count(TrialState.PRUNED) >= 1, states
     assert states.count(TrialState.COMPLETE) >= 2, states
     assert len(ts) > n_before  # the rerun continued the same study (earlier trials are still in it)
+    # The sweep prints one line per trial its workers finish (from their logs), none from the first run's
+    echoed = [int(n) for n in re.findall(r"^sweep: trial (\d+) .*: val/loss \d", out.stdout, re.M)]
+    new_complete = [t.number for t in ts if t.number >= n_before and t.state == TrialState.COMPLETE]
+    assert set(new_complete) <= set(echoed) and all(by_number[n].state == TrialState.COMPLETE for n in echoed), out.stdout
     # Every trial killed mid-way was failed by its heartbeat and run again to the end, with the
     # parameters it had drawn. (A trial the other worker had just created when the kill came may not
     # have drawn any yet, nor named its run folder: its retry draws afresh, as a new trial would.)
