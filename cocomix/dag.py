@@ -164,7 +164,8 @@ class Dag:
         return [final.format(spec.matched_run)] + [final.format(n) for n in readers if n != spec.matched_run]
 
     def run_flags(self, run: str) -> str:
-        """`cocomix train` flags of one run: `--tuned` (dag.tuned) and an arm's `--match-flops`."""
+        """`cocomix train` flags of one run: `--tuned` (dag.tuned) and an arm's `--match-flops`, each with a
+        leading space (the train rule writes them right after TRAIN_FLAGS); "" for a plain run."""
         flags = []
         if self.tuned_method(run):
             flags.append(f"--tuned {self.tune_output(self.tuned_method(run))}")
@@ -174,7 +175,7 @@ class Dag:
             flags.append(f"--match-flops {inputs[0]}")
             if spec.arm.endswith("+"):
                 flags.append("--amortise-over " + ",".join(inputs))
-        return " ".join(flags)
+        return "".join(" " + f for f in flags)
 
     def artifact_inputs(self, cfg: Config, artifacts) -> list[str]:
         files = []

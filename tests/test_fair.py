@@ -45,9 +45,9 @@ def test_compute_matched_plans_an_ntp_arm_per_method_and_seed_and_an_amortised_o
     assert dag.matched_inputs("ntp@cocomix+-base-s1") == [final.format("cocomix-base-s1")] + [
         final.format(n) for n in readers if n != "cocomix-base-s1"]
     flags = dag.run_flags("ntp@cocomix+-base-s1")
-    assert flags == (f"--match-flops {final.format('cocomix-base-s1')} --amortise-over "
+    assert flags == (f" --match-flops {final.format('cocomix-base-s1')} --amortise-over "
                      + ",".join(dag.matched_inputs("ntp@cocomix+-base-s1")))
-    assert dag.run_flags("ntp-base-s0") == "" and dag.run_flags("ntp@pause-base-s1").startswith("--match-flops ")
+    assert dag.run_flags("ntp-base-s0") == "" and dag.run_flags("ntp@pause-base-s1").startswith(" --match-flops ")
     # SLURM limits and `cocomix plan` bound an arm's FLOPs by its method's (its budget is set at launch)
     assert dag.training_flops("ntp@cocomix-base-s0") == 4.0 * dag.training_flops("cocomix-base-s0")
 
@@ -137,7 +137,7 @@ def test_every_methods_study_has_the_same_budget_and_scores_on_the_tuning_split(
     assert studies["kd"].sweep.enqueue[0] == {"train.lr": 3e-3, "train.warmup_steps": 5, "kd.lam": 0.1,
                                               "kd.temperature": 1.0}
     dag = Dag(path)
-    assert dag.run_flags("kd-base-s0") == f"--tuned {dag.exp}/tuning/kd/best.json"
+    assert dag.run_flags("kd-base-s0") == f" --tuned {dag.exp}/tuning/kd/best.json"
     assert dag.train_inputs("kd-base-s0")[-1] == f"{dag.exp}/tuning/kd/best.json"
     assert dag.tune_fingerprint("kd") != dag.tune_fingerprint("ntp")
     with pytest.raises(ConfigError, match=r"^config key 'tune.space.pause': expected a method of dag.methods"):

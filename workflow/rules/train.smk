@@ -34,4 +34,4 @@ rule train:
         runtime=lambda wc: PLAN.runtime_minutes(wc.run),
     shell:
         "OMP_NUM_THREADS={threads} {OFFLINE} {params.launcher} train --config {CONFIG} --no-progress "
-        "{TRAIN_FLAGS} {params.run_flags} {params.overrides} > {log} 2>&1"
+        "{TRAIN_FLAGS}{params.run_flags} {params.overrides} > {log} 2>&1"
