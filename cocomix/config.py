@@ -278,6 +278,13 @@ class TrainConfig(Section):
     """Optimizer steps between records of train/loss, learning rate, gradient norm and throughput
     (metrics.jsonl and MLflow); the last step is always recorded."""
 
+    def warmup_for(self, tokens: int | None = None) -> int:
+        """The warm-up steps of a run of `tokens` (default `tokens`): `warmup_steps`, or when null
+        max(1, steps // 300). The trainer's schedule and `cocomix tune` read it here."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return max(1, (tokens or self.tokens) // (self.global_batch_size * self.block_size) // 300)
+
     def check(self, cfg: Config) -> None:
         _need(self.block_size >= 2, "train.block_size", "must be at least 2")
         _need(self.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
@@ -652,6 +659,8 @@ class TuneConfig(Section):
 
     def check(self, cfg: Config) -> None:
         _need(self.n_trials >= 1, "tune.n_trials", f"must be at least 1, got {self.n_trials}")
+        for name in self.space:
+            _need(name in cfg.dag.methods, f"tune.space.{name}", f"expected a method of dag.methods {cfg.dag.methods}")
         _need(self.tokens is None or self.tokens > 0, "tune.tokens", "must be positive")
 
 

@@ -19,7 +19,7 @@ from cocomix.cluster import NODE_KEYS, Node, node_from
 from cocomix.config import Config, ConfigError, fingerprint, load_config, split_batch
 from cocomix.device import estimate_training_memory
 from cocomix.methods import get_method, run_fingerprint
-from cocomix.plan import RunSpec, plan_runs, teacher_spec
+from cocomix.plan import ABLATION_METHOD, RunSpec, plan_runs, teacher_spec
 from cocomix.sweep import study_key, study_name
 from cocomix.tune import method_config, study_config
 
@@ -33,10 +33,6 @@ SAE_KEYS = ("data", "tokenizer", "teacher", "sae", "train.block_size")
 LABEL_KEYS = ("data", "tokenizer", "teacher", "sae", "concept", "train.block_size")
 TABLES = ("main", "sample_efficiency", "ablations", "diagnostics", "teacher", "sae", "compute", "paired_downstream", "tuning",
           "seed_variance")
-# `cocomix sweep` searches CoCoMix's settings: every trial is a CoCoMix run (cocomix/sweep.py).
-SWEEP_METHOD = "cocomix"
-# Ablations train with CoCoMix's tuned values (dag.tuned), under their own overrides.
-TUNE_ABLATION_METHOD = "cocomix"
 # A compute-matched arm's FLOPs for time limits and `cocomix plan`, as a multiple of its method's student
 # FLOPs: its budget is set at launch (cocomix/compute.py); online labels cost about 3-3.5x (flops.py).
 ARM_FLOPS_BOUND = 4.0
@@ -131,7 +127,7 @@ class Dag:
         if not self.base.dag.tuned or run == "teacher":
             return None
         spec = self.spec(run)
-        return TUNE_ABLATION_METHOD if spec.ablation else spec.method
+        return ABLATION_METHOD if spec.ablation else spec.method  # ablations: CoCoMix's, under their own overrides
 
     def tune_output(self, method: str) -> str:
         return f"{self.exp}/tuning/{method}/best.json"
@@ -350,7 +346,7 @@ class Dag:
     # ---- sweep ----
 
     def sweep_config(self) -> Config:
-        return load_config(self.config_path, [f"method={SWEEP_METHOD}"])
+        return load_config(self.config_path, [f"method={self.base.sweep.method}"])  # the trials' method (cocomix/sweep.py)
 
     def sweep_inputs(self) -> list[str]:
         """Data, teacher and SAE; the base label cache when the DAG builds it (otherwise the sweep

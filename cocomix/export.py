@@ -399,7 +399,7 @@ def ship_concepts(cfg, config: dict, tmp: Path) -> str | None:
     (`sae/`, cocomix/saelens.py) and every latent's description (`sae/descriptions.json` and `.md`,
     cocomix/interpret.py), so a reader can tell what concept i is. Returns the card's line, or None
     for a model without concepts (or a run whose config is not there)."""
-    if config.get("slot") != "concept" or cfg is None or (config.get("slot_options") or {}).get("n_concepts") is None:
+    if config.get("slot") != "concept" or cfg is None:
         return None
     from cocomix.interpret import describe_concepts, descriptions_markdown  # lazy: teacher and data scan
     from cocomix.sae import load_sae  # lazy: as above

@@ -31,7 +31,7 @@ from cocomix.config import Config, ConfigError, SAEConfig
 from cocomix.data import DataError
 from cocomix.data.shards import BlockOrder, TokenBlocks
 from cocomix.faults import point
-from cocomix.saelens import read_saelens
+from cocomix.saelens import WEIGHTS as SAELENS_WEIGHTS, is_saelens, read_saelens
 from cocomix.files import atomic_write_json, follow_umask, read_json, sha256_file
 from cocomix.model import token_nll
 from cocomix.progress import Reporter, si
@@ -178,7 +178,7 @@ def sae_path(cfg: Config) -> Path:
 def sae_hash(cfg: Config) -> str:
     """sha256 of the SAE's weights: its identity in label caches."""
     p = sae_path(cfg)
-    f = (p / WEIGHTS if (p / WEIGHTS).is_file() else p / "sae_weights.safetensors") if p.is_dir() else p  # ours, SAELens'
+    f = (p / SAELENS_WEIGHTS if is_saelens(p) else p / WEIGHTS) if p.is_dir() else p
     if not f.is_file():
         raise DataError(f"SAE {p}: not found (run `cocomix train-sae` or set sae.path)")
     return sha256_file(f)
@@ -207,7 +207,7 @@ def load_sae(cfg: Config, device: torch.device | str = "cpu") -> TopKSAE:
                             "`cocomix train-sae`") from None
         if meta.get("layer") is not None and meta["layer"] != cfg.sae.layer:
             raise ConfigError(f"config key 'sae.layer': {cfg.sae.layer}, but the SAE in {p} was trained on layer {meta['layer']}")
-    elif p.is_dir() and (p / "cfg.json").is_file():  # a SAELens folder (cocomix/saelens.py)
+    elif is_saelens(p):  # a SAELens folder (cocomix/saelens.py)
         sae = TopKSAE.from_saelens(p)
     elif p.is_file():
         try:

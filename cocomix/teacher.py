@@ -108,7 +108,7 @@ def init_from(model: CocomixForCausalLM, path: str | Path) -> dict[str, list[str
     fresh init. Returns {"loaded", "kept", "unused"} tensor names."""
     path = Path(path)
     if path.is_dir() and not (path / "config.json").is_file() and list_checkpoints(path):
-        path = list_checkpoints(path)[-1]
+        path = _run_checkpoint(path, None)
     if not (path / "config.json").is_file():
         raise ConfigError(f"config key 'model.init_from': {path} is not a model folder (no config.json), a run "
                           "folder with checkpoints, or a GPT-2 folder")

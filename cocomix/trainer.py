@@ -173,7 +173,7 @@ class Trainer:
             raise ConfigError(f"config key 'train.tokens': {t.tokens:,} tokens are "
                               f"{self.total_steps * self.tokens_per_step / split:,.0f} passes over the training split "
                               f"({split:,} tokens in {data_dir}); more than {MAX_EPOCHS} needs train.allow_repeat=true")
-        self.warmup_steps = t.warmup_steps if t.warmup_steps is not None else max(1, self.total_steps // 300)
+        self.warmup_steps = t.warmup_for(self.total_steps * self.tokens_per_step)
         self.step = self.tokens_seen = self.data_position = 0
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="cocomix-data")
         self._prefetch = None  # (data position, future of its micro-batches)

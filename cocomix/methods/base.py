@@ -88,7 +88,7 @@ class Method:
         add their own. `tune.space.<method>` replaces or adds ranges key by key."""
         t = cfg.train
         lr = float(t.lr)
-        warmup = t.warmup_steps if t.warmup_steps is not None else max(1, t.tokens // (t.global_batch_size * t.block_size) // 300)
+        warmup = t.warmup_for()
         return {"train.lr": SweepParam("float", lr / 4, lr * 4, log=True),
                 "train.warmup_steps": SweepParam("int", max(1, warmup // 4), max(2, 4 * warmup), log=True)}
 

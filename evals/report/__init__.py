@@ -104,8 +104,9 @@ def report(config_path: str | Path) -> Path:
         clear_stale_tmp(folder)  # what a killed report left
     exp = cfg.experiment
     all_runs, runs = runs, [r for r in runs if r.arm is None]  # compute-matched arms: main and compute tables only
+    tuned = tuning_results(cfg)
     for name, table, caption in (
-        ("main", main_table(all_runs, tuning_line(cfg, tuning_results(cfg))), f"{exp}: held-out perplexity and downstream scores, mean over seeds ± standard "
+        ("main", main_table(all_runs, tuning_line(cfg, tuned)), f"{exp}: held-out perplexity and downstream scores, mean over seeds ± standard "
                                    "error (note below)"),
         ("sample_efficiency", sample_efficiency_table(runs),
          f"{exp}: tokens to reach the NTP run's final held-out loss (same scale and seed), mean ± 95% t-interval "
@@ -123,7 +124,7 @@ def report(config_path: str | Path) -> Path:
          f"{exp}: training FLOPs per run, student and teacher side apart, mean over seeds"),
         ("paired_downstream", paired_downstream_table(runs),
          f"{exp}: downstream accuracy differences to NTP paired over documents and seeds, final checkpoints"),
-        ("tuning", tuning_table(cfg), f"{exp}: equal tuning of every method, on the tuning split"),
+        ("tuning", tuning_table(cfg, tuned), f"{exp}: equal tuning of every method, on the tuning split"),
         ("seed_variance", seed_variance_table(runs),
          f"{exp}: the spread over seeds, split into initial weights and data order, final held-out loss"),
     ):

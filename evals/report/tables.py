@@ -106,7 +106,7 @@ def sample_efficiency_table(runs: list[Run]) -> Table:
         if label == "ntp":
             continue
         reached, saved, used = [], [], []
-        for r in sorted(rs, key=lambda r: r.pair_key[0]):
+        for r in sorted(rs, key=lambda r: r.seed):
             ref = ntp.get((r.scale, r.pair_key))
             if ref is None or not ref.curve:
                 continue

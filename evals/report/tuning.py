@@ -37,10 +37,10 @@ def _value(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def tuning_table(cfg: Config) -> Table:
+def tuning_table(cfg: Config, results: dict[str, dict]) -> Table:
+    """`results`: `tuning_results(cfg)`."""
     header = ["method", "trials", "complete", "tokens per trial", "tuning loss at defaults", "best tuning loss",
               "chosen values"]
-    results = tuning_results(cfg)
     rows = []
     for method in label_order(results):
         r = results[method]
