@@ -258,11 +258,10 @@ EXPERIMENT_NOTE = ("cocomix experiment {experiment}: one run per (method, scale,
 
 
 def step_metrics(record: dict[str, Any]) -> dict[str, float]:
-    """A metrics.jsonl record's metrics for a backend: its numbers, plus train/step."""
-    out = {k: float(v) for k, v in record.items()
-           if k not in ("step", "tokens_seen") and isinstance(v, (int, float)) and v is not None}
-    out["train/step"] = float(record["step"])
-    return out
+    """A metrics.jsonl record's metrics for a backend: its numbers. The optimizer step is not one (the
+    x axis is tokens seen; step = tokens / the param accounting.tokens_per_step)."""
+    return {k: float(v) for k, v in record.items()
+            if k not in ("step", "tokens_seen") and isinstance(v, (int, float)) and v is not None}
 
 
 class MLflowTracker(Tracker):
@@ -457,7 +456,7 @@ class MLflowTracker(Tracker):
 
 
 def _metrics(record: dict[str, Any], now: int) -> list:
-    """A metrics.jsonl record as MLflow metrics at step = tokens seen (plus train/step)."""
+    """A metrics.jsonl record as MLflow metrics at step = tokens seen."""
     from mlflow.entities import Metric
 
     step = int(record["tokens_seen"])

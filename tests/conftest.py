@@ -1,6 +1,7 @@
 """Shared fixtures: one tiny synthetic corpus per test session, tiny configs on top of it."""
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -57,6 +58,18 @@ def tiny_data(tmp_path_factory) -> Path:
     cfg = load_config(ROOT / "config/tiny.yaml", tiny_overrides(root, data_dir))
     prepare_data(cfg, progress=False)
     return data_dir
+
+
+def doc_commands(page: str) -> list[str]:
+    """Every command line of a page's bash blocks, as a reader would paste it: continuation lines joined,
+    comments and blank lines dropped."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", (ROOT / page).read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line and not line.startswith("#"):
+                out.append(re.sub(r" {2,}", " ", line))
+    return out
 
 
 def cli(*args: str) -> list[str]:

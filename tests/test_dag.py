@@ -4,6 +4,7 @@ starts snakemake). Fast: the plan (cocomix/plan.py) and what the rules ask of it
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -522,3 +523,64 @@ def test_cocomix_plan_prints_every_paper_run_with_gpu_hours_equal_to_a_hand_coun
     total = float(re.search(r"^total: 19 training runs, ([\d,.]+) GPU-hours at 25% MFU", lines[-1]).group(1).replace(",", ""))
     assert total == pytest.approx(sum(float(r[3].replace(",", "")) for r in rows.values()), abs=0.1)
     assert 2000 < total < 2400  # the issue's estimate: about 2,200 at 25%
+
+
+# ---- every command of the quick start and the reproduce page, as written ----
+
+# The commands that cannot run here, each with why; every other command of the two pages runs below.
+NOT_RUN = {
+    "make run": "snakemake --cores all on config/tiny.yaml (8 minutes): test_full_dag runs the same DAG at CI size",
+    "make test": "the suite itself (.ci/run)",
+    "cocomix train --config config/paper.yaml scale=386M": "needs OpenWebText, GPT-2 and GPU-hours",
+    "torchrun --nproc_per_node 8 -m cocomix.cli train --config config/paper.yaml": "needs 8 GPUs and the paper's inputs",
+    "snakemake --profile slurm --config config=config/paper.yaml": "needs a SLURM cluster (sbatch)",
+    "snakemake --cores all --profile gpu --config config=config/paper.yaml": "needs GPUs and the paper's inputs",
+}
+NEEDS_NETWORK = ("hf download", "curl ", "mkdir -p models/")  # section 1 of the reproduce page: downloads
+# What a command leaves (relative to the sandbox) beyond a zero exit and some output.
+LEAVES = {
+    "cocomix train --config config/tiny.yaml model.n_embd=256 train.tokens=2e5 run_name=ntp-wide":
+        "results/ci/runs/ntp-wide/final_metrics.json",
+    "cocomix inspect results/tiny/runs/cocomix-base-s0 --prompt \"...\" --out inspect/": "inspect",
+    "cocomix steer results/tiny/runs/cocomix-base-s0 --concepts 3 --factor 10 --out steer/": "steer",
+    "cocomix export results/tiny/runs/cocomix-base-s0 hub/cocomix-tiny": "hub/cocomix-tiny/README.md",
+}
+
+
+@pytest.mark.slow
+def test_the_quick_start_and_reproduce_commands_run_as_written(dag_run, tmp_path):
+    """Each command line of docs/quickstart.md and docs/reproduce.md, verbatim, in the order printed, in a
+    sandbox that is the CI DAG's folder after `make run`'s equivalent: `config/tiny.yaml` there is the CI
+    config (.test/config.yaml, experiment `ci`, with `results/tiny` pointing at its results) with sweep and
+    tune budgets of seconds; `config/paper.yaml`, the Snakefile and workflow/ are the checkout's. Downloads
+    and cluster or GPU commands are the marked rest (NOT_RUN, NEEDS_NETWORK)."""
+    from conftest import doc_commands
+
+    box = tmp_path / "box"
+    shutil.copytree(dag_run, box, symlinks=True)
+    cfg = yaml.safe_load((ROOT / ".test/config.yaml").read_text())
+    cfg["sweep"] = {"n_trials": 2, "workers": 1, "tokens": 16384}
+    cfg["tune"] = {"n_trials": 1, "tokens": 16384}
+    (box / "config").mkdir()
+    (box / "config/tiny.yaml").write_text(yaml.safe_dump(cfg))
+    (box / "config/paper.yaml").symlink_to(ROOT / "config/paper.yaml")
+    for name in ("Snakefile", "workflow"):
+        (box / name).symlink_to(ROOT / name)
+    (box / "results/tiny").symlink_to("ci")
+
+    commands = doc_commands("docs/quickstart.md") + doc_commands("docs/reproduce.md")
+    assert set(NOT_RUN) <= set(commands), sorted(set(NOT_RUN) - set(commands))  # the marks name real commands
+    ran = []
+    for line in commands:
+        if line in NOT_RUN or any(part in line for part in NEEDS_NETWORK):
+            continue
+        argv = shlex.split(line)
+        prog = {"cocomix": [sys.executable, "-m", "cocomix.cli"], "snakemake": [sys.executable, "-m", "snakemake"]}
+        assert argv[0] in prog, f"{line!r}: neither run here nor marked in NOT_RUN"
+        proc = subprocess.run(prog[argv[0]] + argv[1:], capture_output=True, text=True, env=ENV, timeout=900, cwd=box)
+        assert proc.returncode == 0, f"`{line}` failed (exit {proc.returncode}): {proc.stderr[-3000:]}"
+        assert (proc.stdout + proc.stderr).strip(), f"`{line}` printed nothing"
+        if line in LEAVES:
+            assert (box / LEAVES[line]).exists(), f"`{line}` left no {LEAVES[line]}"
+        ran.append(line)
+    assert len(ran) >= 15 and set(LEAVES) <= set(ran)

@@ -12,7 +12,7 @@ import tomllib
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, doc_commands
 
 PAGES_WITH_COMMANDS = ["README.md", "docs/quickstart.md", "docs/reproduce.md", "docs/fair.md", "docs/dag.md",
                        "docs/sweeps.md", "docs/cocomix.md", "docs/training.md", "docs/tracking.md", "docs/evaluation.md",
@@ -49,15 +49,7 @@ def test_readme_is_short_keeps_its_two_commands_and_the_license_and_citation_agr
 
 def _commands() -> list[tuple[str, str]]:
     """(page, command) for every `cocomix ...` line of a bash block (continuation lines joined)."""
-    out = []
-    for page in PAGES_WITH_COMMANDS:
-        text = (ROOT / page).read_text()
-        for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-            for line in block.replace("\\\n", " ").splitlines():
-                line = line.split(" #", 1)[0].strip()
-                if line.startswith("cocomix "):
-                    out.append((page, line))
-    return out
+    return [(page, line) for page in PAGES_WITH_COMMANDS for line in doc_commands(page) if line.startswith("cocomix ")]
 
 
 def test_every_cocomix_command_in_the_docs_parses_as_written():
@@ -75,8 +67,8 @@ def test_every_cocomix_command_in_the_docs_parses_as_written():
             pytest.fail(f"{page}: `{line}` does not parse (exit {e.code})")
 
 
-# Commands of the docs that run offline in seconds; the rest train, need ../shared/data or a GPU (each
-# parses, above).
+# Commands of the docs that run offline in seconds (fast tier); tests/test_dag.py runs every command of the quick
+# start and the reproduce page that can run offline, on the CI DAG's outputs.
 CHEAP = ("cocomix plan --config config/paper.yaml", "cocomix config --config config/tiny.yaml method=cocomix")
 
 

@@ -100,11 +100,11 @@ def test_a_store_that_goes_away_mid_run_loses_nothing_and_replay_sends_each_poin
     (ckpt / "eval.json").write_text(json.dumps({"tokens_seen": 256, "metrics": {"val_ppl": 12.5}}))
     assert list_checkpoints(run_dir) == [ckpt]
 
-    assert tracking.replay(run_dir, cfg) == 3 * 2 + 1  # train/loss and train/step of 3 records, one eval point
+    assert tracking.replay(run_dir, cfg) == 3 + 1  # train/loss of 3 records, one eval point
     assert not (run_dir / tracking.PENDING).exists()
     client, run_id = mlflow.MlflowClient(uri), (run_dir / "mlflow_run_id").read_text()
     assert _history(client, run_id, "train/loss") == [(r["tokens_seen"], r["train/loss"]) for r in records]
-    assert _history(client, run_id, "train/step") == [(r["tokens_seen"], r["step"]) for r in records]
+    assert _history(client, run_id, "train/step") == []  # the step is no metric: tokens seen is the x axis
     assert _history(client, run_id, "eval/val_ppl") == [(256, 12.5)]
     assert tracking.replay(run_dir, cfg) == 0  # nothing twice
     assert len(client.get_metric_history(run_id, "train/loss")) == 5
@@ -124,7 +124,7 @@ def test_replay_keeps_the_trainers_source_and_user_and_a_damaged_log_is_not_an_o
     standard["mlflow.user"] = "trainer"  # as if another user had trained it
     mark = json.loads((run_dir / tracking.PENDING).read_text())
     (run_dir / tracking.PENDING).write_text(json.dumps({**mark, "standard": standard}))
-    assert tracking.replay(run_dir, cfg, uri=uri) == 2
+    assert tracking.replay(run_dir, cfg, uri=uri) == 1  # train/loss (the step is no metric)
     tags = mlflow.MlflowClient(uri).get_run((run_dir / "mlflow_run_id").read_text()).data.tags
     assert (tags["mlflow.source.name"], tags["mlflow.user"], tags["mlflow.source.git.commit"]) == (
         "cocomix train", "trainer", "abc123")
@@ -241,7 +241,7 @@ def test_training_with_the_server_down_takes_its_normal_time_and_reaches_mlflow_
     try:
         sync = subprocess.run(cli("track-sync", str(run_dir)), env=ENV, capture_output=True, text=True, timeout=300)
         assert sync.returncode == 0, sync.stderr[-2000:]
-        n_points = sum(len([k for k in r if k not in ("step", "tokens_seen")]) + 1 for r in _metrics(run_dir))
+        n_points = sum(len([k for k in r if k not in ("step", "tokens_seen")]) for r in _metrics(run_dir))
         # (MLflow itself prints the run's UI link when an http run ends.)
         assert sync.stdout.strip().splitlines()[-1] == f"{run_dir}: {n_points} metric point(s) sent to MLflow"
         _assert_mlflow_equals_the_log(uri, run_dir)
