@@ -255,8 +255,7 @@ class Tracking(Callback):
                 "world_size": str(trainer.dist.world_size), "ablation": "none",  # plan.py tags ablations
                 "role": run_role(cfg)}
         self.tracker = open_tracker(cfg, trainer.run_dir, tags, source="cocomix train",
-                                    params={**{f"accounting.{k}": v for k, v in trainer.accounting.items()},
-                                            "accounting.tokens_per_step": trainer.tokens_per_step})
+                                    params={f"accounting.{k}": v for k, v in trainer.accounting.items()})
         self._truncate_log(trainer)
         self.tracker.catch_up()  # an earlier start ran without the backend: send what it lacks
         if trainer.resumed_from is None:

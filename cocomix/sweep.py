@@ -362,11 +362,11 @@ def _suggest(trial, space: dict[str, SweepParam]) -> dict[str, Any]:
 def _ensure_labels(cfg: Config) -> None:
     """The label cache a trial reads; a trial with another concept.k_attr (or scoring) extracts its
     own once, under a lock so that concurrent workers do not extract it twice."""
-    from cocomix.concepts import extract_concepts  # lazy: torch/transformers; the Snakefile imports sweep
-    from cocomix.methods import get_method  # lazy: as above
+    from cocomix.methods import get_method  # lazy: torch/transformers; the Snakefile imports sweep
 
     if "labels" not in get_method(cfg.method).artifacts(cfg) or (cfg.concept_dir / "manifest.json").is_file():
         return
+    from cocomix.concepts import extract_concepts  # lazy: as above
 
     cfg.concept_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(cfg.concept_dir.parent / f".{cfg.concept_dir.name}.lock", "w") as fh:

@@ -126,7 +126,8 @@ class Trainer:
         counts = count_params(self.model)  # total and active parameters (spec 1.7), FLOPs per token
         self.accounting = {"params": counts.total, "active_params": counts.active,
                            "flops_per_token": self.flops_per_token,
-                           "teacher_flops_per_token": self.method.teacher_flops_per_token()}
+                           "teacher_flops_per_token": self.method.teacher_flops_per_token(),
+                           "tokens_per_step": self.tokens_per_step}  # step = tokens seen / tokens_per_step
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run_lock = None  # one writer per run folder: a second process stops here, naming the holder
         if self.dist.is_main:

@@ -417,7 +417,7 @@ def test_every_method_trains_and_logs_the_same_metrics_to_mlflow(tmp_path, tiny_
         assert run.data.metrics["val/loss"] == pytest.approx(final["val/loss"])
         history = client.get_metric_history(run.info.run_id, "train/ntp_loss")
         assert [m.step for m in history] == [10240, 16384]  # step axis = tokens seen
-        for key in ("params", "active_params", "flops_per_token", "teacher_flops_per_token"):
+        for key in ("params", "active_params", "flops_per_token", "teacher_flops_per_token", "tokens_per_step"):
             assert run.data.params[f"accounting.{key}"] == str(final[key]), (method, key)
         assert (final["teacher_flops_per_token"] > 0) == (method in ("kd", "kd_pause", "cocomix")), method
     assert finals["cocomix"]["active_params"] < finals["cocomix"]["params"]
